@@ -1,0 +1,5 @@
+"""onnxq: mixed-precision post-training quantization compiler for ONNX."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
