@@ -1,0 +1,97 @@
+"""Quantization arithmetic: scales, zero points and the quantize/dequantize round trip.
+
+All functions are vectorised numpy and match ONNX QuantizeLinear semantics (round half to
+even, saturate to the grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq.precision import Precision, qrange
+
+__all__ = ["QParams", "MIN_SCALE", "qparams_from_range", "quantize", "dequantize", "fake_quantize"]
+
+#: Smallest scale onnxq writes: a constant or all-zero tensor gets this instead of 0, so the
+#: output model never divides by zero.
+MIN_SCALE = np.float32(1e-8)
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale and zero point of one quantized tensor (arrays for per-channel, 0-d otherwise)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    precision: Precision
+    axis: int | None = None
+    narrow: bool = False
+
+    @property
+    def qmin(self) -> int:
+        return qrange(self.precision, self.narrow)[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.precision, self.narrow)[1]
+
+
+def qparams_from_range(
+    rmin: np.ndarray | float,
+    rmax: np.ndarray | float,
+    precision: Precision,
+    symmetric: bool,
+    narrow: bool = False,
+    axis: int | None = None,
+) -> QParams:
+    """Scale and zero point that cover ``[rmin, rmax]`` (widened to include 0).
+
+    Symmetric quantizers use ``max(|rmin|, |rmax|)`` and put zero at the grid's centre (0 for
+    signed types, the middle for unsigned ones); asymmetric ones map ``rmin`` to ``qmin``.
+    """
+    qmin, qmax = qrange(precision, narrow)
+    lo = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
+    if symmetric:
+        bound = np.maximum(np.abs(lo), np.abs(hi))
+        if qmin < 0:
+            scale = bound / ((qmax - qmin) / 2.0) if narrow else bound / qmax
+            zero = np.zeros_like(scale)
+        else:
+            scale = 2.0 * bound / (qmax - qmin)
+            zero = np.full_like(scale, (qmin + qmax + 1) // 2)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zero = np.clip(np.round(qmin - lo / safe), qmin, qmax)
+    scale = np.maximum(scale, float(MIN_SCALE)).astype(np.float32)
+    return QParams(scale=scale, zero_point=zero.astype(np.int64), precision=precision, axis=axis,
+                   narrow=narrow)
+
+
+def _broadcast(values: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarray:
+    if axis is None or values.ndim == 0:
+        return values
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def quantize(x: np.ndarray, q: QParams) -> np.ndarray:
+    """Integer codes of ``x`` (as int64), saturated to the grid."""
+    scale = _broadcast(q.scale, x, q.axis)
+    zero = _broadcast(q.zero_point, x, q.axis)
+    return np.clip(np.rint(x / scale) + zero, q.qmin, q.qmax).astype(np.int64)
+
+
+def dequantize(codes: np.ndarray, q: QParams) -> np.ndarray:
+    scale = _broadcast(q.scale, codes, q.axis)
+    zero = _broadcast(q.zero_point, codes, q.axis)
+    return ((codes - zero) * scale).astype(np.float32)
+
+
+def fake_quantize(x: np.ndarray, q: QParams) -> np.ndarray:
+    """``dequantize(quantize(x))``: what the model sees after a Q/DQ pair."""
+    return dequantize(quantize(x, q), q)

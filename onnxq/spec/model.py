@@ -1,0 +1,164 @@
+"""Frozen dataclasses that describe what a hardware target runs.
+
+Raw JSON never leaves the loader (:mod:`onnxq.spec.loader`); everything downstream (search,
+rewrite, validate, cost model) reads these types.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from onnxq.precision import FP32, Candidate, Precision
+
+__all__ = [
+    "DEFAULT_MIN_OPSET",
+    "Granularity",
+    "QuantizerRule",
+    "OpRule",
+    "CostParams",
+    "HardwareSpec",
+]
+
+
+#: What ai.onnx Q/DQ needs to express each feature (onnx operator changelog).
+DEFAULT_MIN_OPSET: Mapping[str, int] = MappingProxyType(
+    {"per_channel": 13, "int16": 21, "uint16": 21, "int4": 21, "uint4": 21, "fp8e4m3": 19}
+)
+
+
+class Granularity(enum.StrEnum):
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"
+    PER_BLOCK = "per_block"
+
+
+@dataclass(frozen=True)
+class QuantizerRule:
+    """How one tensor of one precision may be quantized.
+
+    Attributes:
+        precision: the integer (or float8) format of the quantized tensor.
+        granularities: allowed granularities, the preferred one first.
+        symmetric: True when the zero point must be the grid's centre (0 for signed types);
+            False when any zero point is allowed.
+        narrow_range: True when the most negative value of a signed grid is not used.
+        block_sizes: allowed block sizes for per-block quantization.
+    """
+
+    precision: Precision
+    granularities: tuple[Granularity, ...] = (Granularity.PER_TENSOR,)
+    symmetric: bool = False
+    narrow_range: bool = False
+    block_sizes: tuple[int, ...] = ()
+
+    @property
+    def preferred_granularity(self) -> Granularity:
+        return self.granularities[0]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """What the target runs for one ONNX op type.
+
+    Attributes:
+        op_type: ONNX op type (``Conv``, ``MatMul``, ``Gather``…).
+        candidates: allowed ``weights/activations`` pairs; includes ``fp32/fp32`` unless the
+            target is integer-only.
+        weight_inputs: indices of the inputs that carry weights (``(1,)`` for Conv/Gemm/MatMul,
+            ``(0,)`` for Gather).
+        weight_quantizers: rule per weight precision.
+        activation_quantizers: rule per activation precision.
+    """
+
+    op_type: str
+    candidates: tuple[Candidate, ...]
+    weight_inputs: tuple[int, ...] = ()
+    weight_quantizers: Mapping[Precision, QuantizerRule] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    activation_quantizers: Mapping[Precision, QuantizerRule] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """Roofline cost model parameters.
+
+    Attributes:
+        macs_per_second: sustained multiply-accumulates per second, keyed by the precision a
+            layer computes in (the activation precision of an integer candidate, the float
+            format otherwise).
+        bytes_per_second: memory bandwidth.
+        conversion_ns_per_element: cost of a Q or DQ at a precision boundary, per element.
+        op_overhead_seconds: fixed cost per executed op.
+        latency_table: optional measured latencies ``{layer or op_type: {candidate: seconds}}``.
+    """
+
+    macs_per_second: Mapping[Precision, float]
+    bytes_per_second: float
+    conversion_ns_per_element: float = 1.0
+    op_overhead_seconds: float = 2e-6
+    latency_table: Mapping[str, Mapping[str, float]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """A hardware target: what it runs, in which formats, and at what cost.
+
+    Attributes:
+        name: the spec's name (``ort-cpu-x86``).
+        description: human description with the sources of its facts.
+        integer_only: True when the target has no float fallback (every compute op must be
+            quantized).
+        ops: rule per quantizable op type.
+        shared_scale_ops: ops whose output must share its input's quantization parameters
+            (MaxPool, Reshape, Transpose, Concat…).
+        float_only_ops: ops the target only runs in float.
+        fusion_groups: op-type sequences decided as one (``("Conv", "Relu")``).
+        min_opset: feature → minimum ai.onnx opset (``int4``: 21, ``per_channel``: 13…).
+        cost: cost model parameters.
+    """
+
+    name: str
+    description: str
+    integer_only: bool
+    ops: Mapping[str, OpRule]
+    cost: CostParams
+    shared_scale_ops: frozenset[str] = frozenset()
+    float_only_ops: frozenset[str] = frozenset()
+    fusion_groups: tuple[tuple[str, ...], ...] = ()
+    min_opset: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def candidates_for(self, op_type: str) -> tuple[Candidate, ...]:
+        """Allowed candidates of an op type; ``(fp32/fp32,)`` or ``()`` when it is not listed."""
+        rule = self.ops.get(op_type)
+        if rule is None:
+            return () if self.integer_only else (FP32,)
+        return rule.candidates
+
+    def allows(self, op_type: str, candidate: Candidate) -> bool:
+        return candidate in self.candidates_for(op_type)
+
+    def weight_rule(self, op_type: str, precision: Precision) -> QuantizerRule | None:
+        rule = self.ops.get(op_type)
+        return None if rule is None else rule.weight_quantizers.get(precision)
+
+    def activation_rule(self, op_type: str, precision: Precision) -> QuantizerRule | None:
+        rule = self.ops.get(op_type)
+        return None if rule is None else rule.activation_quantizers.get(precision)
+
+    def opset_needed(self, candidate: Candidate, per_channel: bool) -> int:
+        """The minimum ai.onnx opset that expresses ``candidate`` in Q/DQ."""
+        def need(feature: str) -> int:
+            return self.min_opset.get(feature, DEFAULT_MIN_OPSET.get(feature, 10))
+
+        needed = max(need(candidate.weights.value), need(candidate.activations.value), 10)
+        if per_channel:
+            needed = max(needed, need("per_channel"))
+        return needed
