@@ -14,12 +14,13 @@ from types import MappingProxyType
 from onnxq.precision import FP32, Candidate, Precision
 
 __all__ = [
+    "DEFAULT_LAYOUT_OPS",
     "DEFAULT_MIN_OPSET",
-    "Granularity",
-    "QuantizerRule",
-    "OpRule",
     "CostParams",
+    "Granularity",
     "HardwareSpec",
+    "OpRule",
+    "QuantizerRule",
 ]
 
 
@@ -29,7 +30,20 @@ DEFAULT_MIN_OPSET: Mapping[str, int] = MappingProxyType(
 )
 
 
+#: Ops that only move, reshape or select data: they never compute, so they may carry any
+#: dtype and are never reported as "runs in float" on integer-only targets.
+DEFAULT_LAYOUT_OPS: frozenset[str] = frozenset(
+    {
+        "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Shape", "Size",
+        "Cast", "Constant", "ConstantOfShape", "Slice", "Split", "Expand", "Tile", "Pad",
+        "DepthToSpace", "SpaceToDepth", "Range", "NonZero",
+    }
+)
+
+
 class Granularity(enum.StrEnum):
+    """How many scale/zero-point pairs a quantized tensor has."""
+
     PER_TENSOR = "per_tensor"
     PER_CHANNEL = "per_channel"
     PER_BLOCK = "per_block"
@@ -71,6 +85,13 @@ class OpRule:
             ``(0,)`` for Gather).
         weight_quantizers: rule per weight precision.
         activation_quantizers: rule per activation precision.
+        bias_inputs: indices of bias inputs (int32 DQ or float, never a "weight" precision).
+        accumulators: optional accumulator format per candidate (``int32``, ``fp32``…).
+        shared_input_scales: True when all quantized activation inputs (and the quantized
+            output) must share one scale and zero point (e.g. an integer Add without
+            requantization).
+        requires_quantized_output: True when the target only runs the integer kernel if the
+            op's output is quantized (onnxruntime's fused Conv); informative for rewrite.
     """
 
     op_type: str
@@ -82,6 +103,10 @@ class OpRule:
     activation_quantizers: Mapping[Precision, QuantizerRule] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    bias_inputs: tuple[int, ...] = ()
+    accumulators: Mapping[Candidate, str] = field(default_factory=lambda: MappingProxyType({}))
+    shared_input_scales: bool = False
+    requires_quantized_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +121,9 @@ class CostParams:
         conversion_ns_per_element: cost of a Q or DQ at a precision boundary, per element.
         op_overhead_seconds: fixed cost per executed op.
         latency_table: optional measured latencies ``{layer or op_type: {candidate: seconds}}``.
+        candidate_macs_per_second: throughput overrides for whole candidates (``int4/uint8``)
+            whose speed does not follow from the compute precision alone.
+        placeholder: True while the numbers are guesses not yet calibrated by a benchmark.
     """
 
     macs_per_second: Mapping[Precision, float]
@@ -105,6 +133,25 @@ class CostParams:
     latency_table: Mapping[str, Mapping[str, float]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    candidate_macs_per_second: Mapping[Candidate, float] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    placeholder: bool = False
+
+    def compute_precision(self, candidate: Candidate) -> Precision:
+        """The precision whose throughput a candidate runs at (see ``macs_per_second``)."""
+        # Integer kernels run at the activation format's rate; weight-only quantization
+        # (``int4/fp32``) dequantizes and computes in the activation's float format.
+        return candidate.activations
+
+    def throughput(self, candidate: Candidate) -> float:
+        """Sustained MACs per second of a candidate (falls back to the fp32 throughput)."""
+        if candidate in self.candidate_macs_per_second:
+            return self.candidate_macs_per_second[candidate]
+        precision = self.compute_precision(candidate)
+        if precision in self.macs_per_second:
+            return self.macs_per_second[precision]
+        return self.macs_per_second.get(Precision.FP32, 1e9)
 
 
 @dataclass(frozen=True)
@@ -123,6 +170,10 @@ class HardwareSpec:
         fusion_groups: op-type sequences decided as one (``("Conv", "Relu")``).
         min_opset: feature → minimum ai.onnx opset (``int4``: 21, ``per_channel``: 13…).
         cost: cost model parameters.
+        summary: one-line summary for ``onnxq specs``.
+        layout_ops: ops that only move data (never counted as compute).
+        max_opset: the highest ai.onnx opset the target accepts (None: no limit known).
+        source: where the spec was loaded from (built-in name or file path).
     """
 
     name: str
@@ -134,6 +185,10 @@ class HardwareSpec:
     float_only_ops: frozenset[str] = frozenset()
     fusion_groups: tuple[tuple[str, ...], ...] = ()
     min_opset: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    summary: str = ""
+    layout_ops: frozenset[str] = DEFAULT_LAYOUT_OPS
+    max_opset: int | None = None
+    source: str = ""
 
     def candidates_for(self, op_type: str) -> tuple[Candidate, ...]:
         """Allowed candidates of an op type; ``(fp32/fp32,)`` or ``()`` when it is not listed."""
@@ -162,3 +217,15 @@ class HardwareSpec:
         if per_channel:
             needed = max(needed, need("per_channel"))
         return needed
+
+    def feature_opset(self, feature: str) -> int:
+        """Minimum ai.onnx opset of one feature (a precision name, ``per_channel``…)."""
+        return self.min_opset.get(feature, DEFAULT_MIN_OPSET.get(feature, 10))
+
+    def rule_for(self, op_type: str) -> OpRule | None:
+        """The op rule of an op type, or None when the spec does not list it."""
+        return self.ops.get(op_type)
+
+    def all_candidates(self) -> tuple[Candidate, ...]:
+        """Every candidate any op allows, sorted."""
+        return tuple(sorted({c for rule in self.ops.values() for c in rule.candidates}))
