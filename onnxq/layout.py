@@ -1,0 +1,171 @@
+"""Where Q/DQ go for a plan: which tensors are quantized, at which precision, for whom.
+
+The layout is decided before calibration (calibration needs the tensors and their bit widths)
+and applied by the rewrite pass. It encodes the patterns onnxruntime fuses into integer kernels
+(../shared/ORT_FACTS.md): a quantized Conv/Gemm/MatMul gets a Q on its output; a following Relu
+is folded into that Q when the zero point is the grid minimum; ops that keep values (MaxPool,
+Reshape, Transpose…) between quantized layers share their input's scale, so the runtime can run
+them on integers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from onnxq.graph import GraphView
+from onnxq.precision import Candidate, Precision, is_integer
+from onnxq.spec.model import HardwareSpec
+
+__all__ = ["TensorQuant", "Layout", "plan_layout", "effective_candidate", "activation_symmetric"]
+
+logger = logging.getLogger(__name__)
+
+#: Ops that only move or select values: their output can reuse their input's quantization.
+SHARED_SCALE_DEFAULT = frozenset({
+    "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice",
+    "Split", "Gather", "Resize", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
+})
+
+
+def effective_candidate(layer_has_weight: bool, candidate: Candidate) -> Candidate:
+    """A weightless layer (Add, activation×activation MatMul) uses the activation side on both."""
+    if layer_has_weight:
+        return candidate
+    return Candidate(candidate.activations, candidate.activations)
+
+
+def activation_symmetric(spec: HardwareSpec, op_type: str, precision: Precision) -> bool:
+    rule = spec.activation_rule(op_type, precision)
+    if rule is not None:
+        return rule.symmetric
+    return not precision.value.startswith("u")
+
+
+@dataclass
+class TensorQuant:
+    """Quantization of one tensor.
+
+    Attributes:
+        tensor: the tensor name (after Relu folding: the Relu's output).
+        precision: the precision of its main Q.
+        symmetric: symmetric quantizer or not.
+        range_of: tensor whose calibrated range sets the qparams (itself, or the input of a
+            shared-scale op).
+        from_layer: True when the producer is a quantized layer (its output Q enables fusion).
+        conversions: consumer node → other precision it needs (a DQ→Q conversion).
+    """
+
+    tensor: str
+    precision: Precision
+    symmetric: bool
+    range_of: str
+    from_layer: bool = False
+    conversions: dict[str, Precision] = field(default_factory=dict)
+
+
+@dataclass
+class Layout:
+    """The decided Q/DQ layout of a plan."""
+
+    plan: dict[str, Candidate]
+    tensors: dict[str, TensorQuant]
+    folded_relus: dict[str, str]  # layer name → Relu node folded into its output Q
+    float_layers: set[str]
+    fp16_layers: set[str]
+
+    def calibration_targets(self) -> dict[str, Precision]:
+        """Tensors whose ranges calibration must provide, with the finest bit width needed."""
+        targets: dict[str, Precision] = {}
+        for quant in self.tensors.values():
+            for precision in [quant.precision, *quant.conversions.values()]:
+                current = targets.get(quant.range_of)
+                if current is None or _bits(precision) < _bits(current):
+                    targets[quant.range_of] = precision
+        return targets
+
+
+def _bits(precision: Precision) -> int:
+    from onnxq.precision import bits
+
+    return bits(precision)
+
+
+def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSpec) -> Layout:
+    """Decide the Q/DQ layout of ``plan`` on the graph of ``view``."""
+    effective: dict[str, Candidate] = {}
+    for name, candidate in plan.items():
+        layer = view.layers.get(name)
+        if layer is None:
+            continue
+        effective[name] = effective_candidate(layer.weight is not None, candidate)
+    int_layers = {n: c for n, c in effective.items() if is_integer(c.activations) or is_integer(c.weights)}
+    fp16_layers = {n for n, c in effective.items() if c.weights in (Precision.FP16,) and c.activations in (Precision.FP16,)}
+    float_layers = set(view.layers) - set(int_layers) - fp16_layers
+
+    tensors: dict[str, TensorQuant] = {}
+    folded: dict[str, str] = {}
+    consumer_need: dict[str, dict[str, Precision]] = {}
+
+    for name, candidate in int_layers.items():
+        if not is_integer(candidate.activations):
+            continue  # weight-only quantization: activations stay float
+        layer = view.layers[name]
+        precision = candidate.activations
+        for tensor in layer.activations:
+            consumer_need.setdefault(tensor, {})[name] = precision
+        output = layer.output
+        symmetric = activation_symmetric(spec, layer.op_type, precision)
+        consumers = view.consumers.get(output, [])
+        if (len(consumers) == 1 and view.nodes[consumers[0]].op_type == "Relu" and not symmetric
+                and output not in view.graph_outputs):
+            relu = consumers[0]
+            folded[name] = relu
+            output = view.nodes[relu].output[0]
+        if output in view.graph_outputs and not view.consumers.get(output):
+            continue  # the final logits stay float: nothing downstream to fuse with
+        tensors[output] = TensorQuant(output, precision, symmetric, output, from_layer=True)
+
+    for tensor, needs in consumer_need.items():
+        if tensor in tensors:
+            main = tensors[tensor]
+            for consumer, precision in needs.items():
+                if precision != main.precision:
+                    main.conversions[consumer] = precision
+            continue
+        ordered = sorted(needs.items(), key=lambda item: (_bits(item[1]), item[0]))
+        main_precision = ordered[0][1]
+        first_consumer = ordered[0][0]
+        symmetric = activation_symmetric(spec, view.layers[first_consumer].op_type, main_precision)
+        quant = TensorQuant(tensor, main_precision, symmetric, tensor)
+        for consumer, precision in needs.items():
+            if precision != main_precision:
+                quant.conversions[consumer] = precision
+        tensors[tensor] = quant
+
+    shared_ops = spec.shared_scale_ops or SHARED_SCALE_DEFAULT
+    changed = True
+    while changed:
+        changed = False
+        for node_name, node in view.nodes.items():
+            if node.op_type not in shared_ops or not node.input or not node.output:
+                continue
+            source, target = node.input[0], node.output[0]
+            if target not in tensors or tensors[target].range_of != target:
+                continue
+            if node.op_type == "Gather" and source in view.constants:
+                continue
+            quant = tensors[target]
+            upstream = tensors.get(source)
+            if upstream is None:
+                if source in view.constants or not view.is_float(source):
+                    continue
+                upstream = TensorQuant(source, quant.precision, quant.symmetric, source)
+                tensors[source] = upstream
+            if upstream.precision != quant.precision or upstream.symmetric != quant.symmetric:
+                continue
+            quant.range_of = upstream.range_of
+            changed = True
+    return Layout(plan=dict(effective), tensors=tensors, folded_relus=folded, float_layers=float_layers,
+                  fp16_layers=fp16_layers)

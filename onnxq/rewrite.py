@@ -1,0 +1,354 @@
+"""Apply a :class:`~onnxq.layout.Layout` to a model: weights, Q/DQ, int32 bias, fp16 islands.
+
+Names of inserted tensors and nodes are derived from the tensors they quantize
+(``<tensor>_QuantizeLinear``), so the output is deterministic and readable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+from onnx import helper
+
+from onnxq.errors import PassError
+from onnxq.graph import GraphView, constant_value
+from onnxq.layout import Layout, TensorQuant, activation_symmetric
+from onnxq.numerics import QParams, qparams_from_range, quantize
+from onnxq.precision import Candidate, Precision, is_integer, numpy_dtype, onnx_dtype
+from onnxq.spec.model import Granularity, HardwareSpec
+
+__all__ = ["RangeLike", "RewriteResult", "weight_axis", "apply_layout", "toposort_nodes"]
+
+logger = logging.getLogger(__name__)
+
+_CHANNEL_INPUT_OPS = {"Conv", "ConvTranspose", "Gemm"}
+
+
+class RangeLike:
+    """Anything with ``min`` and ``max`` attributes (``onnxq.calibration.TensorRange``)."""
+
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    model: onnx.ModelProto
+    quantized_layers: dict[str, str]
+    weight_bytes: int
+
+
+def weight_axis(op_type: str, node: onnx.NodeProto, rank: int) -> int:
+    """The output-channel axis of a layer's weight (what per-channel scales run along)."""
+    if op_type == "Conv":
+        return 0
+    if op_type == "ConvTranspose":
+        return 1
+    if op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if op_type == "Gather":
+        return 0
+    return rank - 1  # MatMul: per output column
+
+
+class _Builder:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.used = {t for n in self.graph.node for t in list(n.input) + list(n.output)}
+        self.used |= {i.name for i in self.graph.initializer}
+        self.used |= {v.name for v in list(self.graph.input) + list(self.graph.output)}
+        self.new_nodes: list[onnx.NodeProto] = []
+
+    def unique(self, base: str) -> str:
+        name = base
+        index = 1
+        while name in self.used:
+            name = f"{base}_{index}"
+            index += 1
+        self.used.add(name)
+        return name
+
+    def initializer(self, base: str, array: np.ndarray, dtype: int | None = None) -> str:
+        name = self.unique(base)
+        if dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            tensor = helper.make_tensor(name, dtype, list(array.shape), array.astype(np.int64).flatten().tolist())
+        else:
+            tensor = onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
+        self.graph.initializer.append(tensor)
+        return name
+
+    def node(self, op_type: str, inputs: list[str], base_output: str, name: str, **attrs: object) -> str:
+        output = self.unique(base_output)
+        self.new_nodes.append(helper.make_node(op_type, inputs, [output], name=self.unique(name), **attrs))
+        return output
+
+
+def _qparam_initializers(b: _Builder, base: str, q: QParams) -> tuple[str, str]:
+    scale = b.initializer(f"{base}_scale", np.asarray(q.scale, dtype=np.float32))
+    zero = np.asarray(q.zero_point)
+    zp = b.initializer(f"{base}_zero_point", zero.astype(numpy_dtype(q.precision)), onnx_dtype(q.precision))
+    return scale, zp
+
+
+def _activation_qparams(quant: TensorQuant, precision: Precision, ranges: Mapping[str, RangeLike], symmetric: bool) -> QParams:
+    rng = ranges.get(quant.range_of)
+    if rng is None:
+        raise PassError(f"no calibrated range for tensor {quant.range_of!r}", "calibration must run before the rewrite")
+    return qparams_from_range(float(rng.min), float(rng.max), precision, symmetric)
+
+
+def toposort_nodes(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` topologically (stable for already ordered parts)."""
+    available = {i.name for i in graph.initializer} | {v.name for v in graph.input} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progress = False
+        remaining = []
+        for node in pending:
+            # subgraph inputs from the outer scope are not tracked here: only direct inputs
+            if all(t in available for t in node.input):
+                ordered.append(node)
+                available.update(node.output)
+                progress = True
+            else:
+                remaining.append(node)
+        if not progress:
+            missing = sorted({t for n in remaining for t in n.input if t not in available})[:3]
+            raise PassError(f"rewritten graph has a cycle or dangling inputs ({', '.join(missing)})", "report this model to onnxq")
+        pending = remaining
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _materialize_constant_weights(model: onnx.ModelProto, view: GraphView, layers: set[str]) -> None:
+    """Turn Constant-node and graph-input weights of quantized layers into plain initializers."""
+    graph = model.graph
+    for name in sorted(layers):
+        layer = view.layers[name]
+        if layer.weight is None:
+            continue
+        tensor = layer.weight.tensor
+        location, entry = view.constants[tensor]
+        if location.value == "constant-node":
+            value = constant_value(entry)
+            if value is None:
+                continue
+            graph.initializer.append(onnx.numpy_helper.from_array(value, tensor))
+            graph.node.remove(entry)  # type: ignore[arg-type]
+        elif location.value == "graph-input":
+            for value_info in list(graph.input):
+                if value_info.name == tensor:
+                    graph.input.remove(value_info)
+
+
+def apply_layout(
+    model: onnx.ModelProto,
+    layout: Layout,
+    ranges: Mapping[str, RangeLike],
+    spec: HardwareSpec,
+    *,
+    weight_ranges: Callable[[np.ndarray, int | None, Precision, bool], tuple[np.ndarray, np.ndarray]] | None = None,
+    per_channel_ok: bool = True,
+) -> RewriteResult:
+    """Rewrite ``model`` in place to carry the Q/DQ of ``layout``."""
+    view = GraphView(model, layer_ops=None or _layer_ops(model, layout))
+    quantized = {n for n, c in layout.plan.items() if not c.is_float or n in layout.fp16_layers}
+    _materialize_constant_weights(model, view, quantized)
+    view = GraphView(model, layer_ops=_layer_ops(model, layout))
+    b = _Builder(model)
+    graph = model.graph
+    nodes = {n.name: n for n in graph.node}
+    initializers = {i.name: i for i in graph.initializer}
+    weight_bytes = 0
+
+    # 1. fold Relus into the Q of the layer they follow
+    for layer_name, relu_name in layout.folded_relus.items():
+        layer_node, relu = nodes[layer_name], nodes[relu_name]
+        layer_node.output[0] = relu.output[0]
+        graph.node.remove(relu)
+        del nodes[relu_name]
+    view = GraphView(model, layer_ops=_layer_ops(model, layout))
+
+    # 2. activations
+    input_qparams: dict[tuple[str, str], QParams] = {}  # (layer, tensor) → qparams seen by the layer
+    for tensor in sorted(layout.tensors):
+        quant = layout.tensors[tensor]
+        consumers = list(view.consumers.get(tensor, []))
+        is_output = tensor in view.graph_outputs
+        if not consumers and not is_output:
+            continue
+        source = tensor
+        if is_output:
+            producer = nodes.get(view.producer.get(tensor, ""))
+            if producer is None:
+                continue
+            source = b.unique(f"{tensor}_float")
+            producer.output[list(producer.output).index(tensor)] = source
+        q = _activation_qparams(quant, quant.precision, ranges, quant.symmetric)
+        scale, zp = _qparam_initializers(b, tensor, q)
+        quantized_name = b.node("QuantizeLinear", [source, scale, zp], f"{tensor}_quantized", f"{tensor}_QuantizeLinear")
+        if is_output:
+            b.new_nodes.append(helper.make_node("DequantizeLinear", [quantized_name, scale, zp], [tensor],
+                                                name=b.unique(f"{tensor}_DequantizeLinear")))
+        for index, consumer in enumerate(sorted(set(consumers))):
+            node = nodes[consumer]
+            suffix = f"_{index}" if len(set(consumers)) > 1 else ""
+            guard_axis = _float_guard_axis(view, node, layout, tensor)
+            if guard_axis is not None:
+                channels = view.shapes.get(tensor) or ()
+                count = channels[guard_axis] if len(channels) > guard_axis and channels[guard_axis] > 0 else 0
+            if guard_axis is not None and count:
+                # per-axis DQ (same scale everywhere) keeps onnxruntime's WeightBiasQuantization
+                # from turning this float layer into an int8 one
+                g_scale = b.initializer(f"{tensor}_guard_scale", np.full(count, q.scale, dtype=np.float32))
+                g_zp = b.initializer(f"{tensor}_guard_zero_point", np.full(count, q.zero_point, dtype=numpy_dtype(q.precision)), onnx_dtype(q.precision))
+                dq = b.node("DequantizeLinear", [quantized_name, g_scale, g_zp], f"{tensor}_dequantized{suffix}", f"{tensor}_DequantizeLinear{suffix}", axis=guard_axis)
+            else:
+                dq = b.node("DequantizeLinear", [quantized_name, scale, zp], f"{tensor}_dequantized{suffix}", f"{tensor}_DequantizeLinear{suffix}")
+            feed = dq
+            seen = q
+            other = quant.conversions.get(consumer)
+            if other is not None:
+                symmetric = activation_symmetric(spec, node.op_type, other)
+                q2 = _activation_qparams(quant, other, ranges, symmetric)
+                scale2, zp2 = _qparam_initializers(b, f"{tensor}_{other.value}", q2)
+                q_out = b.node("QuantizeLinear", [dq, scale2, zp2], f"{tensor}_{other.value}_quantized", f"{tensor}_{other.value}_QuantizeLinear")
+                feed = b.node("DequantizeLinear", [q_out, scale2, zp2], f"{tensor}_{other.value}_dequantized", f"{tensor}_{other.value}_DequantizeLinear")
+                seen = q2
+            for i, name in enumerate(node.input):
+                if name == tensor:
+                    node.input[i] = feed
+            input_qparams[(consumer, tensor)] = seen
+
+    # 3. weights and biases
+    summary: dict[str, str] = {}
+    for layer_name in sorted(layout.plan):
+        candidate = layout.plan[layer_name]
+        layer = view.layers.get(layer_name)
+        if layer is None:
+            continue
+        node = nodes[layer_name]
+        if layer_name in layout.fp16_layers:
+            weight_bytes += _to_fp16(b, view, node, layer)
+            summary[layer_name] = str(candidate)
+            continue
+        if not is_integer(candidate.weights) and not is_integer(candidate.activations):
+            continue
+        summary[layer_name] = str(candidate)
+        if layer.weight is None or not is_integer(candidate.weights):
+            continue
+        w = view.weight_value(layer.weight.tensor)
+        if w is None:
+            continue
+        w = w.astype(np.float32)
+        rule = spec.weight_rule(node.op_type, candidate.weights)
+        symmetric = True if rule is None else rule.symmetric
+        narrow = False if rule is None else rule.narrow_range
+        per_channel = per_channel_ok and w.ndim >= 2 and (rule is None or rule.preferred_granularity == Granularity.PER_CHANNEL)
+        axis = weight_axis(node.op_type, node, w.ndim) if per_channel else None
+        if weight_ranges is not None:
+            lo, hi = weight_ranges(w, axis, candidate.weights, symmetric)
+        elif axis is None:
+            lo, hi = np.asarray(w.min()), np.asarray(w.max())
+        else:
+            reduce = tuple(i for i in range(w.ndim) if i != axis)
+            lo, hi = w.min(axis=reduce), w.max(axis=reduce)
+        wq = qparams_from_range(lo, hi, candidate.weights, symmetric, narrow=narrow, axis=axis)
+        codes = quantize(w, wq).astype(numpy_dtype(candidate.weights))
+        base = layer.weight.tensor
+        q_name = b.initializer(f"{base}_quantized", codes, onnx_dtype(candidate.weights))
+        scale, zp = _qparam_initializers(b, base, wq)
+        attrs = {"axis": axis} if axis is not None else {}
+        dq = b.node("DequantizeLinear", [q_name, scale, zp], f"{base}_dequantized", f"{base}_DequantizeLinear", **attrs)
+        node.input[list(node.input).index(layer.weight.tensor)] = dq
+        weight_bytes += (codes.size * (4 if candidate.weights in (Precision.INT4, Precision.UINT4) else 8 * codes.itemsize)) // 8
+        x_q = input_qparams.get((layer_name, layer.activations[0])) if layer.activations else None
+        if (layer.bias is not None and x_q is not None and node.op_type in _CHANNEL_INPUT_OPS
+                and candidate.weights == Precision.INT8 and x_q.precision in (Precision.UINT8, Precision.INT8)):
+            bias = view.weight_value(layer.bias)
+            if bias is not None and bias.ndim == 1:
+                bias_scale = (np.asarray(x_q.scale, np.float64) * np.asarray(wq.scale, np.float64)).astype(np.float32)
+                bias_scale = np.broadcast_to(bias_scale, bias.shape).copy() if axis is not None else bias_scale
+                codes_b = np.clip(np.rint(bias / bias_scale), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+                b_name = b.initializer(f"{layer.bias}_quantized", codes_b)
+                b_scale = b.initializer(f"{layer.bias}_scale", bias_scale)
+                b_attrs = {"axis": 0} if bias_scale.ndim == 1 else {}
+                b_dq = b.node("DequantizeLinear", [b_name, b_scale], f"{layer.bias}_dequantized", f"{layer.bias}_DequantizeLinear", **b_attrs)
+                node.input[2] = b_dq
+
+    graph.node.extend(b.new_nodes)
+    _drop_unused_initializers(graph, initializers)
+    toposort_nodes(graph)
+    del graph.value_info[:]
+    return RewriteResult(model=model, quantized_layers=summary, weight_bytes=weight_bytes)
+
+
+def _layer_ops(model: onnx.ModelProto, layout: Layout) -> set[str]:
+    ops = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"}
+    names = set(layout.plan)
+    ops |= {n.op_type for n in model.graph.node if n.name in names}
+    return ops
+
+
+def _float_guard_axis(view: GraphView, node: onnx.NodeProto, layout: Layout, tensor: str) -> int | None:
+    """Channel axis for a float Conv/Gemm input that must not look like a quantized layer."""
+    if node.op_type not in _CHANNEL_INPUT_OPS or node.name not in layout.float_layers:
+        return None
+    if not node.input or node.input[0] != tensor:
+        return None
+    shape = view.shapes.get(tensor)
+    if not shape or len(shape) < 2:
+        return None
+    return 1
+
+
+def _to_fp16(b: _Builder, view: GraphView, node: onnx.NodeProto, layer: object) -> int:
+    """Run ``node`` in fp16: Cast its float inputs down, its constants stored as fp16, output Cast up."""
+    weight_bytes = 0
+    for i, tensor in enumerate(list(node.input)):
+        if not tensor:
+            continue
+        if node.op_type == "Gather" and i == 1:
+            continue
+        if tensor in view.constants:
+            value = view.weight_value(tensor)
+            if value is None or value.dtype != np.float32:
+                continue
+            half = value.astype(np.float16)
+            node.input[i] = b.initializer(f"{tensor}_fp16", half)
+            weight_bytes += half.nbytes
+        elif view.is_float(tensor):
+            node.input[i] = b.node("Cast", [tensor], f"{tensor}_fp16", f"{node.name}_{tensor}_CastToFp16", to=onnx.TensorProto.FLOAT16)
+    output = node.output[0]
+    half_out = b.unique(f"{output}_fp16")
+    node.output[0] = half_out
+    b.new_nodes.append(helper.make_node("Cast", [half_out], [output], name=b.unique(f"{output}_CastToFp32"), to=onnx.TensorProto.FLOAT))
+    return weight_bytes
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto, originals: Mapping[str, onnx.TensorProto]) -> None:
+    used = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
+    for attr_graph in (a.g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
+        used |= {t for n in attr_graph.node for t in n.input}
+    keep = [i for i in graph.initializer if i.name in used or i.name not in originals]
+    keep = [i for i in keep if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    inputs = [v for v in graph.input if v.name in used or v.name not in originals]
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
+def plan_summary(plan: Mapping[str, Candidate]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for candidate in plan.values():
+        counts[str(candidate)] = counts.get(str(candidate), 0) + 1
+    return dict(sorted(counts.items()))
