@@ -1,0 +1,288 @@
+"""One onnxruntime sweep over the calibration feeds that collects statistics for many tensors.
+
+The model is copied once, every requested intermediate tensor becomes an extra graph output,
+and a single :class:`onnxruntime.InferenceSession` (graph optimizations disabled, so the names
+survive) runs over the feeds exactly once. Per tensor only a running min/max and a fixed-size
+histogram are kept, so peak memory does not grow with the number of feeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxq.calibration.histogram import RunningHistogram, TensorStats
+from onnxq.errors import CalibrationError
+
+__all__ = [
+    "FLOAT_TYPES",
+    "MAX_IR_VERSION",
+    "calibration_model",
+    "check_feed",
+    "check_tensors",
+    "make_session",
+    "model_input_names",
+    "prepare_feeds",
+    "sessions_built",
+    "sweep",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Highest IR version the calibration session is given (onnxruntime 1.31 accepts at most 13;
+#: 10 is the newest that every supported onnxruntime takes).
+MAX_IR_VERSION = 10
+
+#: ONNX element types whose tensors can be calibrated.
+FLOAT_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.DOUBLE,
+    }
+)
+
+_SESSIONS_BUILT = 0
+
+
+def sessions_built() -> int:
+    """How many calibration sessions this process has built (one per sweep; used by tests)."""
+    return _SESSIONS_BUILT
+
+
+def prepare_feeds(
+    feeds: Sequence[Mapping[str, np.ndarray]] | Iterable[Mapping[str, np.ndarray]],
+) -> list[Mapping[str, np.ndarray]]:
+    """The feeds as a list (iterables and onnxruntime ``CalibrationDataReader``s are drained).
+
+    Raises:
+        CalibrationError: there is no feed at all.
+    """
+    if hasattr(feeds, "get_next") and not isinstance(feeds, Sequence):
+        reader = feeds
+        drained: list[Mapping[str, np.ndarray]] = []
+        while (item := reader.get_next()) is not None:
+            drained.append(item)
+        result = drained
+    else:
+        result = list(feeds)
+    if not result:
+        raise CalibrationError(
+            "no calibration feeds were given",
+            "pass at least one feed dict (input name -> array)",
+        )
+    return result
+
+
+def model_input_names(model: onnx.ModelProto) -> tuple[list[str], set[str]]:
+    """``(required inputs, all inputs)``; inputs backed by an initializer are optional."""
+    inits = {t.name for t in model.graph.initializer}
+    all_inputs = [i.name for i in model.graph.input]
+    return [n for n in all_inputs if n not in inits], set(all_inputs)
+
+
+def _known_types(model: onnx.ModelProto) -> dict[str, int]:
+    graph = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    except Exception as exc:  # noqa: BLE001 - inference is an optional refinement
+        logger.debug("shape inference failed (%s); declaring extra outputs as float", exc)
+        inferred = graph
+    types: dict[str, int] = {}
+    for vi in [*inferred.value_info, *inferred.input, *inferred.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def check_tensors(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, int]:
+    """Check that every name is a float activation of the main graph; returns known types.
+
+    Raises:
+        CalibrationError: a name is unknown, a weight, or a tensor of a non-float type.
+    """
+    graph = model.graph
+    produced = {o for node in graph.node for o in node.output if o}
+    _, inputs = model_input_names(model)
+    inits = {t.name for t in graph.initializer}
+    activations = produced | (inputs - inits)
+    missing = [t for t in tensors if t not in activations]
+    if missing:
+        weights = [t for t in missing if t in inits]
+        if weights:
+            raise CalibrationError(
+                f"tensor {weights[0]!r} is a weight initializer, not an activation",
+                "calibrate weights with onnxq.calibration.weight_ranges",
+            )
+        shown = ", ".join(repr(t) for t in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CalibrationError(
+            f"tensor(s) {shown}{more} not found in the model's main graph",
+            "name graph inputs or node outputs (see `onnxq inspect`)",
+        )
+    types = _known_types(model)
+    for t in tensors:
+        elem = types.get(t)
+        if elem is not None and elem not in FLOAT_TYPES:
+            raise CalibrationError(
+                f"tensor {t!r} has element type {onnx.TensorProto.DataType.Name(elem)}, not float",
+                "only float activations are calibrated",
+            )
+    return types
+
+
+def calibration_model(
+    model: onnx.ModelProto, outputs: Sequence[str], types: Mapping[str, int] | None = None
+) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``outputs`` (IR version at most 10).
+
+    Tensors without type information are declared FLOAT with unknown shape.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.ir_version = min(copy.ir_version, MAX_IR_VERSION)
+    types = types or {}
+    existing = {o.name for o in copy.graph.output}
+    for name in outputs:
+        if name in existing:
+            continue
+        elem = types.get(name, onnx.TensorProto.FLOAT)
+        copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        existing.add(name)
+    return copy
+
+
+def make_session(
+    model: onnx.ModelProto,
+    optimize: bool = False,
+    providers: Sequence[str] | None = None,
+) -> ort.InferenceSession:
+    """An onnxruntime session of ``model`` (optimizations off unless ``optimize``)."""
+    global _SESSIONS_BUILT
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(),
+            options,
+            providers=list(providers or ["CPUExecutionProvider"]),
+        )
+    except Exception as exc:
+        raise CalibrationError(
+            f"onnxruntime cannot load the calibration model: {str(exc).splitlines()[0]}",
+            "check that the model runs in onnxruntime as given",
+        ) from exc
+    _SESSIONS_BUILT += 1
+    return session
+
+
+def check_feed(
+    index: int, feed: Mapping[str, np.ndarray], required: Sequence[str], known: set[str]
+) -> dict[str, np.ndarray]:
+    """Validate one feed dict (names, finiteness) and return it as numpy arrays.
+
+    Raises:
+        CalibrationError: an input is missing or unknown, or contains NaN/Inf.
+    """
+    if not isinstance(feed, Mapping):
+        raise CalibrationError(
+            f"calibration feed {index} is a {type(feed).__name__}, not a dict",
+            "each feed maps input names to arrays",
+        )
+    arrays = {name: np.asarray(value) for name, value in feed.items()}
+    for name in required:
+        if name not in arrays:
+            raise CalibrationError(
+                f"calibration feed {index} lacks the model input {name!r}",
+                f"the model's inputs are: {', '.join(required)}",
+            )
+    for name, arr in arrays.items():
+        if name not in known:
+            raise CalibrationError(
+                f"calibration feed {index} has key {name!r}, which is not a model input",
+                f"the model's inputs are: {', '.join(required)}",
+            )
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            raise CalibrationError(
+                f"calibration feed {index}: input {name!r} contains NaN or Inf",
+                "clean the calibration data (every value must be finite)",
+            )
+    return arrays
+
+
+def sweep(
+    model: onnx.ModelProto,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    tensors: Sequence[str],
+    num_bins: int | None = None,
+    progress: bool = False,
+    types: Mapping[str, int] | None = None,
+) -> dict[str, TensorStats]:
+    """Run the model once over ``feeds`` and collect statistics of ``tensors``.
+
+    Args:
+        model: the fp32 model (not modified).
+        feeds: complete feed dicts, one per batch.
+        tensors: activation names (graph inputs or node outputs of the main graph), checked.
+        num_bins: bins per sign of each histogram; ``None`` collects min/max only.
+        progress: show a tqdm bar over the feeds.
+        types: known element types (from :func:`check_tensors`).
+
+    Raises:
+        CalibrationError: bad feeds, or a tensor that takes a NaN/Inf value.
+    """
+    required, known = model_input_names(model)
+    input_names = [t for t in tensors if t in known]
+    output_names = [t for t in tensors if t not in known]
+    stats = {
+        t: TensorStats(histogram=RunningHistogram(num_bins) if num_bins else None)
+        for t in tensors
+    }
+    session = make_session(calibration_model(model, output_names, types))
+    session_inputs = {i.name for i in session.get_inputs()}
+    iterator: Iterable[Mapping[str, np.ndarray]] = feeds
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(feeds, desc="calibration", unit="batch", leave=False)
+    logger.debug("sweep over %d feeds for %d tensors", len(feeds), len(tensors))
+    for index, feed in enumerate(iterator):
+        arrays = check_feed(index, feed, required, known)
+        run_feed = {k: v for k, v in arrays.items() if k in session_inputs}
+        try:
+            values = session.run(output_names, run_feed) if output_names else []
+        except Exception as exc:
+            raise CalibrationError(
+                f"onnxruntime failed on calibration feed {index}: {str(exc).splitlines()[0]}",
+                "check the feed's shapes and dtypes against the model inputs",
+            ) from exc
+        for name, value in [*zip(output_names, values), *((n, arrays[n]) for n in input_names)]:
+            _update(stats[name], name, value, index)
+    return stats
+
+
+def _update(stats: TensorStats, name: str, value: object, index: int) -> None:
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+        raise CalibrationError(
+            f"tensor {name!r} is not a float tensor at run time ({type(value).__name__})",
+            "only float activations are calibrated",
+        )
+    if value.dtype != np.float32 and value.dtype != np.float64:
+        value = value.astype(np.float32)
+    lo, hi = stats.update(value)
+    if value.size and not (math.isfinite(lo) and math.isfinite(hi)):
+        raise CalibrationError(
+            f"tensor {name!r} takes NaN or Inf values on calibration feed {index}",
+            "the model overflows on this data; check the inputs' scale and preprocessing",
+        )

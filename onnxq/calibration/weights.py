@@ -1,0 +1,105 @@
+"""Ranges of weight tensors: per-tensor or per-channel min/max, optionally MSE-clipped."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxq.errors import CalibrationError
+from onnxq.numerics import MIN_SCALE, fake_quantize, qparams_from_range
+from onnxq.precision import Precision, is_integer, qrange
+
+__all__ = ["MSE_GRID", "weight_ranges"]
+
+#: Clipping factors the ``"mse"`` weight method tries (fractions of each channel's range).
+MSE_GRID = np.linspace(0.3, 1.0, 71)
+
+
+def weight_ranges(
+    w: np.ndarray,
+    axis: int | None,
+    precision: Precision,
+    symmetric: bool,
+    method: str = "minmax",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (``axis``) or per-tensor ``(min, max)`` of a weight.
+
+    Args:
+        w: the float weight.
+        axis: the channel axis, or ``None`` for one range (then 0-d arrays are returned).
+        precision: the target precision (its grid matters for ``"mse"``).
+        symmetric: whether the quantizer is symmetric (``"mse"`` scales both ends together).
+        method: ``"minmax"``, or ``"mse"``: per channel, the factor ``α`` of :data:`MSE_GRID`
+            whose range ``α · [min, max]`` gives the smallest fake-quantization MSE of the
+            weight itself (exact, not estimated) — the usual choice for 4-bit weights.
+
+    Returns:
+        ``(mins, maxs)`` as float32 arrays of shape ``(w.shape[axis],)`` or ``()``. Channels
+        whose range would give a scale below ``MIN_SCALE`` (constant or all-zero channels) are
+        widened to exactly that scale.
+
+    Raises:
+        CalibrationError: ``w`` contains NaN/Inf, or ``method`` / ``axis`` is invalid.
+    """
+    w = np.asarray(w)
+    if w.dtype.kind != "f":
+        raise CalibrationError(f"weight of dtype {w.dtype} is not float", "only float weights")
+    w = w.astype(np.float32, copy=False)
+    if not np.isfinite(w).all():
+        raise CalibrationError("weight contains NaN or Inf", "fix the model's weights")
+    if w.size == 0:
+        raise CalibrationError("weight is empty", "nothing to calibrate")
+    if axis is not None:
+        if not -w.ndim <= axis < w.ndim:
+            raise CalibrationError(
+                f"channel axis {axis} out of range for a weight of rank {w.ndim}",
+                "pass an axis in [-rank, rank)",
+            )
+        axis = axis % w.ndim
+        flat = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    else:
+        flat = w.reshape(1, -1)
+    lo = flat.min(axis=1).astype(np.float64)
+    hi = flat.max(axis=1).astype(np.float64)
+    if method == "mse" and is_integer(precision):
+        lo, hi = _mse_clip(flat, lo, hi, precision, symmetric)
+    elif method not in ("minmax", "mse"):
+        raise CalibrationError(
+            f"unknown weight range method {method!r}", "use 'minmax' or 'mse'"
+        )
+    lo, hi = _widen(lo, hi, precision, symmetric)
+    if axis is None:
+        return np.asarray(lo[0], dtype=np.float32), np.asarray(hi[0], dtype=np.float32)
+    return lo.astype(np.float32), hi.astype(np.float32)
+
+
+def _mse_clip(
+    flat: np.ndarray, lo: np.ndarray, hi: np.ndarray, precision: Precision, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    best_err = np.full(lo.shape, np.inf)
+    best_alpha = np.ones(lo.shape)
+    for alpha in MSE_GRID:
+        q = qparams_from_range(alpha * lo, alpha * hi, precision, symmetric, axis=0)
+        err = ((fake_quantize(flat, q) - flat) ** 2).sum(axis=1, dtype=np.float64)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_alpha = np.where(better, alpha, best_alpha)
+    return best_alpha * lo, best_alpha * hi
+
+
+def _widen(
+    lo: np.ndarray, hi: np.ndarray, precision: Precision, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    if not is_integer(precision):
+        return lo, hi
+    qmin, qmax = qrange(precision)
+    need = float(MIN_SCALE) * (qmax - qmin) * 1.0001
+    span = np.maximum(hi, 0.0) - np.minimum(lo, 0.0)
+    small = span < need
+    if not small.any():
+        return lo, hi
+    if symmetric:
+        return np.where(small, np.minimum(lo, -need / 2), lo), np.where(
+            small, np.maximum(hi, need / 2), hi
+        )
+    base = np.minimum(lo, 0.0)
+    return np.where(small, base, lo), np.where(small, base + need, hi)
