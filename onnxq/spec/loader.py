@@ -168,6 +168,11 @@ def _json_path(parts: Iterator[Any] | Any) -> str:
     return path
 
 
+def _join(path: str, key: Any) -> str:
+    """``path`` extended by one key or index."""
+    return path + _json_path([key])[1:]
+
+
 def _read_text(path: Path) -> tuple[Any, list[SpecProblem]]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -233,7 +238,7 @@ def _resolve_op(
             if key in _QUANTIZER_MAPS and isinstance(value, Mapping):
                 merged = dict(fields.get(key, {}))
                 for sub, ref in value.items():
-                    merged[sub] = _Field(ref, f"{path}.{sub}")
+                    merged[sub] = _Field(ref, _join(path, sub))
                 fields[key] = merged
             else:
                 fields[key] = _Field(value, path)
@@ -376,6 +381,8 @@ def _meaning_problems(data: Any) -> list[SpecProblem]:
                 elif precision in (Precision.FP16, Precision.BF16):
                     features_used.setdefault(precision.value, path)
         for cand_text, acc in fields.get("accumulators", {}).items():
+            if not acc.path.startswith(base + "."):
+                continue  # inherited from a template or defaults: it may cover other ops
             cand = _parse_candidate(cand_text)
             if cand is None or cand not in parsed:
                 add(SpecProblem(acc.path, f"accumulator given for {cand_text!r}, which is not a "
