@@ -1,0 +1,288 @@
+"""Fast fake-quantization of an ONNX model with one onnxruntime session.
+
+:class:`FakeQuantModel` copies the model once and
+
+* after every chosen activation ``x`` inserts ``Where(enable, (Min(Max(Round(x/s)+zp, qmin),
+  qmax) - zp)·s, x)`` whose ``s``, ``zp``, ``qmin``, ``qmax`` and ``enable`` are new graph
+  inputs — so one session simulates any range and any bit width, and a disabled tensor passes
+  through bit-exactly; the result is bit-exact with ``QuantizeLinear`` → ``DequantizeLinear``;
+* turns every chosen weight initializer into a graph input that keeps the initializer as its
+  default, so a perturbed or quantized weight can be fed while the others stay fp32.
+
+Used by the LAPQ calibration and by the sensitivity analysis.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxq.calibration.sweep import MAX_IR_VERSION, check_tensors, make_session
+from onnxq.calibration.types import TensorRange
+from onnxq.errors import CalibrationError
+from onnxq.numerics import QParams, qparams_from_range
+from onnxq.precision import Precision
+
+__all__ = ["FakeQuantModel", "activation_qparams"]
+
+logger = logging.getLogger(__name__)
+
+_PARAMS = ("scale", "zero_point", "qmin", "qmax", "enable")
+
+
+def activation_qparams(
+    ranges: Mapping[str, TensorRange],
+    precision_for: Mapping[str, Precision] | None = None,
+    symmetric_for: Mapping[str, bool] | None = None,
+    default: Precision = Precision.UINT8,
+) -> dict[str, QParams]:
+    """Per-tensor quantization parameters of calibrated ranges (asymmetric uint8 by default)."""
+    precision_for = precision_for or {}
+    symmetric_for = symmetric_for or {}
+    return {
+        name: qparams_from_range(
+            r.min,
+            r.max,
+            Precision(precision_for.get(name, default)),
+            bool(symmetric_for.get(name, False)),
+        )
+        for name, r in ranges.items()
+    }
+
+
+def _input_name(tensor: str, param: str) -> str:
+    return f"onnxq_fq/{tensor}/{param}"
+
+
+class FakeQuantModel:
+    """One onnxruntime session that simulates quantization of chosen tensors.
+
+    Args:
+        model: the fp32 model (not modified).
+        activation_tensors: activations (graph inputs or node outputs of the main graph) to give
+            a fake-quant subgraph.
+        weight_tensors: initializers (or ``Constant`` node outputs) that become overridable
+            graph inputs.
+        providers: onnxruntime execution providers (default CPU).
+
+    Raises:
+        CalibrationError: a tensor is unknown or not float.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        activation_tensors: Sequence[str] = (),
+        weight_tensors: Sequence[str] = (),
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        self.activation_tensors = list(dict.fromkeys(activation_tensors))
+        self.weight_tensors = list(dict.fromkeys(weight_tensors))
+        types = check_tensors(model, self.activation_tensors) if self.activation_tensors else {}
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        copy.ir_version = min(copy.ir_version, MAX_IR_VERSION)
+        self._ranks = _ranks(model)
+        self._act_dtype: dict[str, np.dtype] = {}
+        for name in self.activation_tensors:
+            elem = types.get(name, onnx.TensorProto.FLOAT)
+            self._act_dtype[name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+        _insert_fake_quant(copy.graph, self.activation_tensors, types)
+        self._weight_dtype = _expose_weights(copy.graph, self.weight_tensors)
+        self.model = copy
+        self.session = make_session(copy, optimize=True, providers=providers)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._disabled = self._disabled_feed()
+
+    def _disabled_feed(self) -> dict[str, np.ndarray]:
+        feed: dict[str, np.ndarray] = {}
+        for name in self.activation_tensors:
+            dt = self._act_dtype[name]
+            feed[_input_name(name, "scale")] = np.ones((), dtype=dt)
+            feed[_input_name(name, "zero_point")] = np.zeros((), dtype=dt)
+            feed[_input_name(name, "qmin")] = np.zeros((), dtype=dt)
+            feed[_input_name(name, "qmax")] = np.zeros((), dtype=dt)
+            feed[_input_name(name, "enable")] = np.zeros((), dtype=np.bool_)
+        return feed
+
+    def _param_feed(self, name: str, q: QParams) -> dict[str, np.ndarray]:
+        dt = self._act_dtype[name]
+        scale = np.asarray(q.scale, dtype=dt)
+        zero = np.asarray(q.zero_point).astype(dt)
+        if scale.ndim > 0 and q.axis is not None:
+            rank = self._ranks.get(name)
+            if rank is None:
+                raise CalibrationError(
+                    f"per-channel parameters for {name!r}, whose rank is unknown",
+                    "give the model shape information or use per-tensor parameters",
+                )
+            axis = q.axis % rank
+            shape = (-1,) + (1,) * (rank - 1 - axis)
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        return {
+            _input_name(name, "scale"): scale,
+            _input_name(name, "zero_point"): zero,
+            _input_name(name, "qmin"): np.asarray(q.qmin, dtype=dt),
+            _input_name(name, "qmax"): np.asarray(q.qmax, dtype=dt),
+            _input_name(name, "enable"): np.ones((), dtype=np.bool_),
+        }
+
+    def feed(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        activation_params: Mapping[str, QParams | None] | None = None,
+        weights: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The complete session feed for one run (see :meth:`run`)."""
+        full = dict(feeds)
+        full.update(self._disabled)
+        for name, q in (activation_params or {}).items():
+            if name not in self._act_dtype:
+                raise CalibrationError(
+                    f"tensor {name!r} has no fake-quant subgraph in this FakeQuantModel",
+                    "list it in activation_tensors when building the FakeQuantModel",
+                )
+            if q is not None:
+                full.update(self._param_feed(name, q))
+        for name, value in (weights or {}).items():
+            if name not in self._weight_dtype:
+                raise CalibrationError(
+                    f"weight {name!r} is not an input of this FakeQuantModel",
+                    "list it in weight_tensors when building the FakeQuantModel",
+                )
+            full[name] = np.asarray(value, dtype=self._weight_dtype[name])
+        return full
+
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        activation_params: Mapping[str, QParams | None] | None = None,
+        weights: Mapping[str, np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
+        """The model's outputs with the given quantization applied.
+
+        Args:
+            feeds: the model's inputs.
+            activation_params: ``{tensor: QParams}``; tensors absent or mapped to ``None`` pass
+                through unchanged (fp32).
+            weights: replacement values of weight tensors; the others keep their fp32 value.
+        """
+        return self.session.run(self.output_names, self.feed(feeds, activation_params, weights))
+
+    def run_all(
+        self,
+        feeds: Iterable[Mapping[str, np.ndarray]],
+        activation_params: Mapping[str, QParams | None] | None = None,
+        weights: Mapping[str, np.ndarray] | None = None,
+    ) -> list[list[np.ndarray]]:
+        """:meth:`run` over several feeds."""
+        return [self.run(f, activation_params, weights) for f in feeds]
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    except Exception:  # noqa: BLE001 - ranks are only needed for per-channel parameters
+        graph = model.graph
+    ranks = {}
+    for vi in [*graph.value_info, *graph.input, *graph.output]:
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            ranks[vi.name] = len(tt.shape.dim)
+    return ranks
+
+
+def _insert_fake_quant(
+    graph: onnx.GraphProto, tensors: Sequence[str], types: Mapping[str, int]
+) -> None:
+    """Insert the fake-quant subgraph after each tensor (in place, keeping topological order)."""
+    if not tensors:
+        return
+    producer_of = {o: i for i, node in enumerate(graph.node) for o in node.output}
+    after: dict[int, list[onnx.NodeProto]] = {}
+    prologue: list[onnx.NodeProto] = []
+    renames: dict[str, str] = {}
+    for name in tensors:
+        elem = types.get(name, onnx.TensorProto.FLOAT)
+        for param in _PARAMS:
+            ptype = onnx.TensorProto.BOOL if param == "enable" else elem
+            graph.input.append(helper.make_tensor_value_info(_input_name(name, param), ptype, None))
+        if name in producer_of:
+            raw, out = f"{name}/fp32", name
+            node = graph.node[producer_of[name]]
+            node.output[list(node.output).index(name)] = raw
+            after.setdefault(producer_of[name], []).extend(_fq_nodes(name, raw, out))
+        else:
+            raw, out = name, f"{name}/fq"
+            renames[name] = out
+            prologue.extend(_fq_nodes(name, raw, out))
+    if renames:
+        for node in graph.node:
+            for i, inp in enumerate(node.input):
+                if inp in renames:
+                    node.input[i] = renames[inp]
+    nodes = list(prologue)
+    for i, node in enumerate(graph.node):
+        nodes.append(node)
+        nodes.extend(after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _fq_nodes(tensor: str, x: str, out: str) -> list[onnx.NodeProto]:
+    p = {param: _input_name(tensor, param) for param in _PARAMS}
+    base = f"onnxq_fq/{tensor}"
+    steps = [
+        ("Div", [x, p["scale"]], "div"),
+        ("Round", [f"{base}/div"], "round"),
+        ("Add", [f"{base}/round", p["zero_point"]], "add"),
+        ("Max", [f"{base}/add", p["qmin"]], "max"),
+        ("Min", [f"{base}/max", p["qmax"]], "min"),
+        ("Sub", [f"{base}/min", p["zero_point"]], "sub"),
+        ("Mul", [f"{base}/sub", p["scale"]], "fq"),
+    ]
+    nodes = [
+        helper.make_node(op, inputs, [f"{base}/{suffix}"], name=f"{base}/{op}")
+        for op, inputs, suffix in steps
+    ]
+    nodes.append(helper.make_node("Where", [p["enable"], f"{base}/fq", x], [out], name=f"{base}/Where"))
+    return nodes
+
+
+def _expose_weights(graph: onnx.GraphProto, weights: Sequence[str]) -> dict[str, np.dtype]:
+    """Make each weight an overridable graph input whose default is its initializer."""
+    inits = {t.name: t for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    dtypes: dict[str, np.dtype] = {}
+    for name in weights:
+        if name not in inits:
+            _constant_to_initializer(graph, name)
+            inits = {t.name: t for t in graph.initializer}
+        if name not in inits:
+            raise CalibrationError(
+                f"weight {name!r} is neither an initializer nor a Constant output",
+                "name a weight of the main graph",
+            )
+        tensor = inits[name]
+        dtypes[name] = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        if name not in inputs:
+            graph.input.append(
+                helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims))
+            )
+    return dtypes
+
+
+def _constant_to_initializer(graph: onnx.GraphProto, name: str) -> None:
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Constant" and list(node.output) == [name]:
+            attrs = {a.name: a for a in node.attribute}
+            if "value" not in attrs:
+                return
+            array = numpy_helper.to_array(attrs["value"].t)
+            graph.initializer.append(numpy_helper.from_array(array, name))
+            del graph.node[i]
+            return
