@@ -81,6 +81,7 @@ _DEFAULT_BIAS_INPUTS: Mapping[str, tuple[int, ...]] = MappingProxyType(
     {"Conv": (2,), "ConvTranspose": (2,), "Gemm": (2,), "LSTM": (3,), "GRU": (3,), "RNN": (3,)}
 )
 _QUANTIZER_MAPS = ("weight_quantizers", "activation_quantizers", "accumulators")
+_PRECISION_NAMES = frozenset(p.value for p in Precision)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -328,7 +329,8 @@ def _meaning_problems(data: Any) -> list[SpecProblem]:
                     known = ", ".join(sorted(quantizers)) or "none defined"
                     add(SpecProblem(ref.path, f"unknown quantizer {ref.value!r}",
                                     f"quantizers: {known}"))
-                elif isinstance(q, Mapping) and q.get("precision") != precision:
+                elif isinstance(q, Mapping) and q.get("precision") in _PRECISION_NAMES \
+                        and q.get("precision") != precision:
                     add(SpecProblem(ref.path, f"quantizer {ref.value!r} is "
                                     f"{q.get('precision')}, not {precision}",
                                     "map each precision to a quantizer of that precision"))
