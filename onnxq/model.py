@@ -33,6 +33,7 @@ __all__ = [
     "upgrade_opset",
     "model_sha256",
     "check_output_path",
+    "atomic_write_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -223,5 +224,20 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str]) -> Path:
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a text file atomically (temporary file + rename)."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp_name, out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
         raise
     return out

@@ -1,0 +1,165 @@
+"""The Python API: ``onnxq.quantize(model, calibration, spec, ...)``.
+
+The CLI calls the same function, so both run one pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import onnx
+
+from onnxq import __version__
+from onnxq.data import load_feeds
+from onnxq.errors import UsageError
+from onnxq.graph import GraphView
+from onnxq.model import load_model
+from onnxq.options import QuantizeOptions
+from onnxq.pipeline import Pass, PassContext, Pipeline
+from onnxq.precision import Candidate
+from onnxq.rewrite import plan_summary
+from onnxq.spec import HardwareSpec, load_spec
+
+__all__ = ["QuantizeResult", "quantize", "build_pipeline", "layer_ops_for"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """The quantized model and the report (DESIGN.md, "Report")."""
+
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    target_met: bool = True
+
+
+def layer_ops_for(spec: HardwareSpec) -> set[str]:
+    """Op types that are layers on this target: the defaults plus what the spec quantizes."""
+    ops = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"}
+    for op_type, rule in spec.ops.items():
+        if any(not c.is_float or c.weights.value == "fp16" for c in rule.candidates):
+            ops.add(op_type)
+    return ops
+
+
+def build_pipeline(options: QuantizeOptions, plan: Mapping[str, Candidate] | None = None) -> Pipeline:
+    from onnxq.passes import (CalibratePass, ExplicitPlanPass, LayoutPass, MeasurePass, PreparePass, RewritePass,
+                              UniformPlanPass, ValidatePass)
+
+    planner: Pass
+    if options.mode == "uniform":
+        planner = UniformPlanPass(Candidate.parse(options.precision or "int8/uint8"))
+    elif options.mode == "plan":
+        if plan is None:
+            raise UsageError("--plan needs a plan", "pass --plan PLAN.json")
+        planner = ExplicitPlanPass(plan)
+    else:
+        from onnxq.passes.search import SearchPass  # the search comes with its own analyses
+
+        planner = SearchPass()
+    return Pipeline([planner, PreparePass(), LayoutPass(), CalibratePass(), RewritePass(), ValidatePass(), MeasurePass()])
+
+
+def quantize(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    calibration: Any,
+    spec: str | os.PathLike[str] | HardwareSpec = "ort-cpu-x86",
+    *,
+    precision: str | None = None,
+    plan: str | os.PathLike[str] | Mapping[str, str | Candidate] | None = None,
+    max_drop: float = 0.01,
+    options: QuantizeOptions | None = None,
+) -> QuantizeResult:
+    """Quantize ``model`` for ``spec`` and return the model and its report.
+
+    Args:
+        model: a path or a ``ModelProto`` (never modified).
+        calibration: a ``.npz`` path, a folder of ``.npz`` feeds, an iterable of
+            ``dict[str, np.ndarray]``, or an onnxruntime ``CalibrationDataReader``.
+        spec: a built-in spec name, a spec JSON path, or a loaded :class:`HardwareSpec`.
+        precision: uniform candidate (``"int8/uint8"``); no search.
+        plan: an explicit plan (path to plan JSON, or a mapping layer → candidate); no search.
+        max_drop: accuracy-degradation range for the search (default mode).
+        options: every other option; ``precision``/``plan``/``max_drop`` override its fields.
+    """
+    started = time.perf_counter()
+    opts = options or QuantizeOptions()
+    explicit_plan: dict[str, Candidate] | None = None
+    if plan is not None:
+        if isinstance(plan, Mapping):
+            explicit_plan = {str(k): v if isinstance(v, Candidate) else Candidate.parse(str(v)) for k, v in plan.items()}
+            opts = replace(opts, plan_path="<mapping>", precision=None)
+        else:
+            from onnxq.passes.plan import read_plan
+
+            explicit_plan, _ = read_plan(plan)
+            opts = replace(opts, plan_path=str(plan), precision=None)
+    if precision is not None:
+        opts = replace(opts, precision=precision, plan_path=None)
+    if options is None or max_drop != 0.01:
+        opts = replace(opts, max_drop=max_drop)
+    if opts.mode == "plan" and explicit_plan is None and opts.plan_path:
+        from onnxq.passes.plan import read_plan
+
+        explicit_plan, _ = read_plan(opts.plan_path)
+    if opts.precision is not None:
+        Candidate.parse(opts.precision)  # fail early on a bad name
+
+    hw = spec if isinstance(spec, HardwareSpec) else load_spec(spec)
+    loaded = load_model(model)
+    load_seconds = time.perf_counter() - started
+    feeds = load_feeds(calibration, loaded.proto, batch_size=opts.batch_size)
+    working = onnx.ModelProto()
+    working.CopyFrom(loaded.proto)
+    ctx = PassContext(model=working, options=opts)
+    ctx.artifacts.update({"spec": hw, "feeds": feeds, "fp32_model": loaded.proto, "model_sha256": loaded.sha256})
+    ctx.analyses.register("graph_view", lambda c: GraphView(c.model, layer_ops_for(hw)))
+    ctx.add_time("load", load_seconds)
+    view = ctx.analysis("graph_view")
+    if not view.layers:
+        raise UsageError("the model has nothing to quantize (no Conv, Gemm, MatMul or embedding Gather in float)",
+                         "onnxq quantizes float compute layers; check the model with `onnxq inspect`")
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul") for n in working.graph.node):
+        raise UsageError("the model is already quantized (it contains Q/DQ or QLinear nodes)",
+                         "pass the fp32 model that it was made from")
+    pipeline = build_pipeline(opts, explicit_plan)
+    pipeline.run(ctx)
+    report = build_report(ctx, hw, opts, time.perf_counter() - started, str(pipeline))
+    return QuantizeResult(model=ctx.model, report=report, target_met=bool(ctx.artifacts.get("target_met", True)))
+
+
+def build_report(ctx: PassContext, spec: HardwareSpec, opts: QuantizeOptions, seconds: float, pipeline: str) -> dict[str, Any]:
+    from onnxq.passes.plan import plan_to_json
+
+    plan: dict[str, Candidate] = ctx.artifacts["plan"]
+    measurement = dict(ctx.artifacts.get("measurement", {}))
+    view = GraphView(ctx.artifacts["fp32_model"], layer_ops_for(spec))
+    layers_total = len(view.layers)
+    quantized = {n: c for n, c in plan.items() if not c.is_float or c.weights.value == "fp16"}
+    report: dict[str, Any] = {
+        "format": "onnxq-report/1",
+        "onnxq_version": __version__,
+        "spec": spec.name,
+        "mode": opts.mode,
+        "pipeline": pipeline,
+        "plan": plan_to_json(plan, spec.name),
+        "layers": {"total": layers_total, "quantized": len(quantized), "by_candidate": plan_summary(quantized),
+                   "fp32": layers_total - len(quantized)},
+        "metric": {k: measurement[k] for k in ("name", "fp32", "quantized", "drop", "max_drop") if k in measurement},
+        "sizes": {"fp32_bytes": measurement.get("size_fp32"), "quantized_bytes": measurement.get("size_quantized")},
+        "calibration": {"method": opts.calibration, "samples": ctx.artifacts["feeds"].samples,
+                        "held_back_feeds": len(ctx.artifacts["feeds"].held_back)},
+        "notes": ctx.artifacts.get("plan_notes", {}),
+        "time_per_phase": {k: round(v, 4) for k, v in ctx.timings.items()},
+        "seconds": round(seconds, 3),
+    }
+    for key in ("search", "cost", "pareto_front"):
+        if key in ctx.artifacts:
+            report[key] = ctx.artifacts[key]
+    return report

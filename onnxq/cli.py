@@ -1,0 +1,291 @@
+"""The ``onnxq`` command line (DESIGN.md fixes the commands, options and exit codes).
+
+Exit codes: 0 success; 1 target not met (best model still written) or validation violations;
+2 bad input or usage. Errors are one line on stderr unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from onnxq import __version__
+from onnxq.errors import OnnxqError, UsageError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("onnxq")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, f"see `{self.prog} --help`")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
+    p.add_argument("--debug", action="store_true", help="full tracebacks and debug logging")
+    p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxq", description="Mixed-precision post-training quantization for ONNX.")
+    parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a model for a hardware spec")
+    q.add_argument("model")
+    q.add_argument("-o", "--output", required=True, help="output .onnx path")
+    q.add_argument("--spec", required=True, help="built-in spec name or spec JSON path")
+    q.add_argument("--calib", help="calibration .npz or folder (default: <model stem>.calib.npz beside the model)")
+    mode = q.add_mutually_exclusive_group()
+    mode.add_argument("--precision", help="uniform candidate, e.g. int8/uint8 (no search)")
+    mode.add_argument("--plan", help="apply an explicit plan JSON (or a report) (no search)")
+    mode.add_argument("--target-size", type=float, metavar="MB", help="budget: model size in MB")
+    mode.add_argument("--target-latency-ratio", type=float, metavar="R", help="budget: latency relative to fp32 (cost model)")
+    mode.add_argument("--target-bits", type=float, metavar="B", help="budget: average weight bits")
+    q.add_argument("--max-drop", type=float, default=0.01, help="accuracy-degradation range for the search (default 0.01)")
+    q.add_argument("--metric", default="auto", choices=["auto", "agreement", "cosine", "sqnr"])
+    q.add_argument("--evaluator", help="MODULE:FUNCTION, f(onnx_path) -> float, higher is better")
+    q.add_argument("--calibration", default="minmax", choices=["minmax", "percentile", "entropy", "mse", "lapq"])
+    q.add_argument("--report", help="write the report JSON here")
+    q.add_argument("--workers", type=int, default=0)
+    q.add_argument("--executor", default="local")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk analysis cache")
+    _common(q)
+
+    s = sub.add_parser("sensitivity", help="per-layer sensitivity analysis")
+    s.add_argument("model")
+    s.add_argument("--spec", required=True)
+    s.add_argument("--calib")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--method", default="central", choices=["central", "hutchinson"])
+    s.add_argument("--radius", type=int, default=1)
+    s.add_argument("--random-plans", type=int, default=20)
+    s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--executor", default="local")
+    s.add_argument("--seed", type=int, default=0)
+    _common(s)
+
+    v = sub.add_parser("validate", help="check a QDQ model against a hardware spec")
+    v.add_argument("model")
+    v.add_argument("--spec", required=True)
+    _common(v)
+
+    i = sub.add_parser("inspect", help="list layers, weights, params and MACs")
+    i.add_argument("model")
+    _common(i)
+
+    sp = sub.add_parser("specs", help="list built-in hardware specs")
+    _common(sp)
+
+    sc = sub.add_parser("spec-check", help="check a hardware spec file")
+    sc.add_argument("spec")
+    _common(sc)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="onnxq: %(message)s", stream=sys.stderr)
+    for noisy in ("onnxq.calibration", "onnxq.passes", "onnxq.rewrite", "onnxq.graph", "onnxq.model"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
+    for row in rows:
+        lines.append("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+    return "\n".join(lines)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from onnxq.graph import GraphView
+    from onnxq.model import load_model
+
+    loaded = load_model(args.model)
+    view = GraphView(loaded.proto)
+    rows = view.summary_rows()
+    if args.json:
+        print(json.dumps({"model": args.model, "opset": loaded.opset, "layers": rows,
+                          "residual_joins": [{"node": n, "branches": list(b)} for n, b in view.residual_joins()],
+                          "shared_inputs": [{"tensor": t, "layers": list(m)} for t, m in view.shared_input_groups()]}, indent=2))
+        return 0
+    print(f"{args.model}: opset {loaded.opset}, {len(loaded.proto.graph.node)} nodes, {len(rows)} layers, "
+          f"{sum(int(r['params']) for r in rows):,} params, {sum(int(r['macs']) for r in rows):,} MACs per sample")
+    print(_table(rows, ["layer", "op_type", "weight", "location", "shape", "params", "macs", "inputs"]))
+    joins = view.residual_joins()
+    if joins:
+        print("\nresidual joins:")
+        for node, branches in joins:
+            print(f"  {node}: {' + '.join(branches) or '(graph inputs)'}")
+    shared = view.shared_input_groups()
+    if shared:
+        print("\nlayers sharing an input:")
+        for tensor, members in shared:
+            print(f"  {tensor}: {', '.join(members)}")
+    return 0
+
+
+def _cmd_specs(args: argparse.Namespace) -> int:
+    from onnxq.spec import builtin_specs
+
+    specs = builtin_specs()
+    if args.json:
+        print(json.dumps([{"name": n, "summary": s} for n, s in specs], indent=2))
+    else:
+        width = max(len(n) for n, _ in specs)
+        for name, summary in specs:
+            print(f"{name.ljust(width)}  {summary}")
+    return 0
+
+
+def _cmd_spec_check(args: argparse.Namespace) -> int:
+    from onnxq.spec import check_spec_file
+
+    if not Path(args.spec).is_file():
+        raise UsageError(f"spec file {args.spec!r} does not exist", "pass the path of a spec JSON file")
+    problems = check_spec_file(args.spec)
+    if args.json:
+        print(json.dumps([{"path": p.path, "message": p.message, "hint": p.hint} for p in problems], indent=2))
+    for problem in problems:
+        print(str(problem), file=sys.stderr if not args.json else sys.stdout)
+    if problems:
+        return 2
+    if not args.json:
+        print(f"{args.spec}: valid")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from onnxq.model import load_model
+    from onnxq.spec import load_spec
+    from onnxq.validate import validate_model
+
+    spec = load_spec(args.spec)
+    loaded = load_model(args.model)
+    violations = validate_model(loaded.proto, spec)
+    if args.json:
+        print(json.dumps({"conforms": not violations, "violations": [v.__dict__ for v in violations]}, indent=2, default=str))
+    else:
+        for violation in violations:
+            print(str(violation))
+        if not violations:
+            print(f"{args.model}: conforms to {spec.name}")
+    return 1 if violations else 0
+
+
+def _resolve_calib(model: str, calib: str | None) -> str:
+    from onnxq.data import find_sibling_calibration
+    from onnxq.errors import CalibrationError
+
+    if calib:
+        return calib
+    found = find_sibling_calibration(Path(model))
+    if found is None:
+        raise CalibrationError(f"no calibration data for {model!r}: --calib is missing and there is no "
+                               f"{Path(model).stem}.calib.npz beside it", "pass --calib DATA (onnxq never calibrates on random data)")
+    return str(found)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from onnxq.api import quantize
+    from onnxq.model import check_output_path, load_model, save_model
+    from onnxq.options import QuantizeOptions
+
+    if not Path(args.model).exists():
+        load_model(args.model)  # raises the standard missing-file error
+    out = check_output_path(args.output, [Path(args.model)])
+    report_path = check_output_path(args.report, [Path(args.model), out]) if args.report else None
+    if args.max_drop < 0 or args.max_drop >= 1:
+        raise UsageError(f"--max-drop {args.max_drop} is outside [0, 1)", "give an absolute drop such as 0.01")
+    options = QuantizeOptions(
+        precision=args.precision, plan_path=args.plan, max_drop=args.max_drop, target_size_mb=args.target_size,
+        target_latency_ratio=args.target_latency_ratio, target_bits=args.target_bits, metric=args.metric,
+        evaluator=args.evaluator, calibration=args.calibration, seed=args.seed, workers=args.workers,
+        executor=args.executor, progress=not args.quiet and sys.stderr.isatty(), batch_size=args.batch_size,
+        cache_dir="" if args.no_cache else None,
+    )
+    calib = _resolve_calib(args.model, args.calib)
+    result = quantize(args.model, calib, args.spec, options=options)
+    save_model(result.model, out)
+    report = dict(result.report)
+    report["output"] = str(out)
+    if report_path is not None:
+        from onnxq.model import atomic_write_text
+
+        atomic_write_text(report_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    elif not args.quiet:
+        _print_summary(report, str(out), str(report_path) if report_path else None)
+    if not result.target_met:
+        search = report.get("search", {})
+        print(f"onnxq: target not met: {search.get('shortfall', 'see the report')}; the best model found was written to {out}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_summary(report: dict[str, Any], out: str, report_path: str | None) -> None:
+    layers = report["layers"]
+    by = ", ".join(f"{n}× {c}" for c, n in layers["by_candidate"].items()) or "none"
+    sizes = report["sizes"]
+    metric = report.get("metric", {})
+    print(f"quantized {layers['quantized']}/{layers['total']} layers ({by}); {layers['fp32']} stay fp32")
+    if sizes.get("fp32_bytes"):
+        print(f"size {sizes['fp32_bytes'] / 1e6:.2f} MB -> {sizes['quantized_bytes'] / 1e6:.2f} MB "
+              f"({100 * sizes['quantized_bytes'] / sizes['fp32_bytes']:.1f}% of fp32)")
+    if metric:
+        print(f"fidelity to fp32 ({metric['name']}, held-back calibration feeds): {metric['quantized']:.4f} "
+              f"(drop {metric['drop']:.4f}, allowed {metric.get('max_drop', 0):.4f})")
+    print(f"wrote {out}" + (f" and {report_path}" if report_path else "") + f" in {report['seconds']:.1f} s")
+
+
+_COMMANDS = {
+    "quantize": _cmd_quantize,
+    "inspect": _cmd_inspect,
+    "validate": _cmd_validate,
+    "specs": _cmd_specs,
+    "spec-check": _cmd_spec_check,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = _parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help(sys.stderr)
+            return 2
+        _setup_logging(args)
+        if args.command == "sensitivity":
+            from onnxq.sensitivity.cli import run_sensitivity_command
+
+            return run_sensitivity_command(args)
+        return _COMMANDS[args.command](args)
+    except OnnxqError as error:
+        if debug:
+            raise
+        print(f"onnxq: error: {error.one_line()}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("onnxq: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("onnxq: error: out of memory — use fewer calibration samples or a smaller --batch-size", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

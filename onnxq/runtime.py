@@ -1,0 +1,63 @@
+"""onnxruntime sessions: building them from protos and running feed sets."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxq.errors import ModelError
+
+__all__ = ["make_session", "run_all", "optimized_op_types"]
+
+logger = logging.getLogger(__name__)
+
+
+def _serialise(model: onnx.ModelProto) -> bytes:
+    if model.ir_version > 10:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        copy.ir_version = 10
+        model = copy
+    return model.SerializeToString()
+
+
+def make_session(
+    model: onnx.ModelProto | bytes,
+    *,
+    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    threads: int = 0,
+    optimized_path: str | None = None,
+    exact_qdq: bool = False,
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for ``model`` (default session options unless asked)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    if exact_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    data = model if isinstance(model, bytes) else _serialise(model)
+    try:
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"onnxruntime cannot load the model: {message}", "check the model runs in onnxruntime") from error
+
+
+def run_all(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Run every feed; returns the outputs per feed."""
+    return [session.run(None, feed) for feed in feeds]
+
+
+def optimized_op_types(model: onnx.ModelProto, path: str) -> list[str]:
+    """Op types of the graph onnxruntime actually runs (ORT_ENABLE_ALL, default options)."""
+    make_session(model, optimized_path=path)
+    optimized = onnx.load(path)
+    return [node.op_type for node in optimized.graph.node]

@@ -1,0 +1,120 @@
+"""Passes that produce a precision plan without search: uniform and explicit (``--plan``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from onnxq.errors import PlanError
+from onnxq.graph import GraphView
+from onnxq.layout import effective_candidate
+from onnxq.pipeline import ALL, Pass, PassContext
+from onnxq.precision import FP32, Candidate
+from onnxq.spec.model import HardwareSpec
+
+__all__ = ["UniformPlanPass", "ExplicitPlanPass", "PLAN_FORMAT", "read_plan", "plan_to_json", "check_plan"]
+
+logger = logging.getLogger(__name__)
+
+PLAN_FORMAT = "onnxq-plan/1"
+
+
+def plan_to_json(plan: Mapping[str, Candidate], spec_name: str) -> dict[str, object]:
+    return {"format": PLAN_FORMAT, "spec": spec_name, "layers": {name: str(plan[name]) for name in plan}}
+
+
+def read_plan(path: str | Path) -> tuple[dict[str, Candidate], str | None]:
+    """Read a plan file (or a report that contains one)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PlanError(f"plan file {str(path)!r} does not exist", "check the path") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PlanError(f"plan file {str(path)!r} is not valid JSON: {error}", "write it as in DESIGN.md: {\"format\": \"onnxq-plan/1\", \"layers\": {...}}") from error
+    if isinstance(data, dict) and isinstance(data.get("plan"), dict):
+        data = data["plan"]  # a report: its plan is accepted back
+    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("layers"), dict):
+        raise PlanError(f"{str(path)!r} is not an {PLAN_FORMAT} plan", "it needs \"format\": \"onnxq-plan/1\" and a \"layers\" object")
+    plan = {str(name): Candidate.parse(str(text)) for name, text in data["layers"].items()}
+    spec = data.get("spec")
+    return plan, (str(spec) if spec is not None else None)
+
+
+def check_plan(plan: Mapping[str, Candidate], view: GraphView, spec: HardwareSpec) -> None:
+    """Reject layers the model lacks and candidates the spec does not allow, naming them all."""
+    unknown = sorted(name for name in plan if name not in view.layers)
+    if unknown:
+        raise PlanError(f"plan names layers the model does not have: {', '.join(unknown[:8])}" + (" …" if len(unknown) > 8 else ""),
+                        "run `onnxq inspect MODEL` for the layer names")
+    bad = []
+    for name, candidate in plan.items():
+        layer = view.layers[name]
+        effective = effective_candidate(layer.weight is not None, candidate)
+        if candidate != FP32 and not spec.allows(layer.op_type, effective) and not spec.allows(layer.op_type, candidate):
+            bad.append(f"{name} ({layer.op_type}: {candidate})")
+    if bad:
+        raise PlanError(f"spec {spec.name} does not allow: {', '.join(bad[:8])}" + (" …" if len(bad) > 8 else ""),
+                        f"choose candidates the spec lists (onnxq spec-check / the spec file of {spec.name})")
+    if spec.integer_only:
+        floats = sorted(name for name in view.layers if plan.get(name, FP32).is_float)
+        if floats:
+            raise PlanError(f"spec {spec.name} is integer-only but the plan keeps layers in float: {', '.join(floats[:8])}",
+                            "give every layer an integer candidate")
+
+
+class UniformPlanPass(Pass):
+    """Every layer takes the same candidate where the spec allows it; the rest stay float."""
+
+    name = "plan-uniform"
+    produces = ("plan",)
+    preserves = ALL
+
+    def __init__(self, candidate: Candidate) -> None:
+        self.candidate = candidate
+
+    def run(self, ctx: PassContext) -> bool:
+        view: GraphView = ctx.analysis("graph_view")
+        spec: HardwareSpec = ctx.artifacts["spec"]
+        plan: dict[str, Candidate] = {}
+        kept: list[str] = []
+        for name, layer in view.layers.items():
+            wanted = effective_candidate(layer.weight is not None, self.candidate)
+            if spec.allows(layer.op_type, wanted):
+                plan[name] = wanted
+            elif spec.allows(layer.op_type, self.candidate):
+                plan[name] = self.candidate
+            else:
+                allowed = [c for c in spec.candidates_for(layer.op_type) if not c.is_float]
+                if spec.integer_only and allowed:
+                    plan[name] = allowed[0]
+                else:
+                    kept.append(name)
+        if not plan:
+            raise PlanError(f"no layer of this model can take {self.candidate} on spec {spec.name}",
+                            "choose a precision the spec lists, e.g. int8/uint8 on ort-cpu-x86")
+        if kept:
+            logger.info("%d layer(s) stay fp32 (spec %s does not run them at %s): %s", len(kept), spec.name,
+                        self.candidate, ", ".join(kept[:5]) + (" …" if len(kept) > 5 else ""))
+        ctx.artifacts["plan"] = plan
+        ctx.artifacts["plan_notes"] = {name: f"{self.candidate} not allowed by the spec for this op" for name in kept}
+        return False
+
+
+class ExplicitPlanPass(Pass):
+    """Apply a plan given by the user (``--plan``), checked against the model and the spec."""
+
+    name = "plan-explicit"
+    produces = ("plan",)
+    preserves = ALL
+
+    def __init__(self, plan: Mapping[str, Candidate]) -> None:
+        self.plan = dict(plan)
+
+    def run(self, ctx: PassContext) -> bool:
+        view: GraphView = ctx.analysis("graph_view")
+        spec: HardwareSpec = ctx.artifacts["spec"]
+        check_plan(self.plan, view, spec)
+        ctx.artifacts["plan"] = {name: effective_candidate(view.layers[name].weight is not None, c) for name, c in self.plan.items()}
+        return False

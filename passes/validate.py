@@ -1,0 +1,43 @@
+"""The last word before writing: onnx.checker, an onnxruntime session, and the spec."""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+from onnxq.errors import PassError
+from onnxq.pipeline import ALL, Pass, PassContext
+from onnxq.runtime import make_session
+
+__all__ = ["ValidatePass"]
+
+logger = logging.getLogger(__name__)
+
+
+class ValidatePass(Pass):
+    """Refuse to hand out a model that fails the checker, does not load, or violates the spec."""
+
+    name = "validate"
+    requires = ("spec",)
+    produces = ("violations",)
+    preserves = ALL
+
+    def run(self, ctx: PassContext) -> bool:
+        from onnxq.validate import validate_model
+
+        try:
+            if ctx.model.ByteSize() < 2**31 - 1:
+                onnx.checker.check_model(ctx.model, full_check=True)
+        except onnx.checker.ValidationError as error:
+            first = str(error).strip().splitlines()[0]
+            raise PassError(f"the quantized model fails onnx.checker: {first}", "report this model to onnxq") from error
+        ctx.artifacts["session"] = make_session(ctx.model)
+        violations = validate_model(ctx.model, ctx.artifacts["spec"])
+        ctx.artifacts["violations"] = violations
+        if violations:
+            listing = "; ".join(str(v) for v in violations[:5])
+            raise PassError(f"the quantized model violates spec {ctx.artifacts['spec'].name}: {listing}"
+                            + (f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""),
+                            "report this to onnxq: the plan should never allow it")
+        return False
