@@ -80,7 +80,7 @@ class _Builder:
         if dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
             tensor = helper.make_tensor(name, dtype, list(array.shape), array.astype(np.int64).flatten().tolist())
         else:
-            tensor = onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
+            tensor = onnx.numpy_helper.from_array(np.require(array, requirements="C"), name)
         self.graph.initializer.append(tensor)
         return name
 

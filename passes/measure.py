@@ -29,7 +29,7 @@ class MeasurePass(Pass):
         if reference is None:
             reference = run_all(make_session(ctx.artifacts["fp32_model"]), feeds)
             ctx.artifacts["fp32_outputs"] = reference
-        session = ctx.artifacts.get("session") or make_session(ctx.model)
+        session = ctx.artifacts.get("session") or make_session(ctx.model)  # noqa
         outputs = run_all(session, feeds)
         metric = resolve_metric(ctx.options.metric, reference)
         value = fidelity(metric, reference, outputs)
