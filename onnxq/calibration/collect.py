@@ -15,7 +15,7 @@ from onnxq.calibration import thresholds as _th
 from onnxq.calibration.histogram import TensorStats
 from onnxq.calibration.sweep import check_tensors, prepare_feeds, sweep
 from onnxq.calibration.types import CalibrationMethod, TensorRange
-from onnxq.errors import CalibrationError, UsageError
+from onnxq.errors import UsageError
 from onnxq.precision import Precision, is_integer
 
 __all__ = ["DEFAULT_PRECISION", "collect_ranges", "ranges_from_stats"]
@@ -63,14 +63,15 @@ def ranges_from_stats(
     """Turn sweep statistics into ranges with one of the histogram-only methods.
 
     ``lapq`` starts from these (it is refined by :mod:`onnxq.calibration.lapq`); here it gives
-    the ``mse`` ranges. Float target precisions always get the min/max range.
+    the ``mse`` ranges. Float target precisions and constant tensors always get the min/max
+    range; :func:`~onnxq.calibration.thresholds.safe_range` then widens all-zero tensors.
     """
     out: dict[str, TensorRange] = {}
     for name, st in stats.items():
         prec, sym = precisions[name], symmetric[name]
         if st.count == 0:
             lo, hi = 0.0, 0.0
-        elif method is CalibrationMethod.MINMAX or not is_integer(prec):
+        elif method is CalibrationMethod.MINMAX or not is_integer(prec) or st.min == st.max:
             lo, hi = _th.minmax_range(st)
         elif method is CalibrationMethod.PERCENTILE:
             lo, hi = _th.percentile_range(st, sym, percentile)
@@ -177,9 +178,6 @@ def collect_ranges(
         "calibrated %d tensors with %s on %d feeds in %.2fs",
         len(tensors), m.value, len(feed_list), time.perf_counter() - start,
     )
-    for name, r in ranges.items():
-        if r.max - r.min <= 0:
-            raise CalibrationError(f"empty range for tensor {name!r}", "internal error")
     if key is not None and cache_dir is not None:
         _cache.store(cache_dir, key, ranges, options)
     return ranges

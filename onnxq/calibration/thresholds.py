@@ -162,7 +162,8 @@ def mse_range(stats: TensorStats, precision: Precision, symmetric: bool) -> tupl
     """The clipping range minimising the expected quantization MSE on the histogram.
 
     Expected error of a range ``[a, b]`` with step ``Δ``: the squared clipping error of every
-    bin centre outside ``[a, b]`` plus ``Δ²/12`` rounding noise per value inside. Closed form
+    bin centre outside ``[a, b]`` plus ``Δ²/12`` rounding noise per value inside, except that
+    values within ``Δ/2`` of 0 (which is always on the grid) cost their own square. Closed form
     through prefix sums of ``h``, ``h·c`` and ``h·c²``; symmetric and one-signed data search
     every bin edge, two-signed asymmetric data a 128 × 128 grid of lower and upper ends.
     """
@@ -188,8 +189,15 @@ def mse_range(stats: TensorStats, precision: Precision, symmetric: bool) -> tupl
         low = h2[ia] - 2 * a * h1[ia] + a * a * h0[ia]
         high = (h2[-1] - h2[ib]) - 2 * b * (h1[-1] - h1[ib]) + b * b * (h0[-1] - h0[ib])
         step = _step(a, b, precision, symmetric)
-        inside = h0[ib] - h0[ia]
-        return low + high + inside * step**2 / 12.0
+        # values within step/2 of 0 round to 0 (always on the grid): their error is c², not
+        # the uniform-noise step²/12 of the other in-range values
+        kd = np.floor(step / 2.0 / w).astype(np.int64)
+        d_lo = n - np.minimum(kd, ka)
+        d_hi = n + np.minimum(kd, kb)
+        dead = h0[d_hi] - h0[d_lo]
+        dead_sq = h2[d_hi] - h2[d_lo]
+        inside = h0[ib] - h0[ia] - dead
+        return low + high + inside * step**2 / 12.0 + dead_sq
 
     if symmetric:
         ka = kb = np.arange(1, max(k_pos, k_neg, 1) + 1)
