@@ -359,7 +359,17 @@ class GraphView:
                 groups.setdefault(self.root_tensor(tensor), set()).add(layer.name)
         return sorted((tensor, tuple(sorted(members))) for tensor, members in groups.items() if len(members) > 1)
 
-    def dependent_pairs(self, radius: int = 1) -> list[tuple[str, str, str]]:
+    def nearest_consumers(self, layer: str, limit: int) -> list[str]:
+        """Up to ``limit`` consumer layers of ``layer``, nearest (fewest ops in between) first.
+
+        A residual stream makes every later layer a consumer; dependency analysis only needs the
+        nearest ones, which keeps the pair count linear in the number of layers.
+        """
+        start = sorted(self.digraph.successors(layer))
+        found = sorted(self._walk(start, forward=True), key=lambda item: (item[1], item[0]))
+        return [name for name, _ in found[:limit]]
+
+    def dependent_pairs(self, radius: int = 1, max_per_layer: int = 3) -> list[tuple[str, str, str]]:
         """Dependent layer pairs ``(a, b, kind)`` with ``a`` before ``b`` in graph order.
 
         Kinds: ``chain`` (producer→consumer within ``radius`` layer hops), ``residual`` (branches
@@ -380,7 +390,7 @@ class GraphView:
             for _ in range(max(1, radius)):
                 reached: set[str] = set()
                 for layer in frontier:
-                    reached.update(self.consumers_of(layer))
+                    reached.update(self.nearest_consumers(layer, max_per_layer))
                 for other in reached:
                     add(name, other, "chain")
                 frontier = reached
