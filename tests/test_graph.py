@@ -82,7 +82,9 @@ def test_pairs_grow_linearly() -> None:
                                        [onnx.helper.make_tensor_value_info(prev, onnx.TensorProto.FLOAT, [1, 8])], inits)
         model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
         counts.append(len(GraphView(load_model(model).proto).dependent_pairs(radius=2)) / blocks)
-    assert counts[1] <= counts[0] * 1.2
+    # each layer pairs with at most 3 + 3*3 chain neighbours plus a residual and a sibling partner
+    assert max(counts) <= 14
+    assert counts[1] - counts[0] < 1.5
 
 
 def test_unnamed_nodes_get_stable_names() -> None:
