@@ -1,0 +1,95 @@
+"""Uniform quantization end to end on the bundled models, through onnxruntime."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxq.api
+from onnxq.runtime import make_session, optimized_op_types
+
+from conftest import run_cli
+
+FUSED = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+
+
+def _accuracy(model: onnx.ModelProto | str, eval_path: Path) -> float:
+    data = np.load(eval_path, allow_pickle=False)
+    name = next(k for k in data.files if k != "labels")
+    session = make_session(onnx.load(str(model)) if isinstance(model, str) else model)
+    logits = session.run(None, {name: data[name]})[0]
+    return float(np.mean(np.argmax(logits, axis=-1) == data["labels"]))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("stem", ["digits_cnn", "digits_transformer"])
+def test_int8_cli_end_to_end(stem: str, tmp_path: Path) -> None:
+    model = Path(__file__).resolve().parent.parent / "models" / f"{stem}.onnx"
+    if not model.exists():
+        pytest.skip(f"{stem} not bundled")
+    before = _sha(model)
+    out = tmp_path / "q.onnx"
+    report = tmp_path / "report.json"
+    result = run_cli("quantize", str(model), "-o", str(out), "--spec", "ort-cpu-x86", "--precision", "int8/uint8",
+                     "--report", str(report), "--quiet")
+    assert result.code == 0, result.stderr
+    assert _sha(model) == before  # the input is never modified
+    quantized = onnx.load(str(out))
+    onnx.checker.check_model(quantized, full_check=True)
+    fp32 = onnx.load(str(model))
+    assert [i.name for i in quantized.graph.input] == [i.name for i in fp32.graph.input if i.name not in {t.name for t in fp32.graph.initializer}]
+    assert [o.name for o in quantized.graph.output] == [o.name for o in fp32.graph.output]
+    ops = Counter(optimized_op_types(quantized, str(tmp_path / "opt.onnx")))
+    assert FUSED & set(ops), f"no fused integer kernels in {ops}"
+    eval_path = model.with_name(f"{stem}.eval.npz")
+    drop = _accuracy(fp32, eval_path) - _accuracy(quantized, eval_path)
+    assert drop <= 0.01
+    data = json.loads(report.read_text())
+    assert data["plan"]["format"] == "onnxq-plan/1"
+    assert data["layers"]["quantized"] > 0
+    assert data["sizes"]["quantized_bytes"] < 0.5 * data["sizes"]["fp32_bytes"]
+    meta = {p.key: p.value for p in quantized.metadata_props}
+    assert meta["onnxq.spec"] == "ort-cpu-x86" and json.loads(meta["onnxq.plan"])["layers"]
+
+
+@pytest.mark.parametrize("precision", ["int8/int8", "int16/int16", "fp16/fp16"])
+def test_other_uniform_precisions(cnn_path: Path, precision: str) -> None:
+    result = onnxq.api.quantize(str(cnn_path), str(cnn_path.with_name("digits_cnn.calib.npz")), "ort-cpu-x86",
+                                precision=precision)
+    onnx.checker.check_model(result.model, full_check=True)
+    accuracy = _accuracy(result.model, cnn_path.with_name("digits_cnn.eval.npz"))
+    assert accuracy >= _accuracy(str(cnn_path), cnn_path.with_name("digits_cnn.eval.npz")) - 0.02
+    assert result.report["layers"]["quantized"] > 0
+    types = {init.data_type for init in result.model.graph.initializer}
+    expected = {"int8/int8": onnx.TensorProto.INT8, "int16/int16": onnx.TensorProto.INT16, "fp16/fp16": onnx.TensorProto.FLOAT16}
+    assert expected[precision] in types
+
+
+def test_api_accepts_proto_and_iterable(cnn_path: Path) -> None:
+    proto = onnx.load(str(cnn_path))
+    snapshot = proto.SerializeToString()
+    data = np.load(cnn_path.with_name("digits_cnn.calib.npz"), allow_pickle=False)
+    feeds = [{"input": data["input"][i:i + 8]} for i in range(0, 64, 8)]
+    result = onnxq.api.quantize(proto, feeds, "ort-cpu-x86", precision="int8/uint8")
+    assert proto.SerializeToString() == snapshot
+    assert result.report["metric"]["drop"] <= 0.05
+    assert any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+
+
+def test_deterministic_output(cnn_path: Path, tmp_path: Path) -> None:
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"q{i}.onnx"
+        assert run_cli("quantize", str(cnn_path), "-o", str(out), "--spec", "ort-cpu-x86", "--precision", "int8/uint8",
+                       "--quiet", "--no-cache").code == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
