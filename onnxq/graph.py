@@ -243,6 +243,10 @@ class GraphView:
         )
         if weight is None and not activations:
             return None
+        if weight_slot is None and any(t in self.constants for t in node.input if t):
+            # an elementwise op with a constant operand (a bias Add, a scale Mul) stays float:
+            # its integer kernels need every operand quantized like an activation
+            return None
         if node.op_type in ("Conv", "ConvTranspose", "Gemm") and weight is None:
             return None  # a Conv/Gemm with activation weights is rare; it stays float
         bias = None

@@ -87,7 +87,12 @@ class UniformPlanPass(Pass):
                 plan[name] = self.candidate
             else:
                 allowed = [c for c in spec.candidates_for(layer.op_type) if not c.is_float]
-                if spec.integer_only and allowed:
+                # closest allowed candidate: same weight format (e.g. weight-only int8 for an
+                # embedding Gather), else any integer one on an integer-only target
+                same_weights = [c for c in allowed if c.weights == wanted.weights]
+                if same_weights:
+                    plan[name] = same_weights[0]
+                elif spec.integer_only and allowed:
                     plan[name] = allowed[0]
                 else:
                     kept.append(name)
