@@ -29,8 +29,13 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.precision import Candidate, Precision, is_integer, onnx_dtype, qrange
-from onnxq.spec.loader import _DEFAULT_BIAS_INPUTS, _DEFAULT_WEIGHT_INPUTS
-from onnxq.spec.model import Granularity, HardwareSpec, QuantizerRule
+from onnxq.spec.model import (
+    DEFAULT_BIAS_INPUTS,
+    DEFAULT_WEIGHT_INPUTS,
+    Granularity,
+    HardwareSpec,
+    QuantizerRule,
+)
 
 __all__ = ["Violation", "validate_model"]
 
@@ -354,8 +359,8 @@ class _Checker:
         node = g.nodes[index]
         op = node.op_type
         rule = spec.ops.get(op)
-        weight_idx = rule.weight_inputs if rule else _DEFAULT_WEIGHT_INPUTS.get(op, ())
-        bias_idx = rule.bias_inputs if rule else _DEFAULT_BIAS_INPUTS.get(op, ())
+        weight_idx = rule.weight_inputs if rule else DEFAULT_WEIGHT_INPUTS.get(op, ())
+        bias_idx = rule.bias_inputs if rule else DEFAULT_BIAS_INPUTS.get(op, ())
         tail = g.nodes[self.tail_of.get(index, index)]
         out = tail.output[0] if tail.output else ""
 

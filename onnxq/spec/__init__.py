@@ -14,8 +14,10 @@ from onnxq.spec.loader import (
     spec_schema,
 )
 from onnxq.spec.model import (
+    DEFAULT_BIAS_INPUTS,
     DEFAULT_LAYOUT_OPS,
     DEFAULT_MIN_OPSET,
+    DEFAULT_WEIGHT_INPUTS,
     CostParams,
     Granularity,
     HardwareSpec,
@@ -24,8 +26,10 @@ from onnxq.spec.model import (
 )
 
 __all__ = [
+    "DEFAULT_BIAS_INPUTS",
     "DEFAULT_LAYOUT_OPS",
     "DEFAULT_MIN_OPSET",
+    "DEFAULT_WEIGHT_INPUTS",
     "CostParams",
     "Granularity",
     "HardwareSpec",

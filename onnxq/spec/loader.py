@@ -44,8 +44,10 @@ import onnx.defs
 from onnxq.errors import OnnxqError, SpecError
 from onnxq.precision import Candidate, Precision, is_integer
 from onnxq.spec.model import (
+    DEFAULT_BIAS_INPUTS,
     DEFAULT_LAYOUT_OPS,
     DEFAULT_MIN_OPSET,
+    DEFAULT_WEIGHT_INPUTS,
     CostParams,
     Granularity,
     HardwareSpec,
@@ -70,16 +72,6 @@ SPEC_FORMAT = "onnxq-spec/1"
 _PACKAGE = "onnxq.hardware_specs"
 _SCHEMA_FILE = "schema.json"
 
-#: Weight and bias input indices of common op types, used when a rule does not say.
-_DEFAULT_WEIGHT_INPUTS: Mapping[str, tuple[int, ...]] = MappingProxyType(
-    {
-        "Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (1,), "Gather": (0,),
-        "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2), "Attention": (1,),
-    }
-)
-_DEFAULT_BIAS_INPUTS: Mapping[str, tuple[int, ...]] = MappingProxyType(
-    {"Conv": (2,), "ConvTranspose": (2,), "Gemm": (2,), "LSTM": (3,), "GRU": (3,), "RNN": (3,)}
-)
 _QUANTIZER_MAPS = ("weight_quantizers", "activation_quantizers", "accumulators")
 _PRECISION_NAMES = frozenset(p.value for p in Precision)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -343,9 +335,9 @@ def _meaning_problems(data: Any) -> list[SpecProblem]:
         weight_field = fields.get("weight_inputs")
         bias_field = fields.get("bias_inputs")
         weight_inputs = (weight_field.value if weight_field and isinstance(weight_field.value,
-                         list) else list(_DEFAULT_WEIGHT_INPUTS.get(op_type, ())))
+                         list) else list(DEFAULT_WEIGHT_INPUTS.get(op_type, ())))
         bias_inputs = (bias_field.value if bias_field and isinstance(bias_field.value, list)
-                       else list(_DEFAULT_BIAS_INPUTS.get(op_type, ())))
+                       else list(DEFAULT_BIAS_INPUTS.get(op_type, ())))
         overlap = sorted(set(weight_inputs) & set(bias_inputs))
         if overlap:
             add(SpecProblem(f"{base}.bias_inputs", f"inputs {overlap} are both weight and bias "
@@ -515,10 +507,10 @@ def _build(data: Mapping[str, Any], source: str) -> HardwareSpec:
         ops[op_type] = OpRule(
             op_type=op_type,
             candidates=tuple(Candidate.parse(c) for c in value("candidates", [])),
-            weight_inputs=tuple(value("weight_inputs", _DEFAULT_WEIGHT_INPUTS.get(op_type, ()))),
+            weight_inputs=tuple(value("weight_inputs", DEFAULT_WEIGHT_INPUTS.get(op_type, ()))),
             weight_quantizers=MappingProxyType(weight_q),
             activation_quantizers=MappingProxyType(act_q),
-            bias_inputs=tuple(value("bias_inputs", _DEFAULT_BIAS_INPUTS.get(op_type, ()))),
+            bias_inputs=tuple(value("bias_inputs", DEFAULT_BIAS_INPUTS.get(op_type, ()))),
             accumulators=MappingProxyType(accs),
             shared_input_scales=bool(value("shared_input_scales", False)),
             requires_quantized_output=bool(value("requires_quantized_output", False)),

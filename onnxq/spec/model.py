@@ -14,8 +14,10 @@ from types import MappingProxyType
 from onnxq.precision import FP32, Candidate, Precision
 
 __all__ = [
+    "DEFAULT_BIAS_INPUTS",
     "DEFAULT_LAYOUT_OPS",
     "DEFAULT_MIN_OPSET",
+    "DEFAULT_WEIGHT_INPUTS",
     "CostParams",
     "Granularity",
     "HardwareSpec",
@@ -38,6 +40,18 @@ DEFAULT_LAYOUT_OPS: frozenset[str] = frozenset(
         "Cast", "Constant", "ConstantOfShape", "Slice", "Split", "Expand", "Tile", "Pad",
         "DepthToSpace", "SpaceToDepth", "Range", "NonZero",
     }
+)
+
+
+#: Weight and bias input indices of common op types, used when a rule does not say.
+DEFAULT_WEIGHT_INPUTS: Mapping[str, tuple[int, ...]] = MappingProxyType(
+    {
+        "Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (1,), "Gather": (0,),
+        "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2), "Attention": (1,),
+    }
+)
+DEFAULT_BIAS_INPUTS: Mapping[str, tuple[int, ...]] = MappingProxyType(
+    {"Conv": (2,), "ConvTranspose": (2,), "Gemm": (2,), "LSTM": (3,), "GRU": (3,), "RNN": (3,)}
 )
 
 
