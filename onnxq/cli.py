@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--evaluator", help="MODULE:FUNCTION, f(onnx_path) -> float, higher is better")
     q.add_argument("--calibration", default="minmax", choices=["minmax", "percentile", "entropy", "mse", "lapq"])
     q.add_argument("--report", help="write the report JSON here")
+    q.add_argument("--report-html", help="write a self-contained HTML report here")
     q.add_argument("--workers", type=int, default=0)
     q.add_argument("--executor", default="local")
     q.add_argument("--seed", type=int, default=0)
@@ -205,6 +206,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         load_model(args.model)  # raises the standard missing-file error
     out = check_output_path(args.output, [Path(args.model)])
     report_path = check_output_path(args.report, [Path(args.model), out]) if args.report else None
+    html_path = check_output_path(args.report_html, [Path(args.model), out]) if args.report_html else None
     if args.max_drop < 0 or args.max_drop >= 1:
         raise UsageError(f"--max-drop {args.max_drop} is outside [0, 1)", "give an absolute drop such as 0.01")
     options = QuantizeOptions(
@@ -223,6 +225,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         from onnxq.model import atomic_write_text
 
         atomic_write_text(report_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if html_path is not None:
+        from onnxq.model import atomic_write_text
+        from onnxq.report_html import render_html
+
+        atomic_write_text(html_path, render_html(report))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     elif not args.quiet:
