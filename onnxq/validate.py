@@ -384,17 +384,29 @@ class _Checker:
         out_qs = g.output_q_nodes(out) if out else None
         quantized_in = any(e[3] is not None for e in weights + acts)
 
-        if acts:
+        float_acts = [e for e in acts if e[3] is None]
+        if float_acts:
+            # Any float activation input makes the op compute in float; DQ'd inputs are just
+            # dequantized for it (weights may still be stored quantized: weight-only).
+            act_precision = float_acts[0][2]
+        elif acts:
             act_precision = acts[0][2]
-        elif out_qs:
+        elif out_qs and weights and weights[0][3] is not None and all(
+                _same_params(g.qinfo(weights[0][3]), g.qinfo(q)) for q in out_qs):
+            # DQ(table) -> Gather -> Q with the table's parameters: runs on integer data
             act_precision = g.qinfo(out_qs[0]).precision
         else:
+            # No activation input (Gather): an output Q belongs to the consumer's input.
             act_precision = g.precision_of(out) or Precision.FP32
-        w_precision = weights[0][2] if weights else act_precision
+        integer_compute = act_precision is not None and act_precision not in (
+            Precision.FP32, Precision.FP16, Precision.BF16)
+        # An activation in a weight slot (attention's act x act MatMul) is the weight side.
+        weight_side = weights or [e for e in acts if e[0] in weight_idx]
+        w_precision = weight_side[0][2] if weight_side else act_precision
         candidate = None
         if w_precision is not None and act_precision is not None:
             candidate = Candidate(w_precision, act_precision)
-        mixed = sorted({str(e[2]) for e in acts if e[2] is not None})
+        mixed = sorted({str(e[2]) for e in acts if e[2] is not None}) if not float_acts else []
 
         shared = op in spec.shared_scale_ops
         moves_data = op in spec.layout_ops and rule is None
@@ -431,16 +443,16 @@ class _Checker:
                 self.check_quantizer(index, "weight", name, g.qinfo(dq),
                                      spec.weight_rule(op, precision))
         for _, name, precision, dq in acts:
-            if dq is not None and precision is not None:
+            if dq is not None and precision is not None and integer_compute:
                 self.check_quantizer(index, "activation", name, g.qinfo(dq),
                                      spec.activation_rule(op, precision))
-        if out_qs and quantized_in:
+        if out_qs and quantized_in and integer_compute:
             for q in out_qs:
                 info = g.qinfo(q)
                 if info.precision is not None:
                     self.check_quantizer(index, "output", out, info,
                                          spec.activation_rule(op, info.precision))
-        if rule.shared_input_scales and out_qs:
+        if rule.shared_input_scales and out_qs and integer_compute:
             self.check_shared(index, acts, out_qs, f"{op} requires shared input scales")
 
     def check_shared(self, index: int, acts: Sequence[tuple[int, str, Precision | None, int | None]],
