@@ -164,6 +164,13 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
                 upstream = TensorQuant(source, quant.precision, quant.symmetric, source)
                 tensors[source] = upstream
             if upstream.precision != quant.precision or upstream.symmetric != quant.symmetric:
+                # the op runs on its input's integers; consumers that need another precision
+                # get a DQ→Q conversion after it instead of a second grid inside the shared op
+                needs = consumer_need.get(target, {})
+                conversions = {c: p for c, p in needs.items() if p != upstream.precision}
+                tensors[target] = TensorQuant(target, upstream.precision, upstream.symmetric, upstream.range_of,
+                                              from_layer=quant.from_layer, conversions=conversions)
+                changed = True
                 continue
             quant.range_of = upstream.range_of
             changed = True

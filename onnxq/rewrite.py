@@ -194,6 +194,12 @@ def apply_layout(
             producer.output[list(producer.output).index(tensor)] = source
         q = _activation_qparams(quant, quant.precision, ranges, quant.symmetric)
         scale, zp = _qparam_initializers(b, tensor, q)
+        producer_name = view.producer.get(tensor, "")
+        producer_plan = layout.plan.get(producer_name)
+        if producer_plan is not None and not is_integer(producer_plan.activations) and producer_name not in layout.fp16_layers:
+            # a weight-only layer (int8 table Gather, int4 weight-only MatMul) computes in float:
+            # its output is quantized for its consumers, not by it
+            source = b.node("Identity", [source], f"{tensor}_boundary_out", f"{tensor}_BoundaryOut")
         quantized_name = b.node("QuantizeLinear", [source, scale, zp], f"{tensor}_quantized", f"{tensor}_QuantizeLinear")
         if is_output:
             b.new_nodes.append(helper.make_node("DequantizeLinear", [quantized_name, scale, zp], [tensor],
@@ -223,6 +229,11 @@ def apply_layout(
                 q_out = b.node("QuantizeLinear", [dq, scale2, zp2], f"{tensor}_{other.value}_quantized", f"{tensor}_{other.value}_QuantizeLinear")
                 feed = b.node("DequantizeLinear", [q_out, scale2, zp2], f"{tensor}_{other.value}_dequantized", f"{tensor}_{other.value}_DequantizeLinear")
                 seen = q2
+            if _reads_float(layout, spec, node):
+                # a float layer computes on the dequantized values; the Identity marks the
+                # precision boundary so the layer reads a plain float tensor (validators, and
+                # readers of the graph, see fp32 in, not a quantized input of a float kernel)
+                feed = b.node("Identity", [feed], f"{tensor}_boundary{suffix}", f"{tensor}_Boundary{suffix}")
             for i, name in enumerate(node.input):
                 if name == tensor:
                     node.input[i] = feed
@@ -243,6 +254,9 @@ def apply_layout(
         if not is_integer(candidate.weights) and not is_integer(candidate.activations):
             continue
         summary[layer_name] = str(candidate)
+        if layer.weight is None and is_integer(candidate.activations):
+            _quantize_constant_operands(b, view, node, candidate.activations,
+                                        activation_symmetric(spec, node.op_type, candidate.activations))
         if layer.weight is None or not is_integer(candidate.weights):
             continue
         w = view.weight_value(layer.weight.tensor)
@@ -296,6 +310,39 @@ def _layer_ops(model: onnx.ModelProto, layout: Layout) -> set[str]:
     names = set(layout.plan)
     ops |= {n.op_type for n in model.graph.node if n.name in names}
     return ops
+
+
+def _quantize_constant_operands(b: _Builder, view: GraphView, node: onnx.NodeProto, precision: Precision,
+                                symmetric: bool) -> None:
+    """Give a weightless integer layer (Add/Mul with a constant operand) a quantized constant.
+
+    onnxruntime fuses Add/Mul only when every input comes from a DequantizeLinear, and a spec
+    reads a float constant next to a quantized activation as mixed precision.
+    """
+    for i, tensor in enumerate(list(node.input)):
+        if not tensor or tensor not in view.constants or (node.op_type == "Gather" and i == 1):
+            continue
+        value = view.weight_value(tensor)
+        if value is None or value.dtype.kind != "f":
+            continue
+        value = value.astype(np.float32)
+        q = qparams_from_range(np.asarray(min(float(value.min()), 0.0)), np.asarray(max(float(value.max()), 0.0)),
+                               precision, symmetric)
+        codes = quantize(value, q).astype(numpy_dtype(precision))
+        q_name = b.initializer(f"{tensor}_quantized", codes, onnx_dtype(precision))
+        scale, zp = _qparam_initializers(b, tensor, q)
+        node.input[i] = b.node("DequantizeLinear", [q_name, scale, zp], f"{tensor}_dequantized",
+                               f"{tensor}_DequantizeLinear")
+
+
+def _reads_float(layout: Layout, spec: HardwareSpec, node: onnx.NodeProto) -> bool:
+    """True when ``node`` computes in float32: a float-planned layer, or a spec op left out of the plan."""
+    if node.name in layout.fp16_layers:
+        return False
+    candidate = layout.plan.get(node.name)
+    if candidate is None:
+        return node.name in layout.float_layers or node.op_type in spec.ops
+    return not is_integer(candidate.activations)
 
 
 def _float_guard_axis(view: GraphView, node: onnx.NodeProto, layout: Layout, tensor: str) -> int | None:
