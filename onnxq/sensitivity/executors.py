@@ -1,0 +1,152 @@
+"""Fan sensitivity evaluations out: in-process, over local worker processes, or over Ray.
+
+Every executor returns the losses in the order of the jobs, and every worker builds the same
+session from the same :class:`~onnxq.sensitivity.engine.EvalContext` (the fp32 reference is
+computed once by the parent), so the numbers do not depend on the executor.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from onnxq.errors import UsageError
+from onnxq.sensitivity.engine import EvalContext, Evaluator, Job
+
+__all__ = ["ExecutorSpec", "parse_executor", "run_jobs"]
+
+logger = logging.getLogger(__name__)
+
+#: Jobs sent to a worker at once (amortises inter-process traffic, keeps progress smooth).
+CHUNK = 8
+
+_WORKER: Evaluator | None = None
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """``local`` or ``ray`` (with an optional cluster address)."""
+
+    kind: str
+    address: str | None = None
+
+
+def parse_executor(text: str) -> ExecutorSpec:
+    """Parse ``local``, ``ray`` or ``ray:ADDRESS``.
+
+    Raises:
+        UsageError: anything else.
+    """
+    text = (text or "local").strip()
+    if text == "local":
+        return ExecutorSpec("local")
+    if text == "ray":
+        return ExecutorSpec("ray")
+    if text.startswith("ray:") and len(text) > 4:
+        return ExecutorSpec("ray", text[4:])
+    raise UsageError(f"unknown executor {text!r}", "use local, ray or ray:ADDRESS")
+
+
+def _init_worker(context: EvalContext) -> None:
+    global _WORKER
+    _WORKER = Evaluator(context)
+
+
+def _run_chunk(jobs: Sequence[Job]) -> list[float]:
+    assert _WORKER is not None, "worker not initialised"
+    return _WORKER.losses(jobs)
+
+
+def _chunks(jobs: Sequence[Job], size: int) -> list[list[Job]]:
+    return [list(jobs[i:i + size]) for i in range(0, len(jobs), size)]
+
+
+def run_jobs(
+    context: EvalContext,
+    jobs: Sequence[Job],
+    *,
+    workers: int = 0,
+    executor: str = "local",
+    progress: bool = False,
+    local: Evaluator | None = None,
+) -> list[float]:
+    """Losses of ``jobs`` in order.
+
+    Args:
+        context: what each worker builds its session from (``reference`` set).
+        jobs: the evaluations.
+        workers: ``0``/``1``: in this process; ``N > 1``: N local processes (or N Ray actors).
+        executor: ``local``, ``ray`` or ``ray:ADDRESS``.
+        progress: a tqdm bar over the evaluations.
+        local: an in-process evaluator to reuse when running in this process.
+    """
+    spec = parse_executor(executor)
+    if not jobs:
+        return []
+    bar = tqdm(total=len(jobs), desc="sensitivity", unit="eval", disable=not progress, leave=False)
+    try:
+        if spec.kind == "ray":
+            return _run_ray(context, jobs, max(1, workers), spec.address, bar.update)
+        if workers <= 1:
+            evaluator = local or Evaluator(context)
+            out = []
+            for job in jobs:
+                out.append(evaluator.loss(job))
+                bar.update(1)
+            return out
+        return _run_processes(context, jobs, workers, bar.update)
+    finally:
+        bar.close()
+
+
+def _run_processes(context: EvalContext, jobs: Sequence[Job], workers: int,
+                   advance: Callable[[int], object]) -> list[float]:
+    chunks = _chunks(jobs, CHUNK)
+    results: list[list[float] | None] = [None] * len(chunks)
+    ctx = multiprocessing.get_context("spawn")  # onnxruntime thread pools do not survive fork
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                initargs=(context,)) as pool:
+        futures = {pool.submit(_run_chunk, chunk): i for i, chunk in enumerate(chunks)}
+        for future in cf.as_completed(futures):
+            index = futures[future]
+            results[index] = future.result()
+            advance(len(chunks[index]))
+    return [loss for chunk in results for loss in (chunk or [])]
+
+
+def _run_ray(context: EvalContext, jobs: Sequence[Job], actors: int, address: str | None,
+             advance: Callable[[int], object]) -> list[float]:
+    try:
+        import ray  # noqa: PLC0415 - optional dependency, imported lazily
+    except ImportError:
+        raise UsageError("the ray executor needs Ray", "install onnxq[ray]") from None
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+
+    @ray.remote
+    class _Actor:  # pragma: no cover - runs inside Ray workers
+        def __init__(self, ctx: EvalContext) -> None:
+            self.evaluator = Evaluator(ctx)
+
+        def losses(self, chunk: list[Job]) -> list[float]:
+            return self.evaluator.losses(chunk)
+
+    ref = ray.put(context)
+    pool = [_Actor.remote(ref) for _ in range(actors)]
+    chunks = _chunks(jobs, CHUNK)
+    pending = {pool[i % actors].losses.remote(chunk): i for i, chunk in enumerate(chunks)}
+    results: list[list[float] | None] = [None] * len(chunks)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for obj in done:
+            index = pending.pop(obj)
+            results[index] = ray.get(obj)
+            advance(len(chunks[index]))
+    for actor in pool:
+        ray.kill(actor)
+    return [loss for chunk in results for loss in (chunk or [])]
