@@ -50,8 +50,8 @@ def output_loss(
     """
     total = 0.0
     count = 0
-    for outs, refs in zip(outputs, reference):
-        for out, ref in zip(outs, refs):
+    for outs, refs in zip(outputs, reference, strict=True):
+        for out, ref in zip(outs, refs, strict=True):
             out = np.asarray(out, dtype=np.float64)
             ref = np.asarray(ref, dtype=np.float64)
             if kind == "kl":

@@ -58,8 +58,11 @@ def sessions_built() -> int:
 
 def prepare_feeds(
     feeds: Sequence[Mapping[str, np.ndarray]] | Iterable[Mapping[str, np.ndarray]],
-) -> list[Mapping[str, np.ndarray]]:
-    """The feeds as a list (iterables and onnxruntime ``CalibrationDataReader``s are drained).
+) -> Sequence[Mapping[str, np.ndarray]]:
+    """The feeds as a sequence (a lazy sequence stays lazy; iterables are drained).
+
+    Sequences are used as they are, so one that builds each batch on demand keeps memory flat;
+    other iterables and onnxruntime ``CalibrationDataReader``s are drained into a list.
 
     Raises:
         CalibrationError: there is no feed at all.
@@ -70,9 +73,11 @@ def prepare_feeds(
         while (item := reader.get_next()) is not None:
             drained.append(item)
         result = drained
+    elif isinstance(feeds, Sequence):
+        result = feeds  # used as is: a lazy Sequence keeps memory flat
     else:
         result = list(feeds)
-    if not result:
+    if len(result) == 0:
         raise CalibrationError(
             "no calibration feeds were given",
             "pass at least one feed dict (input name -> array)",
@@ -259,17 +264,31 @@ def sweep(
     logger.debug("sweep over %d feeds for %d tensors", len(feeds), len(tensors))
     for index, feed in enumerate(iterator):
         arrays = check_feed(index, feed, required, known)
-        run_feed = {k: v for k, v in arrays.items() if k in session_inputs}
+        run_feed = {
+            k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+            for k, v in arrays.items()
+            if k in session_inputs
+        }
         try:
-            values = session.run(output_names, run_feed) if output_names else []
+            # OrtValue outputs are viewed by numpy without a copy (session.run copies each one)
+            values = session.run_with_ort_values(output_names, run_feed) if output_names else []
         except Exception as exc:
             raise CalibrationError(
                 f"onnxruntime failed on calibration feed {index}: {str(exc).splitlines()[0]}",
                 "check the feed's shapes and dtypes against the model inputs",
             ) from exc
-        for name, value in [*zip(output_names, values), *((n, arrays[n]) for n in input_names)]:
-            _update(stats[name], name, value, index)
+        for name, value in zip(output_names, values, strict=True):
+            _update(stats[name], name, _as_array(value), index)
+        for name in input_names:
+            _update(stats[name], name, arrays[name], index)
+        del values
     return stats
+
+
+def _as_array(value: object) -> object:
+    if isinstance(value, ort.OrtValue) and value.is_tensor():
+        return value.numpy()
+    return value
 
 
 def _update(stats: TensorStats, name: str, value: object, index: int) -> None:
