@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.calibration import (
@@ -252,3 +254,35 @@ def test_weight_ranges_per_channel_and_mse():
     assert np.all(q.scale >= MIN_SCALE)
     with pytest.raises(CalibrationError):
         weight_ranges(np.array([np.inf], np.float32), None, Precision.INT8, True)
+
+
+def test_reader_and_progress(model, feeds):
+    class Reader:
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    expected = collect_ranges(model, feeds, ["h"])
+    assert collect_ranges(model, Reader(), ["h"], progress=True) == expected
+    assert collect_ranges(model, iter(feeds), ["h"]) == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    scales=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_histogram_keeps_every_count(scales, seed):
+    rng = np.random.default_rng(seed)
+    hist = RunningHistogram(32)
+    total = 0
+    for s in scales:
+        x = (rng.normal(size=100) * s).astype(np.float32)
+        hist.update(x, float(np.abs(x).max()))
+        total += x.size
+    counts, edges = hist.signed()
+    assert counts.sum() == total
+    assert hist.bound > 0
+    assert np.all(counts >= 0)
