@@ -152,6 +152,8 @@ def _cmd_specs(args: argparse.Namespace) -> int:
 def _cmd_spec_check(args: argparse.Namespace) -> int:
     from onnxq.spec import check_spec_file
 
+    if Path(args.spec).is_dir():
+        raise UsageError(f"spec path {args.spec!r} is a directory", "pass the path of a spec JSON file")
     if not Path(args.spec).is_file():
         raise UsageError(f"spec file {args.spec!r} does not exist", "pass the path of a spec JSON file")
     problems = check_spec_file(args.spec)
@@ -197,16 +199,37 @@ def _resolve_calib(model: str, calib: str | None) -> str:
     return str(found)
 
 
+def _refuse_half_precision(model_path: Path) -> None:
+    """Refuse float16/bfloat16 models before any work (the rewrite quantizes float32 graphs only).
+
+    Only the graph is parsed (external data stays on disk); a file that does not parse is left
+    to :func:`onnxq.model.load_model`, which reports it properly.
+    """
+    import onnx
+
+    from onnxq.model import check_quantizable_dtypes
+
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # reported by load_model with a proper message
+        logger.debug("pre-check could not parse %s; load_model will report it", model_path)
+        return
+    check_quantizable_dtypes(proto)
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from onnxq.api import quantize
     from onnxq.model import check_output_path, load_model, save_model
     from onnxq.options import QuantizeOptions
 
-    if not Path(args.model).exists():
-        load_model(args.model)  # raises the standard missing-file error
-    out = check_output_path(args.output, [Path(args.model)])
-    report_path = check_output_path(args.report, [Path(args.model), out]) if args.report else None
-    html_path = check_output_path(args.report_html, [Path(args.model), out]) if args.report_html else None
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        load_model(args.model)  # raises the standard missing-file / directory error
+    _refuse_half_precision(model_path)
+    inputs: list[Path | None] = [model_path, *(Path(p) for p in (args.calib, args.plan, args.spec) if p and Path(p).exists())]
+    out = check_output_path(args.output, inputs)
+    report_path = check_output_path(args.report, [*inputs, out]) if args.report else None
+    html_path = check_output_path(args.report_html, [*inputs, out, report_path]) if args.report_html else None
     if args.max_drop < 0 or args.max_drop >= 1:
         raise UsageError(f"--max-drop {args.max_drop} is outside [0, 1)", "give an absolute drop such as 0.01")
     options = QuantizeOptions(
@@ -291,6 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except MemoryError:
         print("onnxq: error: out of memory — use fewer calibration samples or a smaller --batch-size", file=sys.stderr)
+        return 2
+    except Exception as error:  # an onnxq bug or an input nothing above anticipated: still one line
+        if debug:
+            raise
+        logger.debug("internal error", exc_info=True)
+        detail = " ".join(str(error).split())[:300]
+        print(f"onnxq: error: internal error: {type(error).__name__}: {detail} — rerun with --debug for the traceback "
+              "and report it", file=sys.stderr)
         return 2
 
 

@@ -84,14 +84,44 @@ def find_sibling_calibration(model_path: Path) -> Path | None:
     return None
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Read every array of a ``.npz`` archive, refusing pickles and anything that is not an archive."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise CalibrationError(f"cannot read calibration file {str(path)!r}: {error.strerror}", "check its permissions") from error
+    if magic == b"\x93NUM":
+        raise CalibrationError(f"calibration file {str(path)!r} is a single .npy array, not a .npz archive",
+                               "save it with numpy.savez(path, input_name=array) so that the keys name the model inputs")
+    if magic not in _ZIP_MAGIC:
+        raise CalibrationError(f"calibration file {str(path)!r} is not a .npz archive",
+                               "save the data with numpy.savez(path, input_name=array)")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return {key: np.asarray(archive[key]) for key in archive.files}
+            arrays = {}
+            for key in archive.files:
+                value = archive[key]
+                if not isinstance(value, np.ndarray):
+                    raise CalibrationError(f"calibration file {str(path)!r}: member {key!r} is not a .npy array",
+                                           "save the data with numpy.savez(path, input_name=array)")
+                arrays[key] = np.asarray(value)
+            return arrays
+    except CalibrationError:
+        raise
     except ValueError as error:
-        raise CalibrationError(f"calibration file {str(path)!r} holds pickled objects, which onnxq never loads",
-                               "save plain numeric arrays with np.savez") from error
-    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        if "pickle" in str(error).lower() or "object arrays" in str(error).lower():
+            raise CalibrationError(f"calibration file {str(path)!r} holds pickled objects, which onnxq never loads",
+                                   "save plain numeric arrays with np.savez") from error
+        raise CalibrationError(f"calibration file {str(path)!r} holds a corrupt array ({' '.join(str(error).split())[:120]})",
+                               "save the data again with numpy.savez(path, input_name=array)") from error
+    except MemoryError as error:
+        raise CalibrationError(f"calibration file {str(path)!r} declares arrays too large to load",
+                               "use fewer calibration samples") from error
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError, TypeError, NotImplementedError, RuntimeError) as error:
         raise CalibrationError(f"calibration file {str(path)!r} is not a readable .npz archive",
                                "save the data with numpy.savez(path, input_name=array)") from error
 
@@ -103,7 +133,11 @@ def _raw_feeds(source: Any) -> tuple[list[dict[str, np.ndarray]], bool]:
         if not path.exists():
             raise CalibrationError(f"calibration data {str(path)!r} does not exist", "pass a .npz file or a folder of .npz files")
         if path.is_dir():
-            files = sorted(path.glob("*.npz"))
+            try:
+                files = sorted(f for f in path.glob("*.npz") if f.is_file())
+            except OSError as error:
+                raise CalibrationError(f"cannot list calibration folder {str(path)!r}: {error.strerror}",
+                                       "check its permissions") from error
             if not files:
                 raise CalibrationError(f"calibration folder {str(path)!r} holds no .npz files", "put one .npz per feed in it")
             return [_read_npz(f) for f in files], False
@@ -139,6 +173,17 @@ def _check_feed(feed: dict[str, np.ndarray], inputs: Sequence[InputSpec], where:
     checked = {}
     for spec in inputs:
         array = feed[spec.name]
+        if array.dtype.kind not in "fiub":
+            raise CalibrationError(f"{where}: input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}",
+                                   "save plain numeric arrays")
+        if stacked and array.ndim == 0:
+            raise CalibrationError(
+                f"{where}: input {spec.name!r} is a scalar, but a single .npz stacks samples along axis 0",
+                "stack samples along axis 0, or pass a folder of .npz files (one complete feed each) for scalar inputs")
+        if spec.shape is not None and not stacked and array.ndim != len(spec.shape):
+            raise CalibrationError(
+                f"{where}: input {spec.name!r} has rank {array.ndim} (shape {array.shape}), the model expects rank "
+                f"{len(spec.shape)} {spec.shape}", "each .npz in a folder is one complete feed with the model's input shapes")
         if array.dtype.kind != spec.dtype.kind and not (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
             raise CalibrationError(f"{where}: input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}",
                                    f"convert it with array.astype(np.{spec.dtype.name})")
@@ -149,11 +194,13 @@ def _check_feed(feed: dict[str, np.ndarray], inputs: Sequence[InputSpec], where:
                 raise CalibrationError(
                     f"{where}: input {spec.name!r} has rank {array.ndim} (shape {array.shape}), the model expects rank {len(spec.shape)} {spec.shape}",
                     "stack samples along axis 0 with the model's full input shape")
-            for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
+            for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=False)):
                 if want > 0 and want != got and not (stacked and axis == 0):
                     raise CalibrationError(
                         f"{where}: input {spec.name!r} has shape {array.shape}, the model expects {spec.shape} (axis {axis})",
                         "reshape or resize the calibration data to the model's input shape")
+        if array.size == 0:
+            raise CalibrationError(f"{where}: input {spec.name!r} is empty (shape {array.shape})", "provide real samples")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise CalibrationError(f"{where}: input {spec.name!r} contains NaN or Inf values", "clean the calibration data")
         checked[spec.name] = array
@@ -190,7 +237,13 @@ def load_feeds(
             raise CalibrationError(f"calibration arrays have different sample counts {counts}", "stack the same number of samples for every input")
         total = next(iter(counts.values()))
         fixed_batch = [spec.shape[0] for spec in inputs if spec.shape and spec.shape[0] > 0]
+        if batch_size < 1:
+            raise CalibrationError(f"batch size {batch_size} is not positive", "pass --batch-size 1 or more")
         step = fixed_batch[0] if fixed_batch else batch_size
+        if fixed_batch and total < step:
+            raise CalibrationError(
+                f"only {total} calibration sample(s), and the model's batch dimension is fixed at {step}: "
+                "onnxq needs at least one full batch", "provide more samples")
         if total % step and fixed_batch:
             total -= total % step
         for start in range(0, total, step):

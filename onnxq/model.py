@@ -33,6 +33,8 @@ __all__ = [
     "upgrade_opset",
     "model_sha256",
     "check_output_path",
+    "float16_tensors",
+    "check_quantizable_dtypes",
     "atomic_write_text",
 ]
 
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 MIN_OPSET = 9
 MAX_OPSET = 21
+#: the newest ai.onnx opset onnxruntime 1.31 runs.
+MAX_RUNTIME_OPSET = 26
 #: onnxruntime 1.31 reads IR versions up to 13; onnx 1.23 writes 14 by default.
 MAX_IR_VERSION = 10
 _TWO_GB = 2**31 - 1
@@ -75,14 +79,19 @@ def set_opset(model: onnx.ModelProto, version: int) -> None:
 
 
 def _check_external_locations(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external-data references that escape ``base_dir``, are missing, or lie past the file's end."""
     base = base_dir.resolve()
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
-        target = (base / location).resolve()
-        if os.path.isabs(location) or not target.is_relative_to(base):
+        try:
+            target = (base / location).resolve()
+            escapes = not location or os.path.isabs(location) or not target.is_relative_to(base)
+        except (OSError, ValueError, RuntimeError):  # embedded NUL bytes, symlink loops, ...
+            escapes = True
+        if escapes:
             raise ModelError(
                 f"refusing external data location {location!r} of tensor {tensor.name!r}: it "
                 f"points outside the model's folder {base}",
@@ -93,13 +102,90 @@ def _check_external_locations(model: onnx.ModelProto, base_dir: Path) -> None:
                 f"external data file {location!r} of tensor {tensor.name!r} is missing",
                 f"copy it next to the model in {base}",
             )
+        try:
+            offset = int(info.get("offset", "0") or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError as error:
+            raise ModelError(f"external data of tensor {tensor.name!r} has a malformed offset or length",
+                             "re-save the model with onnx.save_model(..., save_as_external_data=True)") from error
+        size = target.stat().st_size
+        if offset < 0 or (length is not None and length < 0) or offset + (length or 0) > size:
+            raise ModelError(
+                f"external data of tensor {tensor.name!r} (offset {offset}, length {length}) lies outside "
+                f"{location!r} ({size} bytes)",
+                "the data file is truncated or belongs to another model",
+            )
 
 
 def model_sha256(model: onnx.ModelProto) -> str:
-    """A stable hash of a model's content (serialised proto, external data loaded)."""
+    """A stable hash of a model's content (serialised proto, external data loaded).
+
+    Models over 2 GB cannot be serialised in one piece; they are hashed part by part (the
+    model without its graph, then each graph field, then each initializer), which never holds
+    more than one tensor's bytes in addition to the model.
+    """
     digest = hashlib.sha256()
-    digest.update(model.SerializeToString(deterministic=True))
+    if model.ByteSize() < _TWO_GB:
+        digest.update(model.SerializeToString(deterministic=True))
+        return digest.hexdigest()
+    digest.update(b"onnxq-large-model/1")
+    skeleton = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(skeleton, field, value)
+    digest.update(skeleton.SerializeToString(deterministic=True))
+    graph = model.graph
+    shell = onnx.GraphProto()
+    for field, value in graph.ListFields():
+        if field.name not in ("initializer", "sparse_initializer", "node"):
+            _copy_field(shell, field, value)
+    digest.update(shell.SerializeToString(deterministic=True))
+    for node in graph.node:
+        digest.update(node.SerializeToString(deterministic=True))
+    for tensor in graph.initializer:
+        digest.update(tensor.SerializeToString(deterministic=True))
+    for sparse in graph.sparse_initializer:
+        digest.update(sparse.SerializeToString(deterministic=True))
     return digest.hexdigest()
+
+
+def _copy_field(target: google.protobuf.message.Message, field: object, value: object) -> None:
+    name = field.name  # type: ignore[attr-defined]
+    if field.label == field.LABEL_REPEATED:  # type: ignore[attr-defined]
+        getattr(target, name).extend(value)  # type: ignore[arg-type]
+    elif field.type == field.TYPE_MESSAGE:  # type: ignore[attr-defined]
+        getattr(target, name).CopyFrom(value)
+    else:
+        setattr(target, name, value)
+
+
+def float16_tensors(model: onnx.ModelProto, limit: int = 3) -> list[str]:
+    """Names of (up to ``limit``) graph inputs, outputs and initializers stored as float16/bfloat16."""
+    half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    found: list[str] = []
+    graph = model.graph
+    for value in [*graph.input, *graph.output]:
+        if value.type.tensor_type.elem_type in half and value.name not in found:
+            found.append(value.name)
+    for tensor in graph.initializer:
+        if tensor.data_type in half and tensor.name not in found:
+            found.append(tensor.name)
+    return found[:limit]
+
+
+def check_quantizable_dtypes(model: onnx.ModelProto) -> None:
+    """Refuse float16/bfloat16 models: onnxq quantizes float32 models (fp16 is an output precision).
+
+    Raises:
+        ModelError: naming the first half-precision tensors.
+    """
+    half = float16_tensors(model)
+    if half:
+        raise ModelError(
+            f"the model computes in float16/bfloat16 (e.g. {', '.join(repr(n) for n in half)}); onnxq quantizes "
+            "float32 models",
+            "export or convert the model to float32 first (fp16 layers can then be chosen with --precision fp16/fp16)",
+        )
 
 
 def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, infer_shapes: bool = True) -> LoadedModel:
@@ -138,8 +224,9 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, infer_shapes
         _check_external_locations(proto, path.parent)
         try:
             onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-        except (OSError, ValueError) as error:
-            raise ModelError(f"cannot load external data of {str(path)!r}: {error}", "keep data files next to the model") from error
+        except Exception as error:  # onnx raises OSError, ValueError or its own ValidationError
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelError(f"cannot load external data of {str(path)!r}: {first}", "keep data files next to the model") from error
 
     opset = model_opset(proto)
     if opset < MIN_OPSET:
@@ -147,14 +234,15 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, infer_shapes
             f"model opset {opset} is older than the oldest onnxq supports ({MIN_OPSET})",
             "re-export with a newer opset or convert with onnx.version_converter",
         )
-    if opset > 26:
-        raise ModelError(f"model opset {opset} is newer than onnxruntime runs (26)", "export with opset ≤ 21")
+    if opset > MAX_RUNTIME_OPSET:
+        raise ModelError(f"model opset {opset} is newer than onnxruntime runs ({MAX_RUNTIME_OPSET})",
+                         f"export with opset ≤ {MAX_OPSET}")
     try:
         if proto.ByteSize() < _TWO_GB:
             onnx.checker.check_model(proto)
         elif path is not None:
             onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as error:
+    except Exception as error:  # ValidationError, and whatever else the C++ checker throws on garbage
         first = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
         raise ModelError(f"model fails onnx.checker: {first}", "fix or re-export the model") from error
     if infer_shapes and proto.ByteSize() < _TWO_GB:
@@ -182,48 +270,112 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_output_path(output: str | os.PathLike[str], inputs: list[Path | None]) -> Path:
     """Refuse an output path that is an input, a directory, or in an unwritable folder."""
     out = Path(output)
+    if not str(output).strip():
+        raise UsageError("the output path is empty", "give a file name such as model.int8.onnx")
     if out.is_dir():
         raise UsageError(f"output path {str(out)!r} is a directory", "give a file name such as model.int8.onnx")
     for source in inputs:
-        if source is not None and out.exists() and out.resolve() == source.resolve():
-            raise UsageError(f"output path {str(out)!r} is the input model", "write to a new file; onnxq never overwrites its input")
+        if source is not None and (_same_file(out, Path(source)) or out.resolve() == Path(source).resolve()):
+            raise UsageError(f"output path {str(out)!r} is an input of this run ({str(source)!r})",
+                             "write to a new file; onnxq never overwrites its input")
     folder = out.parent if str(out.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"output folder {str(folder)!r} is not a folder", "choose another output path")
     if not folder.is_dir():
         raise UsageError(f"output folder {str(folder)!r} does not exist", "create it first")
-    if not os.access(folder, os.W_OK):
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"output folder {str(folder)!r} is not writable", "choose another output path")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UsageError(f"output file {str(out)!r} exists and is not writable", "choose another output path")
     return out
 
 
+def _externalize(model: onnx.ModelProto, data_file: Path, location: str, threshold: int) -> list[tuple[onnx.TensorProto, int, int]]:
+    """Move tensors' ``raw_data`` into ``data_file`` and point them at ``location`` (in place).
+
+    Returns ``(tensor, offset, length)`` for every moved tensor so that :func:`_internalize`
+    can restore the model from the file afterwards.
+    """
+    moved: list[tuple[onnx.TensorProto, int, int]] = []
+    with open(data_file, "wb") as handle:
+        for tensor in onnx.external_data_helper._get_all_tensors(model):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+                continue
+            if len(tensor.raw_data) < threshold:
+                continue
+            offset = handle.tell()
+            pad = (-offset) % 4096  # page-aligned offsets let onnxruntime memory-map the data
+            handle.write(b"\0" * pad)
+            offset += pad
+            data = tensor.raw_data
+            handle.write(data)
+            moved.append((tensor, offset, len(data)))
+            del data
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(moved[-1][2]))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    return moved
+
+
+def _internalize(moved: list[tuple[onnx.TensorProto, int, int]], data_file: Path) -> None:
+    """Undo :func:`_externalize`: read the bytes back into the tensors."""
+    with open(data_file, "rb") as handle:
+        for tensor, offset, length in moved:
+            handle.seek(offset)
+            tensor.raw_data = handle.read(length)
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+
+
 def save_model(model: onnx.ModelProto, output: str | os.PathLike[str]) -> Path:
-    """Write ``model`` atomically; models over 2 GB get an external data file beside them."""
+    """Write ``model`` atomically; models over 2 GB get an external data file ``<name>.data`` beside them.
+
+    ``model`` is left as it was (its tensors are moved out for serialisation and read back).
+    Nothing but the final files remains after a failure.
+    """
     out = Path(output)
     folder = out.parent if str(out.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp_data: Path | None = None
     data_name = f"{out.name}.data"
     try:
         if model.ByteSize() >= _TWO_GB:
-            tmp_data = folder / f".{data_name}.tmp"
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
+            fd, data_tmp_name = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            tmp_data = Path(data_tmp_name)
+            moved: list[tuple[onnx.TensorProto, int, int]] = []
+            try:
+                moved = _externalize(model, tmp_data, data_name, threshold=1024)
+                if model.ByteSize() >= _TWO_GB:
+                    raise ModelError(f"cannot save {str(out)!r}: the graph is over 2 GB even without its weights",
+                                     "split the model")
+                tmp.write_bytes(model.SerializeToString(deterministic=True))
+            finally:
+                _internalize(moved, tmp_data)
             os.replace(tmp_data, folder / data_name)
-            # the external-data reference inside the proto must name the final file
-            saved = onnx.load(str(tmp), load_external_data=False)
-            for tensor in onnx.external_data_helper._get_all_tensors(saved):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            tmp.write_bytes(saved.SerializeToString(deterministic=True))
+            tmp_data = None
         else:
             tmp.write_bytes(model.SerializeToString(deterministic=True))
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if tmp_data is not None:
+            tmp_data.unlink(missing_ok=True)
         raise
     return out
 
