@@ -1,0 +1,200 @@
+"""Sensitivity analysis on the bundled models, with real onnxruntime sessions (no mocks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxq.api import layer_ops_for
+from onnxq.cli import main
+from onnxq.graph import GraphView
+from onnxq.model import load_model
+from onnxq.precision import Candidate
+from onnxq.sensitivity import SENSITIVITY_FORMAT, analyze, predicted_loss
+from onnxq.sensitivity.analyze import EVALUATION_COUNTER
+from onnxq.spec import load_spec
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+CNN = MODELS / "digits_cnn.onnx"
+TRANSFORMER = MODELS / "digits_transformer.onnx"
+W8, W4, A8 = Candidate.parse("int8/uint8"), Candidate.parse("int4/uint8"), Candidate.parse("uint8/uint8")
+
+
+def _feeds(model: Path, samples: int, batch: int) -> list[dict[str, np.ndarray]]:
+    with np.load(model.with_name(f"{model.stem}.calib.npz"), allow_pickle=False) as data:
+        arrays = {k: data[k][:samples] for k in data.files}
+    return [{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, samples, batch)]
+
+
+def _candidates(proto, spec, only=None, weightless=True) -> dict[str, list[Candidate]]:  # type: ignore[no-untyped-def]
+    view = GraphView(proto, layer_ops_for(spec))
+    out = {}
+    for name, layer in view.layers.items():
+        if only is not None and name not in only:
+            continue
+        if layer.weight is not None:
+            out[name] = [W8, W4]
+        elif only is None and weightless:
+            out[name] = [A8]
+    return out
+
+
+@pytest.fixture(scope="module")
+def spec():  # type: ignore[no-untyped-def]
+    return load_spec("ort-cpu-x86")
+
+
+@pytest.fixture(scope="module")
+def cnn():  # type: ignore[no-untyped-def]
+    return load_model(CNN).proto
+
+
+@pytest.fixture(scope="module")
+def cnn_run(cnn, spec, tmp_path_factory):  # type: ignore[no-untyped-def]
+    cache = tmp_path_factory.mktemp("sens-cache")
+    feeds = _feeds(CNN, 32, 16)
+    kwargs = dict(candidates=_candidates(cnn, spec), random_plans=10, cache_dir=cache, seed=0)
+    sens = analyze(cnn, feeds, spec, **kwargs)
+    return sens, feeds, kwargs
+
+
+def test_json_has_the_design_format(cnn_run) -> None:  # type: ignore[no-untyped-def]
+    sens, _, _ = cnn_run
+    sens = json.loads(json.dumps(sens))  # JSON-serialisable as is
+    assert sens["format"] == SENSITIVITY_FORMAT
+    assert len(sens["model_sha256"]) == 64 and sens["loss"] == "kl"
+    assert isinstance(sens["evaluations"], int) and sens["evaluations"] > 0
+    assert sens["seconds"] > 0
+    for layer in sens["layers"]:
+        assert {"name", "op_type", "params", "macs", "candidates"} <= layer.keys()
+        for entry in layer["candidates"].values():
+            assert np.isfinite(entry["delta"])
+    for pair in sens["pairs"]:
+        assert {"a", "b", "candidates", "cross"} <= pair.keys() and len(pair["candidates"]) == 2
+    names = [layer["name"] for layer in sens["layers"]]
+    assert len(names) == len(set(names))
+
+
+def test_int4_is_more_sensitive_than_int8(cnn_run) -> None:  # type: ignore[no-untyped-def]
+    sens, _, _ = cnn_run
+    weighted = [layer for layer in sens["layers"] if "int4/uint8" in layer["candidates"]]
+    worse = sum(layer["candidates"]["int4/uint8"]["delta"] > layer["candidates"]["int8/uint8"]["delta"]
+                for layer in weighted)
+    assert len(weighted) == 19 and worse >= 0.8 * len(weighted)
+
+
+def test_predictions_rank_random_plans(cnn_run) -> None:  # type: ignore[no-untyped-def]
+    sens, _, _ = cnn_run
+    validation = sens["validation"]
+    assert validation["plans"] == 10
+    assert validation["spearman_with_pairs"] > 0.6
+    assert validation["spearman_without_pairs"] is not None
+
+
+def test_pairs_grow_linearly(cnn_run) -> None:  # type: ignore[no-untyped-def]
+    sens, _, _ = cnn_run
+    assert 0 < len(sens["pairs"]) <= 4 * len(sens["layers"])
+    # evaluations: O(layers × candidates + pairs + plans)
+    per_layer = max(len(layer["candidates"]) for layer in sens["layers"])
+    assert sens["evaluations"] <= 4 * per_layer * len(sens["layers"]) + 2 * len(sens["pairs"]) + 11
+
+
+def test_predicted_loss_sums_deltas_and_matching_crosses(cnn_run) -> None:  # type: ignore[no-untyped-def]
+    sens, _, _ = cnn_run
+    layer = sens["layers"][0]
+    assert predicted_loss(sens, {}) == 0.0
+    assert predicted_loss(sens, {layer["name"]: "fp32/fp32"}) == 0.0
+    assert predicted_loss(sens, {layer["name"]: W8}) == pytest.approx(layer["candidates"]["int8/uint8"]["delta"])
+    pair = sens["pairs"][0]
+    ca, cb = pair["candidates"]
+    deltas = {row["name"]: row["candidates"] for row in sens["layers"]}
+    expected = deltas[pair["a"]][ca]["delta"] + deltas[pair["b"]][cb]["delta"] + pair["cross"]
+    others = sum(p["cross"] for p in sens["pairs"][1:] if (p["a"], p["b"]) == (pair["a"], pair["b"]))
+    assert predicted_loss(sens, {pair["a"]: ca, pair["b"]: cb}) == pytest.approx(expected + others)
+    # an Add (weightless) layer accepts the full candidate name and matches its effective one
+    add = next(row for row in sens["layers"] if row["op_type"] == "Add")
+    assert predicted_loss(sens, {add["name"]: "int8/uint8"}) == pytest.approx(add["candidates"]["uint8/uint8"]["delta"])
+
+
+def test_cache_hit_returns_identical_json_without_evaluating(cnn_run, cnn, spec) -> None:  # type: ignore[no-untyped-def]
+    sens, feeds, kwargs = cnn_run
+    before = EVALUATION_COUNTER.total
+    again = analyze(cnn, feeds, spec, **kwargs)
+    assert EVALUATION_COUNTER.total == before
+    assert json.dumps(again, sort_keys=True) == json.dumps(json.loads(json.dumps(sens)), sort_keys=True)
+
+
+def test_workers_give_the_same_numbers(cnn, spec) -> None:  # type: ignore[no-untyped-def]
+    feeds = _feeds(CNN, 16, 16)
+    only = ["/stem/stem.0/Conv", "/blocks/blocks.0/dw/dw.0/Conv", "/blocks/blocks.0/pw/pw.0/Conv"]
+    kwargs = dict(candidates=_candidates(cnn, spec, only), random_plans=2, seed=3)
+    serial = analyze(cnn, feeds, spec, workers=0, **kwargs)
+    parallel = analyze(cnn, feeds, spec, workers=2, **kwargs)
+    for key in ("layers", "pairs", "validation", "evaluations"):
+        assert serial[key] == parallel[key]
+
+
+def test_hutchinson_orders_bit_widths(cnn, spec) -> None:  # type: ignore[no-untyped-def]
+    feeds = _feeds(CNN, 16, 16)
+    only = ["/stem/stem.0/Conv", "/blocks/blocks.2/pw/pw.0/Conv", "/fc2/Gemm"]
+    sens = analyze(cnn, feeds, spec, _candidates(cnn, spec, only), method="hutchinson", pairs=False)
+    assert sens["method"] == "hutchinson"
+    for layer in sens["layers"]:
+        c = layer["candidates"]
+        assert layer["hessian_trace"] > 0
+        assert c["int4/uint8"]["weight"] > c["int8/uint8"]["weight"] > 0
+
+
+def test_unknown_method_is_a_usage_error(cnn, spec) -> None:  # type: ignore[no-untyped-def]
+    from onnxq.errors import UsageError
+
+    with pytest.raises(UsageError):
+        analyze(cnn, _feeds(CNN, 16, 16), spec, method="newton")
+    with pytest.raises(UsageError):
+        analyze(cnn, _feeds(CNN, 16, 16), spec, executor="dask")
+
+
+@pytest.mark.skipif(not TRANSFORMER.exists(), reason="digits_transformer.onnx not built")
+def test_transformer_int4_more_sensitive(spec) -> None:  # type: ignore[no-untyped-def]
+    model = load_model(TRANSFORMER).proto
+    sens = analyze(model, _feeds(TRANSFORMER, 16, 16), spec, _candidates(model, spec, weightless=False),
+                   pairs=False)
+    assert sens["loss"] == "kl"
+    weighted = [layer for layer in sens["layers"] if "int4/uint8" in layer["candidates"]]
+    worse = sum(layer["candidates"]["int4/uint8"]["delta"] > layer["candidates"]["int8/uint8"]["delta"]
+                for layer in weighted)
+    assert weighted and worse >= 0.8 * len(weighted)
+
+
+def test_ray_executor_matches_local(cnn, spec) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("ray")
+    feeds = _feeds(CNN, 16, 16)
+    kwargs = dict(candidates=_candidates(cnn, spec, ["/fc1/Gemm", "/fc2/Gemm"]), pairs=True)
+    local = analyze(cnn, feeds, spec, **kwargs)
+    remote = analyze(cnn, feeds, spec, executor="ray", workers=2, **kwargs)
+    assert local["layers"] == remote["layers"] and local["pairs"] == remote["pairs"]
+
+
+def test_cli_writes_the_file(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("ONNXQ_CACHE_DIR", str(tmp_path / "cache"))
+    calib = tmp_path / "small.npz"
+    with np.load(CNN.with_name("digits_cnn.calib.npz"), allow_pickle=False) as data:
+        np.savez(calib, input=data["input"][:8])
+    out = tmp_path / "sens.json"
+    code = main(["sensitivity", str(CNN), "--spec", "ort-cpu-x86", "--calib", str(calib), "-o", str(out),
+                 "--random-plans", "0"])
+    assert code == 0
+    sens = json.loads(out.read_text())
+    assert sens["format"] == SENSITIVITY_FORMAT and sens["layers"]
+    printed = capsys.readouterr().out
+    assert "candidate" in printed and "delta" in printed and str(out) in printed
+
+
+def test_cli_bad_model_path_exits_2(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code = main(["sensitivity", str(tmp_path / "missing.onnx"), "--spec", "ort-cpu-x86", "-o", str(tmp_path / "s.json")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onnxq: error:") and len(err.splitlines()) == 1
