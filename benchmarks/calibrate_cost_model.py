@@ -1,0 +1,811 @@
+"""Calibrate the ``ort-cpu-x86`` roofline cost model by measurement on this machine.
+
+Usage::
+
+    python benchmarks/calibrate_cost_model.py [--threads N] [--repeats 15]
+        [--spec hardware_specs/ort-cpu-x86.json] [--no-write] [--report benchmarks/COST_MODEL.md]
+
+Two phases, both with onnxruntime's CPU provider, default session options (``ORT_ENABLE_ALL``),
+a fixed number of intra-op threads (all cores unless ``--threads``), one inter-op thread,
+warm-up runs and the median of repeated timings:
+
+1. **Micro-benchmarks** built with ``onnx.helper`` (opset 21, IR 10) measure
+   * MAC throughput of a large Conv (128→128 channels, 3×3, 56×56) and a large MatMul
+     (1024×1024×1024) per candidate: fp32, fp16 by Cast, uint8 activations × int8 per-channel
+     weights (QDQ that fuses into QLinearConv / QLinearMatMul), int8 activations, int16/int16,
+     int4 weights with 8-bit activations, weight-only int8 / int4 (block-wise, MatMulNBits);
+     the Q of the input and the DQ of the output are subtracted (they are boundaries, which the
+     cost model prices separately);
+   * memory bandwidth (elementwise Add of two 16 Mi-element fp32 tensors);
+   * Q / DQ conversion cost per element (standalone QuantizeLinear and DequantizeLinear);
+   * per-op overhead (slope of the latency of chains of tiny Adds).
+
+   The fitted numbers are written into the ``cost`` block of the spec (``placeholder`` false,
+   provenance in its ``comment`` and in the spec's description).
+2. **Validation** on the bundled models (``models/*.onnx`` with ``<stem>.calib.npz``): for
+   fp32, uniform int8/uint8 and three mixed plans the estimate of :func:`onnxq.cost.estimate`
+   is compared with the measured latency at batch 1 and batch 32 (relative error, mean absolute
+   relative error, Spearman rank correlation between plans). The per-layer overhead the
+   roofline lacks for these small graphs is then fitted (least squares on the relative error)
+   and the comparison repeated with the fitted value. A Markdown report is printed and written.
+
+The cost model prices one inference: layer MACs and activation elements are per sample, so the
+estimate of batch ``B`` scales MACs, activation elements and boundary edges by ``B`` while
+weights and op overheads stay fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxq
+from onnxq.api import layer_ops_for
+from onnxq.cost import LayerCost, estimate
+from onnxq.graph import GraphView
+from onnxq.precision import Candidate
+from onnxq.spec import load_spec
+from onnxq.spec.model import HardwareSpec
+
+__all__ = [
+    "Measured",
+    "Timer",
+    "build_linear",
+    "layer_costs",
+    "main",
+    "measure_micro",
+    "spearman",
+    "validate_models",
+]
+
+logger = logging.getLogger("calibrate_cost_model")
+
+ROOT = Path(__file__).resolve().parents[1]
+OPSET = 21
+IR_VERSION = 10
+SEED = 0
+
+_ELEM = {
+    "fp32": TensorProto.FLOAT,
+    "fp16": TensorProto.FLOAT16,
+    "uint8": TensorProto.UINT8,
+    "int8": TensorProto.INT8,
+    "uint16": TensorProto.UINT16,
+    "int16": TensorProto.INT16,
+    "int4": TensorProto.INT4,
+    "uint4": TensorProto.UINT4,
+}
+_RANGE = {
+    "uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767),
+    "int4": (-8, 7), "uint4": (0, 15),
+}
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Timer:
+    """Times onnxruntime runs: warm-up, then the median of ``repeats`` timed batches of runs.
+
+    Each timed batch runs the session enough times to last at least ``min_seconds`` so that
+    microsecond-scale graphs are not dominated by timer resolution.
+    """
+
+    threads: int
+    repeats: int = 15
+    warmup: int = 5
+    min_seconds: float = 0.02
+    stat: str = "min"
+
+    def session(self, model: onnx.ModelProto | bytes, config: Mapping[str, str] | None = None) -> ort.InferenceSession:
+        """A CPU session with default options, ``ORT_ENABLE_ALL`` and pinned thread counts."""
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
+        if isinstance(model, onnx.ModelProto):
+            if model.ir_version > IR_VERSION:
+                model.ir_version = IR_VERSION
+            model = model.SerializeToString()
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    def median_seconds(self, session: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> float:
+        """Latency of one ``session.run`` on ``feed`` in seconds: ``stat`` (min or median) of the repeats.
+
+        The minimum is the default because the machines this runs on are shared (other jobs
+        load the cores); it estimates the uncontended latency. ``median`` is the alternative.
+        """
+        run = session.run
+        feed = dict(feed)
+        for _ in range(self.warmup):
+            run(None, feed)
+        start = time.perf_counter()
+        run(None, feed)
+        once = max(time.perf_counter() - start, 1e-7)
+        inner = max(1, min(10_000, int(self.min_seconds / once)))
+        samples = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            for _ in range(inner):
+                run(None, feed)
+            samples.append((time.perf_counter() - start) / inner)
+        return min(samples) if self.stat == "min" else statistics.median(samples)
+
+    def time_model(self, model: onnx.ModelProto | bytes, feed: Mapping[str, np.ndarray],
+                   config: Mapping[str, str] | None = None) -> float:
+        """Build a session for ``model`` and return its median latency on ``feed``."""
+        return self.median_seconds(self.session(model, config), feed)
+
+
+# -- micro-models ------------------------------------------------------------------------------
+
+
+def _model(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
+           outputs: Sequence[onnx.ValueInfoProto], inits: Sequence[TensorProto], name: str) -> onnx.ModelProto:
+    graph = helper.make_graph(list(nodes), name, list(inputs), list(outputs), list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION  # onnx 1.23 writes IR 14, onnxruntime 1.31 reads at most 13
+    return model
+
+
+def _int_tensor(name: str, precision: str, values: np.ndarray) -> TensorProto:
+    """An integer initializer of any width (4-bit types are packed by ``make_tensor``)."""
+    values = np.asarray(values)
+    if precision in ("int4", "uint4"):
+        return helper.make_tensor(name, _ELEM[precision], list(values.shape), values.astype(np.int32).ravel().tolist())
+    dtype = {"uint8": np.uint8, "int8": np.int8, "uint16": np.uint16, "int16": np.int16}[precision]
+    return numpy_helper.from_array(values.astype(dtype), name)
+
+
+def _quantize_weights(w: np.ndarray, precision: str, axis: int, block: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric quantization of ``w`` per channel along ``axis`` (or per block along it)."""
+    lo, hi = _RANGE[precision]
+    qmax = min(hi, -lo) if lo < 0 else hi
+    if block:
+        blocks = w.reshape(w.shape[0] // block, block, *w.shape[1:])
+        scale = np.abs(blocks).max(axis=1) / qmax
+        q = np.clip(np.round(blocks / scale[:, None]), lo, hi).reshape(w.shape)
+        return q, scale.astype(np.float32)
+    other = tuple(i for i in range(w.ndim) if i != axis)
+    scale = (np.abs(w).max(axis=other) / qmax).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), lo, hi)
+    return q, scale
+
+
+def _act_qparams(lo_value: float, hi_value: float, precision: str) -> tuple[np.float32, int]:
+    """Asymmetric per-tensor scale and zero point covering ``[lo_value, hi_value]``."""
+    lo, hi = _RANGE[precision]
+    lo_value, hi_value = min(lo_value, 0.0), max(hi_value, 0.0)
+    scale = np.float32(max(hi_value - lo_value, 1e-6) / (hi - lo))
+    zero = int(np.clip(round(lo - lo_value / float(scale)), lo, hi))
+    return scale, zero
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearShape:
+    """A large compute-bound layer used to measure MAC throughput."""
+
+    op: str  # "Conv" or "MatMul"
+    x: tuple[int, ...]
+    w: tuple[int, ...]
+
+    @property
+    def macs(self) -> int:
+        if self.op == "Conv":
+            _, _, h, w = self.x
+            return self.w[0] * self.w[1] * self.w[2] * self.w[3] * h * w
+        return int(np.prod(self.x[:-1])) * self.w[0] * self.w[1]
+
+    @property
+    def in_elements(self) -> int:
+        return int(np.prod(self.x))
+
+    @property
+    def out_elements(self) -> int:
+        if self.op == "Conv":
+            return self.x[0] * self.w[0] * self.x[2] * self.x[3]
+        return int(np.prod(self.x[:-1])) * self.w[1]
+
+
+CONV = LinearShape("Conv", (1, 128, 56, 56), (128, 128, 3, 3))
+MATMUL = LinearShape("MatMul", (1024, 1024), (1024, 1024))
+
+
+def build_linear(shape: LinearShape, candidate: str, rng: np.random.Generator,
+                 out_range: tuple[float, float] = (-8.0, 8.0), block: int = 32) -> onnx.ModelProto:
+    """One Conv or MatMul in the form onnxq's rewrite produces for ``candidate``.
+
+    * ``fp32/fp32``: the float op; ``fp16/fp16``: Cast → fp16 op → Cast;
+    * ``W/A`` with integer ``A``: ``Q(x) → DQ → op(DQ(W)) → Q → DQ`` (per-tensor asymmetric
+      activations, per-channel symmetric weights), which onnxruntime fuses into QLinear kernels;
+    * ``W/fp32`` (weight-only): ``op(DQ(W))``; 4-bit MatMul weights are block-wise along the
+      reduction axis (they fuse into ``MatMulNBits``).
+    """
+    cand = Candidate.parse(candidate)
+    wp, ap = cand.weights.value, cand.activations.value
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape.x))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    w = (rng.standard_normal(shape.w) * 0.05).astype(np.float32)
+    conv_attrs = {"pads": [1, 1, 1, 1]} if shape.op == "Conv" else {}
+    inits: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    if ap in ("fp32", "fp16") and wp == ap:
+        dtype = np.float16 if ap == "fp16" else np.float32
+        inits.append(numpy_helper.from_array(w.astype(dtype), "w"))
+        if ap == "fp16":
+            nodes.append(helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16))
+            nodes.append(helper.make_node(shape.op, ["x16", "w"], ["y16"], **conv_attrs))
+            nodes.append(helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT))
+        else:
+            nodes.append(helper.make_node(shape.op, ["x", "w"], ["y"], **conv_attrs))
+        return _model(nodes, [x], [y], inits, f"{shape.op}_{candidate}")
+    # integer weights: per-channel (output channels) or block-wise for 4-bit weight-only MatMul
+    axis = 0 if shape.op == "Conv" else 1
+    use_block = shape.op == "MatMul" and ap == "fp32" and wp in ("int4", "uint4")
+    if wp.startswith("u") and not use_block:
+        q, scale = _quantize_weights(w, wp.lstrip("u"), axis)
+        q = q - _RANGE[wp.lstrip("u")][0] + _RANGE[wp][0]  # shift to the unsigned grid
+        zero = np.full(scale.shape, -_RANGE[wp.lstrip("u")][0], dtype=np.int64)
+    elif use_block:
+        q, scale = _quantize_weights(w, "int4", 0, block)
+        zero = None
+        if wp == "uint4":
+            q = q + 8
+            zero = np.full(scale.shape, 8, dtype=np.int64)
+    else:
+        q, scale = _quantize_weights(w, wp, axis)
+        zero = np.zeros(scale.shape, dtype=np.int64)
+    inits.append(_int_tensor("wq", wp, q))
+    inits.append(numpy_helper.from_array(scale, "ws"))
+    dq_inputs = ["wq", "ws"]
+    if zero is not None:
+        inits.append(_int_tensor("wz", wp, zero))
+        dq_inputs.append("wz")
+    dq_attrs: dict[str, int] = {"axis": 0 if use_block else axis}
+    if use_block:
+        dq_attrs["block_size"] = block
+    nodes.append(helper.make_node("DequantizeLinear", dq_inputs, ["wf"], **dq_attrs))
+    if ap == "fp32":
+        nodes.append(helper.make_node(shape.op, ["x", "wf"], ["y"], **conv_attrs))
+        return _model(nodes, [x], [y], inits, f"{shape.op}_{candidate}")
+    xs, xz = _act_qparams(-1.0, 1.0, ap)
+    ys, yz = _act_qparams(*out_range, ap)
+    inits += [numpy_helper.from_array(np.array(xs, np.float32), "xs"), _int_tensor("xz", ap, np.array(xz)),
+              numpy_helper.from_array(np.array(ys, np.float32), "ys"), _int_tensor("yz", ap, np.array(yz))]
+    nodes += [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+        helper.make_node(shape.op, ["xd", "wf"], ["yf"], **conv_attrs),
+        helper.make_node("QuantizeLinear", ["yf", "ys", "yz"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"]),
+    ]
+    return _model(nodes, [x], [y], inits, f"{shape.op}_{candidate}")
+
+
+def _elementwise_add(n: int) -> onnx.ModelProto:
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])
+    return _model([helper.make_node("Add", ["a", "b"], ["y"])], [a, b], [y], [], "add")
+
+
+def _conversion(n: int, direction: str, precision: str = "uint8") -> onnx.ModelProto:
+    """A standalone QuantizeLinear (``q``) or DequantizeLinear (``dq``) on ``n`` elements."""
+    scale = numpy_helper.from_array(np.array(0.01, np.float32), "s")
+    zero = _int_tensor("z", precision, np.array(_RANGE[precision][0] + (_RANGE[precision][1] - _RANGE[precision][0] + 1) // 2))
+    if direction == "q":
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])
+        y = helper.make_tensor_value_info("y", _ELEM[precision], [n])
+        node = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])
+    else:
+        x = helper.make_tensor_value_info("x", _ELEM[precision], [n])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])
+        node = helper.make_node("DequantizeLinear", ["x", "s", "z"], ["y"])
+    return _model([node], [x], [y], [scale, zero], f"{direction}_{precision}")
+
+
+def _add_chain(length: int, n: int = 16) -> onnx.ModelProto:
+    """``length`` dependent tiny Adds (distinct constants, nothing for the optimizer to fold)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])
+    nodes, inits = [], []
+    prev = "x"
+    for i in range(length):
+        inits.append(numpy_helper.from_array(np.full([n], 1e-3 * (i + 1), np.float32), f"c{i}"))
+        out = "y" if i == length - 1 else f"t{i}"
+        nodes.append(helper.make_node("Add", [prev, f"c{i}"], [out]))
+        prev = out
+    return _model(nodes, [x], [y], inits, f"chain{length}")
+
+
+# -- phase 1: micro-benchmarks -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Measured:
+    """Raw micro-benchmark results (seconds, elements, MACs) and the fitted parameters."""
+
+    overhead_seconds: float = 0.0
+    run_seconds: float = 0.0
+    bytes_per_second: float = 0.0
+    q_ns: dict[str, float] = dataclasses.field(default_factory=dict)
+    dq_ns: dict[str, float] = dataclasses.field(default_factory=dict)
+    linear_seconds: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    linear_macs_per_second: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def conversion_ns(self) -> float:
+        """Mean of Q and DQ per element at the 8-bit boundary, cache-resident tensors."""
+        return (self.q_ns["uint8_small"] + self.dq_ns["uint8_small"]) / 2
+
+
+#: Candidates measured on both micro-layers; ``MATMUL_ONLY`` only on MatMul.
+LINEAR_CANDIDATES = ("fp32/fp32", "fp16/fp16", "int8/uint8", "int8/int8", "int16/int16", "int4/uint8", "int4/int8")
+MATMUL_ONLY = ("int8/fp32", "int4/fp32", "uint4/fp32", "uint8/uint8")
+
+
+def measure_micro(timer: Timer, log: Callable[[str], None] = print) -> Measured:
+    """Run every micro-benchmark and return the raw numbers (MAC rates net of boundary Q/DQ)."""
+    rng = np.random.default_rng(SEED)
+    m = Measured()
+    # per-op overhead: slope over chain lengths; intercept = fixed cost of one Run()
+    lengths = (1, 51, 101, 201)
+    feed = {"x": rng.standard_normal(16).astype(np.float32)}
+    times = [timer.time_model(_add_chain(k), feed) for k in lengths]
+    slope, intercept = np.polyfit(np.array(lengths, float), np.array(times), 1)
+    m.overhead_seconds, m.run_seconds = float(slope), float(intercept)
+    log(f"op overhead {slope * 1e6:.2f} us/op, Run() fixed {intercept * 1e6:.1f} us "
+        f"(chains {', '.join(f'{k}:{t * 1e6:.0f}us' for k, t in zip(lengths, times, strict=True))})")
+    # memory bandwidth: a + b -> y, 3 x 4 bytes per element
+    n = 16 * 1024 * 1024
+    feed = {"a": rng.standard_normal(n).astype(np.float32), "b": rng.standard_normal(n).astype(np.float32)}
+    t = timer.time_model(_elementwise_add(n), feed)
+    m.bytes_per_second = 12 * n / max(t - m.run_seconds - m.overhead_seconds, 1e-9)
+    log(f"bandwidth {m.bytes_per_second / 1e9:.2f} GB/s (Add of {n} fp32 in {t * 1e3:.2f} ms)")
+    # Q / DQ per element: big (memory-bound) and cache-resident tensors
+    for label, size in (("small", 256 * 1024), ("large", 16 * 1024 * 1024)):
+        for precision in ("uint8", "int16"):
+            xf = rng.uniform(-1, 1, size).astype(np.float32)
+            tq = timer.time_model(_conversion(size, "q", precision), {"x": xf})
+            lo, hi = _RANGE[precision]
+            xi = rng.integers(lo, hi + 1, size).astype(np.uint8 if precision == "uint8" else np.int16)
+            tdq = timer.time_model(_conversion(size, "dq", precision), {"x": xi})
+            fixed = m.run_seconds + m.overhead_seconds
+            m.q_ns[f"{precision}_{label}"] = max(tq - fixed, 0.0) / size * 1e9
+            m.dq_ns[f"{precision}_{label}"] = max(tdq - fixed, 0.0) / size * 1e9
+            log(f"Q {precision} {label}: {m.q_ns[f'{precision}_{label}']:.3f} ns/el, "
+                f"DQ: {m.dq_ns[f'{precision}_{label}']:.3f} ns/el")
+    # MAC throughput per candidate
+    for shape in (CONV, MATMUL):
+        x = (rng.uniform(-1, 1, shape.x)).astype(np.float32)
+        ref = timer.session(build_linear(shape, "fp32/fp32", rng)).run(None, {"x": x})[0]
+        out_range = (float(ref.min()), float(ref.max()))
+        rates: dict[str, float] = {}
+        secs: dict[str, float] = {}
+        for cand in LINEAR_CANDIDATES + (MATMUL_ONLY if shape.op == "MatMul" else ()):
+            try:
+                model = build_linear(shape, cand, np.random.default_rng(SEED), out_range)
+                t = timer.time_model(model, {"x": x})
+            except Exception as error:  # a candidate onnxruntime cannot run is reported, not fatal
+                m.notes.append(f"{shape.op} {cand}: {str(error).splitlines()[0][:160]}")
+                log(f"{shape.op} {cand}: FAILED {str(error).splitlines()[0][:160]}")
+                continue
+            act = Candidate.parse(cand).activations.value
+            boundary = 0.0
+            if act not in ("fp32", "fp16"):
+                key = "uint8" if act in ("uint8", "int8") else "int16"
+                boundary = (shape.in_elements * m.q_ns[f"{key}_small"] + shape.out_elements * m.dq_ns[f"{key}_small"]) * 1e-9
+            net = max(t - boundary - m.run_seconds, t * 0.1)
+            secs[cand] = t
+            rates[cand] = shape.macs / net
+            log(f"{shape.op} {cand}: {t * 1e3:.2f} ms ({rates[cand] / 1e9:.1f} GMAC/s net of "
+                f"{boundary * 1e3:.2f} ms boundary Q/DQ; {rates[cand] / rates.get('fp32/fp32', rates[cand]):.2f}x fp32)")
+        m.linear_seconds[shape.op] = secs
+        m.linear_macs_per_second[shape.op] = rates
+    # the int8-activation trap: forced s8s8 kernels (what happens when the u8 rewrite fails)
+    x = rng.uniform(-1, 1, CONV.x).astype(np.float32)
+    for shape in (CONV, MATMUL):
+        x = rng.uniform(-1, 1, shape.x).astype(np.float32)
+        t = timer.time_model(build_linear(shape, "int8/int8", np.random.default_rng(SEED)), {"x": x},
+                             {"session.qdqisint8allowed": "1"})
+        m.linear_macs_per_second[shape.op]["int8/int8 (s8s8 forced)"] = shape.macs / t
+        log(f"{shape.op} int8/int8 with session.qdqisint8allowed=1: {t * 1e3:.2f} ms")
+    return m
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return float(math.exp(sum(math.log(v) for v in values) / len(values)))
+
+
+def fit_cost_block(m: Measured, op_overhead: float, machine: str) -> dict[str, object]:
+    """The spec's ``cost`` block from the micro-benchmark numbers.
+
+    ``macs_per_second[p]`` is the geometric mean of the Conv and MatMul rates of the candidate
+    the precision stands for (``uint8`` ← int8/uint8, ``int8`` ← int8/int8 …);
+    ``candidate_macs_per_second`` holds candidates whose rate the activation format alone does
+    not give.
+    """
+    conv, mm = m.linear_macs_per_second["Conv"], m.linear_macs_per_second["MatMul"]
+
+    def both(cand: str) -> float:
+        values = [table[cand] for table in (conv, mm) if cand in table]
+        return _geomean(values) if values else 0.0
+
+    fp32 = both("fp32/fp32")
+    # int8 activations: the micro-model is rewritten to uint8 (single consumer); in real graphs
+    # the rewrite fails where a tensor feeds several consumers and the s8s8 kernels run, so the
+    # model takes the pessimistic forced-s8s8 rate (ORT_FACTS: "int8 activations are a trap").
+    int8_act = _geomean([conv["int8/int8 (s8s8 forced)"], mm["int8/int8 (s8s8 forced)"]])
+    macs = {
+        "fp32": fp32,
+        "fp16": both("fp16/fp16"),
+        "bf16": both("fp16/fp16"),  # no bf16 kernels on ORT CPU: priced like fp16 (Cast + float)
+        "uint8": both("int8/uint8"),
+        "int8": int8_act,
+        "int16": both("int16/int16"),
+        "uint16": both("int16/int16"),
+        "int4": int8_act,
+    }
+    candidates = {
+        "int4/uint8": both("int4/uint8"),
+        "int4/int8": min(both("int4/int8"), int8_act),
+        "int8/fp32": mm.get("int8/fp32", fp32),
+        "int4/fp32": mm.get("int4/fp32", fp32),
+        "uint4/fp32": mm.get("uint4/fp32", fp32),
+        "uint8/uint8": mm.get("uint8/uint8", both("int8/uint8")),
+        "int16/int16": both("int16/int16"),
+    }
+
+    def sig(value: float) -> float:
+        return float(f"{value:.3g}")
+
+    comment = (
+        f"measured by benchmarks/calibrate_cost_model.py on {machine}; onnxruntime {ort.__version__}, "
+        f"ORT_ENABLE_ALL. MAC rates: geometric mean of a 128x128x3x3 Conv on 56x56 and a 1024^3 MatMul, "
+        f"net of the boundary Q/DQ. 'int8' and 'int4' (int8 activations) take the forced s8s8 rate "
+        f"(the uint8 rewrite fails where a tensor has several consumers). bf16 priced as fp16 (not measured). "
+        f"op_overhead_seconds is fitted on the bundled models (it stands for the non-layer ops around each layer "
+        f"and the fixed Run() cost, {m.overhead_seconds * 1e6:.2f} us per tiny op measured); see benchmarks/COST_MODEL.md"
+    )
+    return {
+        "placeholder": False,
+        "comment": comment,
+        "macs_per_second": {k: sig(v) for k, v in macs.items() if v > 0},
+        "candidate_macs_per_second": {k: sig(v) for k, v in candidates.items() if v > 0},
+        "bytes_per_second": sig(m.bytes_per_second),
+        "conversion_ns_per_element": sig(m.conversion_ns),
+        "op_overhead_seconds": sig(op_overhead),
+    }
+
+
+# -- phase 2: validation on bundled models -----------------------------------------------------
+
+
+def _weight_channels(layer_op: str, shape: tuple[int, ...], trans_b: bool) -> int:
+    if not shape:
+        return 1
+    if layer_op in ("Conv", "ConvTranspose"):
+        return int(shape[0])
+    if layer_op == "Gemm":
+        return int(shape[0] if trans_b else shape[-1])
+    return int(shape[-1])
+
+
+def static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
+    """A copy with the batch dimension fixed and shapes inferred with data propagation.
+
+    With a symbolic batch, shape inference loses the shapes behind ``Shape → Reshape`` (the
+    attention MatMuls of the transformer get 0 MACs); fixing the batch recovers them.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for value in copy.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch
+    del copy.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(copy, data_prop=True)
+
+
+def layer_costs(view: GraphView, batch: int = 1) -> tuple[list[LayerCost], list[tuple[str, str, int]]]:
+    """``LayerCost`` per layer of ``view`` and the edges between layers, scaled to ``batch``.
+
+    GraphView counts MACs and activation elements per sample; one inference of ``batch``
+    samples multiplies them (and the boundary tensors) by ``batch``; weights stay.
+    """
+    costs = []
+    for layer in view.layers.values():
+        node = view.nodes[layer.name]
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        weight_shape = layer.weight.shape if layer.weight else ()
+        costs.append(LayerCost(
+            name=layer.name,
+            op_type=layer.op_type,
+            macs=layer.macs * batch,
+            weight_elements=layer.weight.elements if layer.weight else 0,
+            input_elements=layer.input_elements * batch,
+            output_elements=layer.output_elements * batch,
+            weight_channels=_weight_channels(layer.op_type, tuple(weight_shape), trans_b),
+        ))
+    edges = [(a, b, n * batch) for a, b, n in view.edges_between_layers()]
+    return costs, edges
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); nan for fewer than 2 items."""
+    def ranks(values: Sequence[float]) -> np.ndarray:
+        order = np.argsort(values, kind="stable")
+        r = np.empty(len(values))
+        r[order] = np.arange(len(values), dtype=float)
+        for v in set(values):
+            idx = [i for i, x in enumerate(values) if x == v]
+            r[idx] = np.mean(r[idx])
+        return r
+
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@dataclasses.dataclass
+class Case:
+    """One (model, plan, batch) comparison."""
+
+    model: str
+    plan: str
+    batch: int
+    measured: float
+    roofline: float  # estimate without op overheads (seconds)
+    layers: int
+    plan_map: dict[str, str]
+
+    def estimated(self, overhead: float) -> float:
+        return self.roofline + self.layers * overhead
+
+
+def _plans(view: GraphView, int8_plan: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    names = list(view.layer_names)
+    half = len(names) // 2
+    head = names[-1]
+    fp16_ok = view.layers[head].op_type in ("Conv", "Gemm", "MatMul")
+    plans = {
+        "fp32": {},
+        "int8": dict(int8_plan),
+        "first half int8": {n: int8_plan[n] for n in names[:half] if n in int8_plan},
+        "alternating int8/fp32": {n: int8_plan[n] for i, n in enumerate(names) if i % 2 == 0 and n in int8_plan},
+    }
+    if fp16_ok:
+        plans["int8 + fp16 head"] = {**int8_plan, head: "fp16/fp16"}
+    else:
+        plans["int8 + fp32 head"] = {n: c for n, c in int8_plan.items() if n != head}
+    return plans
+
+
+def validate_models(timer: Timer, spec: HardwareSpec, models: Sequence[Path], batches: Sequence[int],
+                    log: Callable[[str], None] = print) -> list[Case]:
+    """Quantize each bundled model with every plan and time it at each batch size."""
+    cases: list[Case] = []
+    zero_overhead = dataclasses.replace(spec, cost=dataclasses.replace(spec.cost, op_overhead_seconds=0.0))
+    for path in models:
+        calib = np.load(path.with_suffix(".calib.npz"))
+        fp32 = onnx.load(path)
+        view = GraphView(static_shapes(fp32), layer_ops_for(spec))
+        uniform = onnxq.quantize(fp32, path.with_suffix(".calib.npz"), spec, precision="int8/uint8")
+        int8_plan = dict(uniform.report["plan"]["layers"])
+        for plan_name, plan in _plans(view, int8_plan).items():
+            if plan_name == "fp32":
+                model = fp32
+            elif plan_name == "int8":
+                model = uniform.model
+            else:
+                try:
+                    model = onnxq.quantize(fp32, path.with_suffix(".calib.npz"), spec, plan=plan).model
+                except Exception as error:
+                    log(f"{path.stem} {plan_name}: quantize failed: {error}")
+                    continue
+            session = timer.session(model)
+            for batch in batches:
+                feed = {k: v[:batch] for k, v in calib.items()}
+                measured = timer.median_seconds(session, feed)
+                layers, edges = layer_costs(view, batch)
+                roof = estimate(layers, plan, zero_overhead, edges).latency_seconds
+                case = Case(path.stem, plan_name, batch, measured, roof, len(layers), dict(plan))
+                cases.append(case)
+                log(f"{path.stem:20s} {plan_name:24s} b={batch:<3d} measured {measured * 1e3:8.3f} ms  "
+                    f"roofline {roof * 1e3:8.3f} ms")
+    return cases
+
+
+def fit_overhead(cases: Sequence[Case]) -> float:
+    """Per-layer overhead minimising the squared relative error over ``cases`` (≥ 0)."""
+    # minimise sum ((r_i + n_i h) / m_i - 1)^2  ->  h = sum n_i/m_i (1 - r_i/m_i) / sum (n_i/m_i)^2
+    num = sum(c.layers / c.measured * (1 - c.roofline / c.measured) for c in cases)
+    den = sum((c.layers / c.measured) ** 2 for c in cases)
+    return max(num / den, 0.0) if den else 0.0
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, str]:
+    """CPU model, core counts, ISA flags of interest, versions and the date."""
+    cpu, flags = platform.processor() or "unknown", ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        cpu = found.group(1).strip() if found else cpu
+        found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        have = set(found.group(1).split()) if found else set()
+        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "f16c", "avx512_fp16") if f in have)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cores": str(os.cpu_count()),
+        "flags": flags,
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "python": platform.python_version(),
+        "date": dt.date.today().isoformat(),
+        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+
+
+def error_table(cases: Sequence[Case], overhead: float) -> tuple[list[str], float, dict[tuple[str, int], float]]:
+    """Markdown rows, the mean absolute relative error and Spearman per (model, batch)."""
+    rows = ["| model | plan | batch | measured (ms) | estimated (ms) | rel. error |", "|---|---|---:|---:|---:|---:|"]
+    errors = []
+    for c in cases:
+        est = c.estimated(overhead)
+        err = est / c.measured - 1
+        errors.append(abs(err))
+        rows.append(f"| {c.model} | {c.plan} | {c.batch} | {c.measured * 1e3:.3f} | {est * 1e3:.3f} | {err:+.1%} |")
+    ranks: dict[tuple[str, int], float] = {}
+    for key in sorted({(c.model, c.batch) for c in cases}):
+        group = [c for c in cases if (c.model, c.batch) == key]
+        ranks[key] = spearman([c.estimated(overhead) for c in group], [c.measured for c in group])
+    return rows, float(np.mean(errors)) if errors else float("nan"), ranks
+
+
+def render_report(info: Mapping[str, str], threads: int, stat: str, m: Measured, cost: Mapping[str, object],
+                  cases: Sequence[Case], old_overhead: float, fitted: float) -> str:
+    """The Markdown of ``benchmarks/COST_MODEL.md``."""
+    lines = [
+        "# ort-cpu-x86 cost model calibration",
+        "",
+        "Generated by `python benchmarks/calibrate_cost_model.py` (do not edit by hand).",
+        "",
+        f"- CPU: {info['cpu']} ({info['logical_cores']} logical cores; flags: {info['flags']})",
+        f"- onnxruntime {info['onnxruntime']}, onnx {info['onnx']}, Python {info['python']}; "
+        f"CPUExecutionProvider, ORT_ENABLE_ALL, intra-op threads {threads}, inter-op 1; statistic: {stat} of repeats "
+        f"(load average at start: {info['load']})",
+        f"- date: {info['date']}",
+        "",
+        "## Micro-benchmarks",
+        "",
+        f"- per-op overhead (slope over chains of tiny Adds): {m.overhead_seconds * 1e6:.2f} us; "
+        f"fixed cost of one `Run()` from Python: {m.run_seconds * 1e6:.1f} us",
+        f"- memory bandwidth (fp32 Add, 16 Mi elements): {m.bytes_per_second / 1e9:.2f} GB/s",
+        "- QuantizeLinear / DequantizeLinear per element (ns): "
+        + ", ".join(f"{k}: Q {m.q_ns[k]:.3f} / DQ {m.dq_ns[k]:.3f}" for k in m.q_ns),
+        "",
+        "| candidate | Conv 128x128x3x3 @56x56 GMAC/s | x fp32 | MatMul 1024^3 GMAC/s | x fp32 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    conv, mm = m.linear_macs_per_second["Conv"], m.linear_macs_per_second["MatMul"]
+    for cand in list(dict.fromkeys(list(conv) + list(mm))):
+        c = f"{conv[cand] / 1e9:.1f} | {conv[cand] / conv['fp32/fp32']:.2f}" if cand in conv else "- | -"
+        d = f"{mm[cand] / 1e9:.1f} | {mm[cand] / mm['fp32/fp32']:.2f}" if cand in mm else "- | -"
+        lines.append(f"| {cand} | {c} | {d} |")
+    if m.notes:
+        lines += ["", "Failures: " + "; ".join(m.notes)]
+    lines += ["", "## Fitted `cost` block", "", "```json", json.dumps(cost, indent=2), "```", ""]
+    for title, overhead in ((f"micro-benchmark op overhead ({old_overhead * 1e6:.2f} us per layer)", old_overhead),
+                            (f"fitted per-layer overhead ({fitted * 1e6:.2f} us per layer, written to the spec)", fitted)):
+        rows, mare, ranks = error_table(cases, overhead)
+        lines += [f"## Estimate vs measured: {title}", ""] + rows + [
+            "", f"Mean absolute relative error: **{mare:.1%}**", "",
+            "Spearman rank correlation of plans (estimated vs measured latency): "
+            + ", ".join(f"{model} b={batch}: {rho:+.2f}" for (model, batch), rho in ranks.items()), ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_spec_cost(path: Path, cost: Mapping[str, object], info: Mapping[str, str]) -> None:
+    """Replace the ``cost`` block of the spec JSON (and the placeholder note of its description)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["cost"] = dict(cost)
+    note = (f"COST NUMBERS measured by benchmarks/calibrate_cost_model.py on {info['cpu']} "
+            f"({info['logical_cores']} cores, onnxruntime {info['onnxruntime']}, {info['date']}); "
+            "see benchmarks/COST_MODEL.md.")
+    data["description"] = re.sub(r"COST NUMBERS (ARE PLACEHOLDERS|measured).*$", note, data["description"])
+    if note not in data["description"]:
+        data["description"] = data["description"].rstrip() + " " + note
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--stat", choices=("min", "median"), default="min",
+                        help="statistic over the repeats (min: robust to other jobs on a shared machine)")
+    parser.add_argument("--spec", type=Path, default=ROOT / "hardware_specs" / "ort-cpu-x86.json")
+    parser.add_argument("--models", type=Path, nargs="*",
+                        default=[ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_transformer.onnx"])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "COST_MODEL.md")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave the spec and the report alone")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    np.random.seed(SEED)
+    timer = Timer(threads=args.threads, repeats=args.repeats, stat=args.stat)
+    info = machine_info()
+    print(f"# {info['cpu']}, {info['logical_cores']} cores, onnxruntime {info['onnxruntime']}, threads {args.threads}")
+    micro = measure_micro(timer)
+    per_op = micro.overhead_seconds
+    provisional = fit_cost_block(micro, per_op, info["cpu"])
+    spec = load_spec(args.spec)
+    spec = dataclasses.replace(spec, cost=_cost_params(spec, provisional))
+    cases = validate_models(timer, spec, args.models, args.batches)
+    fitted = fit_overhead(cases)
+    cost = fit_cost_block(micro, fitted, info["cpu"])
+    report = render_report(info, args.threads, args.stat, micro, cost, cases, per_op, fitted)
+    print(report)
+    if not args.no_write:
+        args.report.write_text(report, encoding="utf-8")
+        write_spec_cost(args.spec, cost, info)
+        print(f"wrote {args.report} and the cost block of {args.spec}", file=sys.stderr)
+    return 0
+
+
+def _cost_params(spec: HardwareSpec, block: Mapping[str, object]):  # noqa: ANN202 - CostParams
+    """``CostParams`` of ``spec`` with the numbers of a fitted ``cost`` block."""
+    from types import MappingProxyType
+
+    from onnxq.precision import Precision
+
+    macs = block["macs_per_second"]
+    cands = block["candidate_macs_per_second"]
+    assert isinstance(macs, Mapping) and isinstance(cands, Mapping)
+    return dataclasses.replace(
+        spec.cost,
+        macs_per_second=MappingProxyType({Precision(k): float(v) for k, v in macs.items()}),
+        candidate_macs_per_second=MappingProxyType({Candidate.parse(k): float(v) for k, v in cands.items()}),
+        bytes_per_second=float(block["bytes_per_second"]),  # type: ignore[arg-type]
+        conversion_ns_per_element=float(block["conversion_ns_per_element"]),  # type: ignore[arg-type]
+        op_overhead_seconds=float(block["op_overhead_seconds"]),  # type: ignore[arg-type]
+        placeholder=False,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
