@@ -148,7 +148,7 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
     changed = True
     while changed:
         changed = False
-        for node_name, node in view.nodes.items():
+        for node in view.nodes.values():
             if node.op_type not in shared_ops or not node.input or not node.output:
                 continue
             source, target = node.input[0], node.output[0]

@@ -1,0 +1,119 @@
+"""Real evaluations of a plan: build its quantized model with the pipeline's own passes, run it.
+
+The search never trusts its predictions alone: :class:`PlanEvaluator` builds the model of a
+plan exactly as the final pipeline will (prepare, layout, calibrate, rewrite) on a copy of the
+fp32 model, runs it in onnxruntime on the held-back feeds, and measures the drop of the
+fidelity to fp32 (:mod:`onnxq.metrics`), or of the user's ``--evaluator MODULE:FUNCTION``
+(``f(onnx_path) -> float``, higher is better).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxq.errors import UsageError
+from onnxq.metrics import fidelity, resolve_metric
+from onnxq.pipeline import PassContext, Pipeline
+from onnxq.precision import Candidate
+from onnxq.runtime import make_session, run_all
+
+__all__ = ["Evaluation", "PlanEvaluator", "load_evaluator"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One measured plan: the metric's value, the drop from fp32, the time it took."""
+
+    value: float
+    drop: float
+    seconds: float
+
+
+def load_evaluator(text: str) -> Callable[[str], float]:
+    """Import ``MODULE:FUNCTION``."""
+    module_name, _, function_name = text.partition(":")
+    if not module_name or not function_name:
+        raise UsageError(f"--evaluator {text!r} is not MODULE:FUNCTION", "e.g. --evaluator mypkg.evals:accuracy")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(f"cannot import evaluator {text!r}: {error}", "check that the module is on PYTHONPATH") from error
+    if not callable(function):
+        raise UsageError(f"evaluator {text!r} is not callable", "point it at a function f(onnx_path) -> float")
+    return function  # type: ignore[no-any-return]
+
+
+class PlanEvaluator:
+    """Builds and measures plans against the fp32 model of a pipeline context.
+
+    Args:
+        ctx: the pipeline context (its ``model`` is the fp32 working model before any rewrite;
+            artifacts ``spec``, ``feeds``, ``fp32_model``).
+    """
+
+    def __init__(self, ctx: PassContext) -> None:
+        self.base = onnx.ModelProto()
+        self.base.CopyFrom(ctx.model)
+        self.options = ctx.options
+        self.artifacts = {key: ctx.artifacts[key] for key in ("spec", "feeds", "fp32_model") if key in ctx.artifacts}
+        self.graph_view_builder = ctx.analyses._builders.get("graph_view")  # noqa: SLF001 - same analysis as the pipeline
+        self.feeds = list(ctx.artifacts["feeds"].held_back)
+        self.evaluations = 0
+        self._user = load_evaluator(self.options.evaluator) if getattr(self.options, "evaluator", None) else None
+        self._reference: Any = None
+        self._user_fp32: float | None = None
+        self.metric_name = "user" if self._user else ""
+
+    def build(self, plan: Mapping[str, Candidate]) -> onnx.ModelProto:
+        """The quantized model of ``plan`` (prepare, layout, calibrate, rewrite on a copy)."""
+        from onnxq.passes import CalibratePass, LayoutPass, PreparePass, RewritePass
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.base)
+        ctx = PassContext(model=model, options=self.options)
+        ctx.artifacts.update(self.artifacts)
+        ctx.artifacts["plan"] = dict(plan)
+        if self.graph_view_builder is not None:
+            ctx.analyses.register("graph_view", self.graph_view_builder)
+        Pipeline([PreparePass(), LayoutPass(), CalibratePass(), RewritePass()]).run(ctx)
+        return ctx.model
+
+    def _user_value(self, model: onnx.ModelProto) -> float:
+        assert self._user is not None
+        with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as folder:
+            path = Path(folder) / "model.onnx"
+            onnx.save(model, str(path))
+            return float(self._user(str(path)))
+
+    def measure_model(self, model: onnx.ModelProto) -> Evaluation:
+        """Measure an already built model."""
+        started = time.perf_counter()
+        self.evaluations += 1
+        if self._user is not None:
+            if self._user_fp32 is None:
+                self._user_fp32 = self._user_value(self.artifacts["fp32_model"])
+            value = self._user_value(model)
+            return Evaluation(value, self._user_fp32 - value, time.perf_counter() - started)
+        if self._reference is None:
+            self._reference = run_all(make_session(self.artifacts["fp32_model"]), self.feeds)
+        metric = resolve_metric(self.options.metric, self._reference)
+        self.metric_name = metric.value
+        value = fidelity(metric, self._reference, run_all(make_session(model), self.feeds))
+        return Evaluation(value, 1.0 - value, time.perf_counter() - started)
+
+    def measure(self, plan: Mapping[str, Candidate]) -> Evaluation:
+        """Build ``plan``'s model and measure its drop (one real evaluation)."""
+        evaluation = self.measure_model(self.build(plan))
+        logger.info("evaluated a plan with %d quantized layers: drop %.5f", sum(not c.is_float for c in plan.values()), evaluation.drop)
+        return evaluation
