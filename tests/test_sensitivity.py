@@ -157,6 +157,18 @@ def test_unknown_method_is_a_usage_error(cnn, spec) -> None:  # type: ignore[no-
         analyze(cnn, _feeds(CNN, 16, 16), spec, executor="dask")
 
 
+def test_ray_missing_is_a_usage_error(cnn, spec) -> None:  # type: ignore[no-untyped-def]
+    from onnxq.errors import UsageError
+
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        with pytest.raises(UsageError, match="ray"):
+            analyze(cnn, _feeds(CNN, 16, 16), spec, executor="ray")
+    else:
+        pytest.skip("ray is installed")
+
+
 @pytest.mark.skipif(not TRANSFORMER.exists(), reason="digits_transformer.onnx not built")
 def test_transformer_int4_more_sensitive(spec) -> None:  # type: ignore[no-untyped-def]
     model = load_model(TRANSFORMER).proto

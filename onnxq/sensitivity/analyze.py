@@ -62,7 +62,7 @@ from onnxq.sensitivity.engine import (
     WeightQuantizer,
     weight_noise,
 )
-from onnxq.sensitivity.executors import parse_executor, run_jobs
+from onnxq.sensitivity.executors import require_executor, run_jobs
 from onnxq.spec.model import Granularity, HardwareSpec
 
 __all__ = ["SENSITIVITY_FORMAT", "METHODS", "analyze", "predicted_loss", "EVALUATION_COUNTER"]
@@ -294,7 +294,7 @@ def analyze(
         raise UsageError(f"radius {radius} must be at least 1", "e.g. --radius 1")
     if random_plans < 0 or workers < 0:
         raise UsageError("random_plans and workers must be >= 0", "e.g. --random-plans 20 --workers 2")
-    parse_executor(executor)
+    require_executor(executor)
     feed_list = [dict(f) for f in feeds]
     if not feed_list:
         raise CalibrationError("no calibration feeds for the sensitivity analysis", "pass at least one feed")

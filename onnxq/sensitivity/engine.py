@@ -197,7 +197,8 @@ class Evaluator:
             (then call :meth:`fp32_outputs` and :meth:`set_reference` first).
     """
 
-    _NOISE_CACHE = 16
+    #: Bytes of weight noise kept between jobs (plans and pairs reuse every layer's noise).
+    NOISE_CACHE_BYTES = 256 << 20
 
     def __init__(self, context: EvalContext) -> None:
         self.context = context
@@ -215,6 +216,7 @@ class Evaluator:
                     if attr.name == "value":
                         self.weights[node.output[0]] = onnx.numpy_helper.to_array(attr.t).astype(np.float32)
         self._noise: OrderedDict[object, np.ndarray] = OrderedDict()
+        self._noise_bytes = 0
         self._log_probs: list[list[np.ndarray | None]] | None = None
         self.evaluations = 0
         if context.reference is not None:
@@ -236,8 +238,9 @@ class Evaluator:
         if hit is None:
             hit = make()
             self._noise[key] = hit
-            while len(self._noise) > self._NOISE_CACHE:
-                self._noise.popitem(last=False)
+            self._noise_bytes += hit.nbytes
+            while self._noise_bytes > self.NOISE_CACHE_BYTES and len(self._noise) > 1:
+                self._noise_bytes -= self._noise.popitem(last=False)[1].nbytes
         else:
             self._noise.move_to_end(key)
         return hit

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from onnxq.errors import UsageError
 from onnxq.sensitivity.engine import EvalContext, Evaluator, Job
 
-__all__ = ["ExecutorSpec", "parse_executor", "run_jobs"]
+__all__ = ["ExecutorSpec", "parse_executor", "require_executor", "run_jobs"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,26 @@ def parse_executor(text: str) -> ExecutorSpec:
     if text.startswith("ray:") and len(text) > 4:
         return ExecutorSpec("ray", text[4:])
     raise UsageError(f"unknown executor {text!r}", "use local, ray or ray:ADDRESS")
+
+
+def require_executor(text: str) -> ExecutorSpec:
+    """Parse ``text`` and check that its backend is importable (fails before any work).
+
+    Raises:
+        UsageError: unknown executor, or ``ray`` without Ray installed.
+    """
+    spec = parse_executor(text)
+    if spec.kind == "ray":
+        _import_ray()
+    return spec
+
+
+def _import_ray():  # type: ignore[no-untyped-def]
+    try:
+        import ray  # noqa: PLC0415 - optional dependency, imported lazily
+    except ImportError:
+        raise UsageError("the ray executor needs Ray", "install onnxq[ray]") from None
+    return ray
 
 
 def _init_worker(context: EvalContext) -> None:
@@ -121,10 +141,7 @@ def _run_processes(context: EvalContext, jobs: Sequence[Job], workers: int,
 
 def _run_ray(context: EvalContext, jobs: Sequence[Job], actors: int, address: str | None,
              advance: Callable[[int], object]) -> list[float]:
-    try:
-        import ray  # noqa: PLC0415 - optional dependency, imported lazily
-    except ImportError:
-        raise UsageError("the ray executor needs Ray", "install onnxq[ray]") from None
+    ray = _import_ray()
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
 
