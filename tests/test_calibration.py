@@ -286,3 +286,22 @@ def test_histogram_keeps_every_count(scales, seed):
     assert counts.sum() == total
     assert hist.bound > 0
     assert np.all(counts >= 0)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+@pytest.mark.parametrize("bad", [-1.0, 0.0])  # log(-1) = NaN, log(0) = -Inf
+def test_nan_or_inf_inside_the_model_names_the_tensor(method, bad):
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["l"]), helper.make_node("Relu", ["l"], ["y"])],
+        "log",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1000])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1000])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    x = np.linspace(0.5, 2.0, 1000, dtype=np.float32).reshape(1, -1)
+    ok = collect_ranges(model, [{"x": x}], ["l"], method=method)
+    assert ok["l"].max == pytest.approx(np.log(2.0), abs=1e-3)
+    good = x.copy()
+    x[0, 500] = bad
+    with pytest.raises(CalibrationError, match="tensor 'l' takes NaN or Inf values on calibration feed 1"):
+        collect_ranges(model, [{"x": good}, {"x": x}], ["l"], method=method)

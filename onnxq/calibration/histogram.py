@@ -94,7 +94,11 @@ class RunningHistogram:
 
 @dataclass
 class TensorStats:
-    """Running statistics of one tensor over the calibration sweep."""
+    """Running statistics of one tensor over the calibration sweep.
+
+    ``count`` is the number of values seen, or of batches for a min/max-only sweep (where the
+    reduction happens inside onnxruntime); 0 means the tensor was never seen.
+    """
 
     min: float = math.inf
     max: float = -math.inf
@@ -107,6 +111,12 @@ class TensorStats:
         if self.count == 0:
             return 0.0
         return max(abs(self.min), abs(self.max))
+
+    def update_range(self, lo: float, hi: float) -> None:
+        """Fold in a batch known only by its (finite) min and max; ``count`` then counts batches."""
+        self.min = min(self.min, float(lo))
+        self.max = max(self.max, float(hi))
+        self.count += 1
 
     def update(self, x: np.ndarray) -> tuple[float, float]:
         """Fold one batch in; returns the batch's ``(min, max)`` (NaN/Inf propagate)."""

@@ -28,6 +28,7 @@ __all__ = [
     "make_session",
     "model_input_names",
     "prepare_feeds",
+    "reduction_model",
     "sessions_built",
     "sweep",
 ]
@@ -163,6 +164,31 @@ def calibration_model(
     return copy
 
 
+def reduction_model(
+    model: onnx.ModelProto, tensors: Sequence[str], types: Mapping[str, int] | None = None
+) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` that outputs ``ReduceMin``, ``ReduceMax`` and ``ReduceSum`` of each tensor.
+
+    The min/max-only sweep fetches three scalars per tensor instead of the whole tensor, and
+    onnxruntime can release every intermediate as soon as it is reduced. ``ReduceSum`` is there
+    for NaN detection (onnxruntime's ``ReduceMin``/``ReduceMax`` may skip NaNs). Returns the
+    model and the output names, three per tensor in the order min, max, sum.
+    """
+    copy = calibration_model(model, [], None)
+    types = types or {}
+    names: list[str] = []
+    for t in tensors:
+        elem = types.get(t, onnx.TensorProto.FLOAT)
+        for op, what in (("ReduceMin", "min"), ("ReduceMax", "max"), ("ReduceSum", "sum")):
+            out = f"onnxq_calib/{t}/{what}"
+            copy.graph.node.append(
+                onnx.helper.make_node(op, [t], [out], name=f"onnxq_calib/{t}/{op}", keepdims=0)
+            )
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(out, elem, []))
+            names.append(out)
+    return copy, names
+
+
 def make_session(
     model: onnx.ModelProto,
     optimize: bool = False,
@@ -240,7 +266,8 @@ def sweep(
         model: the fp32 model (not modified).
         feeds: complete feed dicts, one per batch.
         tensors: activation names (graph inputs or node outputs of the main graph), checked.
-        num_bins: bins per sign of each histogram; ``None`` collects min/max only.
+        num_bins: bins per sign of each histogram; ``None`` collects min/max only, reduced
+            inside the graph (see :func:`reduction_model`).
         progress: show a tqdm bar over the feeds.
         types: known element types (from :func:`check_tensors`).
 
@@ -254,7 +281,12 @@ def sweep(
         t: TensorStats(histogram=RunningHistogram(num_bins) if num_bins else None)
         for t in tensors
     }
-    session = make_session(calibration_model(model, output_names, types))
+    reduce = num_bins is None
+    if reduce:
+        calib, fetch = reduction_model(model, output_names, types)
+    else:
+        calib, fetch = calibration_model(model, output_names, types), output_names
+    session = make_session(calib)
     session_inputs = {i.name for i in session.get_inputs()}
     iterator: Iterable[Mapping[str, np.ndarray]] = feeds
     if progress:
@@ -271,14 +303,20 @@ def sweep(
         }
         try:
             # OrtValue outputs are viewed by numpy without a copy (session.run copies each one)
-            values = session.run_with_ort_values(output_names, run_feed) if output_names else []
+            values = session.run_with_ort_values(fetch, run_feed) if fetch else []
         except Exception as exc:
             raise CalibrationError(
                 f"onnxruntime failed on calibration feed {index}: {str(exc).splitlines()[0]}",
                 "check the feed's shapes and dtypes against the model inputs",
             ) from exc
-        for name, value in zip(output_names, values, strict=True):
-            _update(stats[name], name, _as_array(value), index)
+        if reduce:
+            scalars = [float(np.asarray(v.numpy())) for v in values]
+            for k, name in enumerate(output_names):
+                lo, hi, total = scalars[3 * k : 3 * k + 3]
+                _update_range(stats[name], name, lo, hi, total, index)
+        else:
+            for name, value in zip(output_names, values, strict=True):
+                _update(stats[name], name, _as_array(value), index)
         for name in input_names:
             _update(stats[name], name, arrays[name], index)
         del values
@@ -289,6 +327,17 @@ def _as_array(value: object) -> object:
     if isinstance(value, ort.OrtValue) and value.is_tensor():
         return value.numpy()
     return value
+
+
+def _update_range(stats: TensorStats, name: str, lo: float, hi: float, total: float, index: int) -> None:
+    if math.isnan(total) or not (math.isfinite(lo) and math.isfinite(hi)):
+        if lo == math.inf and hi == -math.inf:  # an empty tensor
+            return
+        raise CalibrationError(
+            f"tensor {name!r} takes NaN or Inf values on calibration feed {index}",
+            "the model overflows on this data; check the inputs' scale and preprocessing",
+        )
+    stats.update_range(lo, hi)
 
 
 def _update(stats: TensorStats, name: str, value: object, index: int) -> None:
