@@ -118,12 +118,17 @@ class TensorStats:
         self.max = max(self.max, float(hi))
         self.count += 1
 
-    def update(self, x: np.ndarray) -> tuple[float, float]:
-        """Fold one batch in; returns the batch's ``(min, max)`` (NaN/Inf propagate)."""
+    def update(self, x: np.ndarray, known: tuple[float, float] | None = None) -> tuple[float, float]:
+        """Fold one batch in; returns the batch's ``(min, max)`` (NaN/Inf propagate).
+
+        ``known`` is the batch's ``(min, max)`` when already computed (by onnxruntime).
+        """
         if x.size == 0:
             return (math.inf, -math.inf)
-        lo = float(np.min(x))
-        hi = float(np.max(x))
+        if known is None:
+            lo, hi = float(np.min(x)), float(np.max(x))
+        else:
+            lo, hi = float(known[0]), float(known[1])
         if not (math.isfinite(lo) and math.isfinite(hi)):
             return (lo, hi)
         self.min = min(self.min, lo)

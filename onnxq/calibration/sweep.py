@@ -281,12 +281,18 @@ def sweep(
         t: TensorStats(histogram=RunningHistogram(num_bins) if num_bins else None)
         for t in tensors
     }
-    reduce = num_bins is None
-    if reduce:
-        calib, fetch = reduction_model(model, output_names, types)
-    else:
-        calib, fetch = calibration_model(model, output_names, types), output_names
-    session = make_session(calib)
+    # min, max and a NaN-revealing sum are reduced inside onnxruntime; histogram methods also
+    # fetch the tensors themselves (viewed without a copy)
+    reduced, fetch = reduction_model(model, output_names, types)
+    with_tensors = num_bins is not None
+    if with_tensors:
+        existing = {o.name for o in reduced.graph.output}
+        for name in output_names:
+            if name not in existing:
+                elem = (types or {}).get(name, onnx.TensorProto.FLOAT)
+                reduced.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        fetch = [*fetch, *output_names]
+    session = make_session(reduced)
     session_inputs = {i.name for i in session.get_inputs()}
     iterator: Iterable[Mapping[str, np.ndarray]] = feeds
     if progress:
@@ -309,14 +315,15 @@ def sweep(
                 f"onnxruntime failed on calibration feed {index}: {str(exc).splitlines()[0]}",
                 "check the feed's shapes and dtypes against the model inputs",
             ) from exc
-        if reduce:
-            scalars = [float(np.asarray(v.numpy())) for v in values]
-            for k, name in enumerate(output_names):
-                lo, hi, total = scalars[3 * k : 3 * k + 3]
-                _update_range(stats[name], name, lo, hi, total, index)
-        else:
-            for name, value in zip(output_names, values, strict=True):
-                _update(stats[name], name, _as_array(value), index)
+        n_red = 3 * len(output_names)
+        scalars = [float(np.asarray(v.numpy())) for v in values[:n_red]]
+        for k, name in enumerate(output_names):
+            lo, hi, total = scalars[3 * k : 3 * k + 3]
+            _check_finite(name, lo, hi, total, index)
+            if with_tensors:
+                _update(stats[name], name, _as_array(values[n_red + k]), index, (lo, hi))
+            elif lo <= hi:
+                stats[name].update_range(lo, hi)
         for name in input_names:
             _update(stats[name], name, arrays[name], index)
         del values
@@ -329,18 +336,23 @@ def _as_array(value: object) -> object:
     return value
 
 
-def _update_range(stats: TensorStats, name: str, lo: float, hi: float, total: float, index: int) -> None:
+def _check_finite(name: str, lo: float, hi: float, total: float, index: int) -> None:
+    if lo == math.inf and hi == -math.inf:  # an empty tensor
+        return
     if math.isnan(total) or not (math.isfinite(lo) and math.isfinite(hi)):
-        if lo == math.inf and hi == -math.inf:  # an empty tensor
-            return
         raise CalibrationError(
             f"tensor {name!r} takes NaN or Inf values on calibration feed {index}",
             "the model overflows on this data; check the inputs' scale and preprocessing",
         )
-    stats.update_range(lo, hi)
 
 
-def _update(stats: TensorStats, name: str, value: object, index: int) -> None:
+def _update(
+    stats: TensorStats,
+    name: str,
+    value: object,
+    index: int,
+    known: tuple[float, float] | None = None,
+) -> None:
     if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
         raise CalibrationError(
             f"tensor {name!r} is not a float tensor at run time ({type(value).__name__})",
@@ -348,7 +360,7 @@ def _update(stats: TensorStats, name: str, value: object, index: int) -> None:
         )
     if value.dtype != np.float32 and value.dtype != np.float64:
         value = value.astype(np.float32)
-    lo, hi = stats.update(value)
+    lo, hi = stats.update(value, known)
     if value.size and not (math.isfinite(lo) and math.isfinite(hi)):
         raise CalibrationError(
             f"tensor {name!r} takes NaN or Inf values on calibration feed {index}",
