@@ -1,9 +1,12 @@
 """One onnxruntime sweep over the calibration feeds that collects statistics for many tensors.
 
-The model is copied once, every requested intermediate tensor becomes an extra graph output,
-and a single :class:`onnxruntime.InferenceSession` (graph optimizations disabled, so the names
-survive) runs over the feeds exactly once. Per tensor only a running min/max and a fixed-size
-histogram are kept, so peak memory does not grow with the number of feeds.
+The model is copied once; for every requested intermediate tensor it gains three scalar outputs
+(``ReduceMin``, ``ReduceMax`` and a ``ReduceSum`` that reveals NaNs) and, for the histogram
+methods, the tensor itself as an extra graph output. A single
+:class:`onnxruntime.InferenceSession` (graph optimizations disabled, so the names survive) runs
+over the feeds exactly once, and outputs are viewed as numpy arrays without a copy. Per tensor
+only a running min/max and a fixed-size histogram are kept, so peak memory does not grow with
+the number of feeds.
 """
 
 from __future__ import annotations
