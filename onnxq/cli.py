@@ -226,7 +226,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if not model_path.is_file():
         load_model(args.model)  # raises the standard missing-file / directory error
     _refuse_half_precision(model_path)
-    inputs: list[Path | None] = [model_path, *(Path(p) for p in (args.calib, args.plan, args.spec) if p and Path(p).exists())]
+    from onnxq.data import find_sibling_calibration
+
+    sibling = None if args.calib else find_sibling_calibration(model_path)
+    inputs: list[Path | None] = [model_path, sibling,
+                                 *(Path(p) for p in (args.calib, args.plan, args.spec) if p and Path(p).exists())]
     out = check_output_path(args.output, inputs)
     report_path = check_output_path(args.report, [*inputs, out]) if args.report else None
     html_path = check_output_path(args.report_html, [*inputs, out, report_path]) if args.report_html else None

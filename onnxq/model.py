@@ -32,6 +32,8 @@ __all__ = [
     "set_opset",
     "upgrade_opset",
     "model_sha256",
+    "byte_size",
+    "is_large",
     "check_output_path",
     "float16_tensors",
     "check_quantizable_dtypes",
@@ -117,6 +119,19 @@ def _check_external_locations(model: onnx.ModelProto, base_dir: Path) -> None:
             )
 
 
+def byte_size(model: onnx.ModelProto) -> int:
+    """``model.ByteSize()``, or at least 2 GB when protobuf cannot size it (it refuses over 2 GB)."""
+    try:
+        return int(model.ByteSize())
+    except (google.protobuf.message.EncodeError, ValueError):
+        return _TWO_GB
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is too large to serialise as one protobuf (≥ 2 GB)."""
+    return byte_size(model) >= _TWO_GB
+
+
 def model_sha256(model: onnx.ModelProto) -> str:
     """A stable hash of a model's content (serialised proto, external data loaded).
 
@@ -125,7 +140,7 @@ def model_sha256(model: onnx.ModelProto) -> str:
     more than one tensor's bytes in addition to the model.
     """
     digest = hashlib.sha256()
-    if model.ByteSize() < _TWO_GB:
+    if not is_large(model):
         digest.update(model.SerializeToString(deterministic=True))
         return digest.hexdigest()
     digest.update(b"onnxq-large-model/1")
@@ -238,14 +253,15 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, infer_shapes
         raise ModelError(f"model opset {opset} is newer than onnxruntime runs ({MAX_RUNTIME_OPSET})",
                          f"export with opset ≤ {MAX_OPSET}")
     try:
-        if proto.ByteSize() < _TWO_GB:
+        large = is_large(proto)
+        if not large:
             onnx.checker.check_model(proto)
         elif path is not None:
             onnx.checker.check_model(str(path))
     except Exception as error:  # ValidationError, and whatever else the C++ checker throws on garbage
         first = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
         raise ModelError(f"model fails onnx.checker: {first}", "fix or re-export the model") from error
-    if infer_shapes and proto.ByteSize() < _TWO_GB:
+    if infer_shapes and not large:
         try:
             proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
         except Exception as error:  # shape inference is best-effort: onnxq also reads real shapes at run time
@@ -354,14 +370,14 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str]) -> Path:
     tmp_data: Path | None = None
     data_name = f"{out.name}.data"
     try:
-        if model.ByteSize() >= _TWO_GB:
+        if is_large(model):
             fd, data_tmp_name = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
             os.close(fd)
             tmp_data = Path(data_tmp_name)
             moved: list[tuple[onnx.TensorProto, int, int]] = []
             try:
                 moved = _externalize(model, tmp_data, data_name, threshold=1024)
-                if model.ByteSize() >= _TWO_GB:
+                if is_large(model):
                     raise ModelError(f"cannot save {str(out)!r}: the graph is over 2 GB even without its weights",
                                      "split the model")
                 tmp.write_bytes(model.SerializeToString(deterministic=True))
