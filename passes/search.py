@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 #: Calibration samples the sensitivity analysis runs on (the first batches).
 SENSITIVITY_SAMPLES = 32
 #: Budgets swept to build the predicted Pareto front in the accuracy-range mode.
-FRONT_POINTS = 12
+FRONT_POINTS = 8
 
 
 def layer_costs(view: GraphView) -> list[Any]:
@@ -241,7 +241,7 @@ class SearchPass(Pass):
         high = best.cost if best.plan else low
         for k in range(1, FRONT_POINTS):
             budget = low + (high - low) * k / FRONT_POINTS
-            solution = solve(problem, max_cost=budget * (1 + 1e-9), minimize="loss")
+            solution = solve(problem, max_cost=budget * (1 + 1e-9), minimize="loss", time_limit=0.25)
             seconds += solution.seconds
             add(solution)
         ordered = sorted(plans.values(), key=lambda item: (item[2], item[1]))

@@ -171,7 +171,7 @@ def solve(
     max_cost: float | None = None,
     max_loss: float | None = None,
     minimize: str = "loss",
-    time_limit: float = 10.0,
+    time_limit: float = 0.5,
     rel_gap: float = 1e-2,
 ) -> Solution:
     """Solve the assignment: minimise ``loss`` (or ``cost``) under the other's bound.
@@ -192,10 +192,14 @@ def solve(
     b = _Builder(problem)
     b.structure()
     loss, cost = b.vectors()
+    # budget rows are scaled to O(1) coefficients: latencies in seconds (1e-6) or losses (1e-5)
+    # sit at the solver's feasibility tolerance otherwise, and branch-and-bound crawls
     if max_cost is not None:
-        b.row([(i, float(v)) for i, v in enumerate(cost) if v != 0.0], -np.inf, float(max_cost))
+        unit = float(np.abs(cost).max()) or 1.0
+        b.row([(i, float(v) / unit) for i, v in enumerate(cost) if v != 0.0], -np.inf, float(max_cost) / unit)
     if max_loss is not None:
-        b.row([(i, float(v)) for i, v in enumerate(loss) if v != 0.0], -np.inf, float(max_loss))
+        unit = float(np.abs(loss).max()) or 1.0
+        b.row([(i, float(v) / unit) for i, v in enumerate(loss) if v != 0.0], -np.inf, float(max_loss) / unit)
     main, other = (loss, cost) if minimize == "loss" else (cost, loss)
     scale_main = float(np.abs(main).sum()) or 1.0
     scale_other = float(np.abs(other).sum()) or 1.0
@@ -212,7 +216,7 @@ def solve(
                   constraints=LinearConstraint(matrix, np.asarray(b.lb), np.asarray(b.ub)),
                   options={"time_limit": time_limit, "disp": False, "mip_rel_gap": rel_gap})
     seconds = time.perf_counter() - started
-    if result.x is None:
+    if result.x is None:  # infeasible, or the time limit hit before any incumbent
         return Solution(None, float("nan"), float("nan"), seconds, str(result.message))
     x = result.x
     plan: dict[str, Candidate] = {}

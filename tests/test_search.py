@@ -1,0 +1,114 @@
+"""The mixed-precision search on the bundled models, with real onnxruntime evaluations."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxq.api import quantize
+from onnxq.options import QuantizeOptions
+from onnxq.precision import Candidate
+from onnxq.search.ilp import Problem, solve
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+CNN = MODELS / "digits_cnn.onnx"
+CALIB = MODELS / "digits_cnn.calib.npz"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("onnxq-cache"))
+
+
+def _options(cache_dir: str, **kwargs: object) -> QuantizeOptions:
+    return QuantizeOptions(cache_dir=cache_dir, progress=False, seed=0, **kwargs)  # type: ignore[arg-type]
+
+
+def test_max_drop_search_meets_the_range(cache_dir: str) -> None:
+    result = quantize(CNN, CALIB, "ort-cpu-x86", max_drop=0.01, options=_options(cache_dir))
+    onnx.checker.check_model(result.model, full_check=True)
+    report = result.report
+    assert result.target_met
+    assert report["metric"]["drop"] <= 0.01
+    search = report["search"]
+    assert search["mode"] == "max-drop"
+    assert search["measured_drop"] <= 0.01
+    # bisection: real evaluations grow with log2 of the plans considered
+    assert search["evaluations"] <= int(np.ceil(np.log2(max(2, search["plans_considered"])))) + 1
+    assert report["pareto_front"] and "predicted_loss" in report["pareto_front"][0]
+    cost = report["cost"]
+    assert cost["chosen"]["latency_seconds"] <= cost["fp32"]["latency_seconds"]
+    assert report["layers"]["quantized"] > 0
+
+
+def test_plan_round_trip_reproduces_the_model(cache_dir: str, tmp_path: Path) -> None:
+    import json
+
+    first = quantize(CNN, CALIB, "ort-cpu-x86", options=_options(cache_dir, target_bits=6.0))
+    plan_path = tmp_path / "report.json"
+    plan_path.write_text(json.dumps(first.report))
+    again = quantize(CNN, CALIB, "ort-cpu-x86", plan=plan_path, options=_options(cache_dir))
+    assert again.model.SerializeToString() == first.model.SerializeToString()
+
+
+@pytest.mark.parametrize("target", [{"target_bits": 5.0}, {"target_size_mb": 0.06}, {"target_latency_ratio": 0.8}])
+def test_budget_modes_respect_the_budget(cache_dir: str, target: dict[str, float]) -> None:
+    result = quantize(CNN, CALIB, "ort-cpu-x86", options=_options(cache_dir, **target))
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.target_met, result.report["search"].get("shortfall")
+    chosen, fp32 = result.report["cost"]["chosen"], result.report["cost"]["fp32"]
+    if "target_bits" in target:
+        assert chosen["bits"] <= target["target_bits"] + 1e-9
+    elif "target_size_mb" in target:
+        assert chosen["size_bytes"] <= target["target_size_mb"] * 1e6
+    else:
+        assert chosen["latency_seconds"] <= target["target_latency_ratio"] * fp32["latency_seconds"] * (1 + 1e-6)
+
+
+def test_impossible_target_reports_a_shortfall(cache_dir: str) -> None:
+    result = quantize(CNN, CALIB, "ort-cpu-x86", max_drop=0.0, options=_options(cache_dir, target_bits=2.0))
+    assert result.target_met is False
+    shortfall = result.report["search"]["shortfall"]
+    assert "bits" in shortfall and "2.00" in shortfall
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def _synthetic(n: int, seed: int = 0) -> Problem:
+    rng = np.random.default_rng(seed)
+    cands = tuple(Candidate.parse(s) for s in ("fp32/fp32", "int8/uint8", "int4/uint8", "fp16/fp16"))
+    names = tuple(f"layer{i}" for i in range(n))
+    loss = {name: (0.0, float(rng.random() * 1e-3), float(rng.random() * 1e-2), float(rng.random() * 1e-5)) for name in names}
+    params = {name: float(rng.integers(1_000, 100_000)) for name in names}
+    cost = {name: (32 * params[name], 8 * params[name], 4 * params[name], 16 * params[name]) for name in names}
+    pairs = tuple((names[i], cands[2], names[i + 1], cands[2], float(rng.normal() * 1e-3)) for i in range(n - 1))
+    return Problem(layers=names, candidates={name: cands for name in names}, loss=loss, cost=cost, pairs=pairs)
+
+
+def test_ilp_solves_100_layers_under_a_second() -> None:
+    problem = _synthetic(100)
+    total = sum(problem.cost[name][0] for name in problem.layers)
+    for fraction in (0.16, 0.2, 0.3):
+        started = time.perf_counter()
+        solution = solve(problem, max_cost=total * fraction)
+        elapsed = time.perf_counter() - started
+        assert solution.plan is not None
+        assert solution.cost <= total * fraction * (1 + 1e-6)
+        assert elapsed < 1.0, f"{elapsed:.3f} s at {fraction}"
+
+
+def test_ilp_uses_pair_terms() -> None:
+    a, b = Candidate.parse("int4/uint8"), Candidate.parse("int8/uint8")
+    fp32 = Candidate.parse("fp32/fp32")
+    cands = (fp32, b, a)
+    problem = Problem(layers=("x", "y"), candidates={"x": cands, "y": cands},
+                      loss={"x": (0.0, 0.01, 0.02), "y": (0.0, 0.01, 0.02)},
+                      cost={"x": (4.0, 1.0, 0.5), "y": (4.0, 1.0, 0.5)},
+                      pairs=(("x", a, "y", a, -0.025),))
+    # both int4 costs 1.0 and, with the negative cross term, predicts less loss than int8+int8
+    solution = solve(problem, max_cost=2.0)
+    assert solution.plan == {"x": a, "y": a}
+    assert solution.loss == pytest.approx(0.015)
