@@ -222,13 +222,46 @@ def tool_nncf_ac(model: Path, calib: Path, out: Path, quick: bool) -> dict[str, 
 
 
 def tool_aimet(model: Path, calib: Path, out: Path, quick: bool) -> dict[str, Any]:
+    """AIMET-ONNX AMP: sim at w8/a8, candidates w8a8 / w4a8 / w8a16, allowed drop 0.01 in fp32 agreement."""
     try:
-        import aimet_onnx  # noqa: F401
-        from aimet_onnx.mixed_precision import choose_mixed_precision  # noqa: F401
+        from aimet_onnx.common.defs import CallbackFunc, QuantizationDataType
+        from aimet_onnx.mixed_precision import choose_mixed_precision
+        from aimet_onnx.quantsim import QuantizationSimModel
     except Exception as error:  # noqa: BLE001 - report why it cannot run
-        raise RuntimeError(f"aimet_onnx does not import here ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''})") from error
-    raise RuntimeError("aimet_onnx imports but its AMP driver is not wired up in this benchmark")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise RuntimeError(f"aimet_onnx does not import with {sys.executable} ({type(error).__name__}: {first}); "
+                           "set ONNXQ_BENCH_AIMET_PYTHON to an interpreter that has aimet-onnx") from error
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(model))
+    feeds = list(input_batches(load_npz(calib), 16))
+    reference = _predict(ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]), feeds)
+
+    def forward_pass(session: Any, *_: Any) -> None:
+        for feed in feeds:
+            session.run(None, feed)
+
+    def agreement(session: Any, *_: Any, limit: int | None = None) -> float:
+        used = feeds if limit is None else feeds[:limit]
+        predictions = _predict(session, used)
+        return float(np.mean(predictions == reference[: len(predictions)]))
+
+    sim = QuantizationSimModel(proto, param_type="int8", activation_type="int8", quant_scheme="min_max",
+                               providers=["CPUExecutionProvider"])
+    sim.compute_encodings(CallbackFunc(forward_pass))
+    candidates = [((8, QuantizationDataType.int), (8, QuantizationDataType.int)),
+                  ((8, QuantizationDataType.int), (4, QuantizationDataType.int)),
+                  ((16, QuantizationDataType.int), (8, QuantizationDataType.int))]
+    with tempfile.TemporaryDirectory() as results_dir:
+        choose_mixed_precision(sim, candidates, CallbackFunc(lambda s, *a: agreement(s, limit=4)),
+                               CallbackFunc(lambda s, *a: agreement(s)), allowed_accuracy_drop=0.01,
+                               results_dir=results_dir, clean_start=True, forward_pass_callback=CallbackFunc(forward_pass))
+    _save(sim.to_onnx_qdq(prequantize_constants=True), out)
+    import aimet_onnx
+
+    return {"note": f"aimet-onnx {getattr(aimet_onnx, '__version__', '?')}; candidates (a,w) 8/8, 8/4, 16/8; "
+                    "eval = agreement with fp32 on calib"}
 
 
 WORKERS: dict[str, Callable[[Path, Path, Path, bool], dict[str, Any]]] = {
@@ -324,7 +357,8 @@ def run_tool(tool: str, stem: str, workdir: Path, quick: bool, timeout: float) -
     """Run one tool in a subprocess; returns its result payload, its peak RSS in MiB and the model path."""
     out = workdir / f"{stem}.{tool}.onnx"
     result = workdir / f"{stem}.{tool}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--models", stem,
+    python = os.environ.get("ONNXQ_BENCH_AIMET_PYTHON", sys.executable) if tool == "aimet-amp" else sys.executable
+    cmd = [python, str(Path(__file__).resolve()), "--worker", tool, "--models", stem,
            "--worker-out", str(out), "--worker-result", str(result)] + (["--quick"] if quick else [])
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="2", TQDM_DISABLE="1")
     log = (workdir / f"{stem}.{tool}.log").open("w")
