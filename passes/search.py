@@ -28,7 +28,7 @@ from onnxq.search.candidates import SearchSpace, build_space
 from onnxq.search.ilp import Problem, Solution, solve
 from onnxq.spec.model import HardwareSpec
 
-__all__ = ["SearchPass", "layer_costs", "SENSITIVITY_SAMPLES", "FRONT_POINTS"]
+__all__ = ["SearchPass", "layer_costs", "SENSITIVITY_SAMPLES", "FRONT_POINTS", "USE_PAIRS"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 SENSITIVITY_SAMPLES = 32
 #: Budgets swept to build the predicted Pareto front in the accuracy-range mode.
 FRONT_POINTS = 8
+#: Use the sensitivity pair cross terms in the predicted loss (benchmarks turn it off to compare).
+USE_PAIRS = True
 
 
 def layer_costs(view: GraphView) -> list[Any]:
@@ -110,7 +112,7 @@ def _problem(space: SearchSpace, sens: Mapping[str, Any], costs: _Costs, axis: s
         candidates[name] = tuple(c for c, _ in kept)
         loss[name] = tuple(max(d, 0.0) if math.isfinite(d) else 1e9 for _, d in kept)
         cost[name] = tuple(costs.axis(name, c, axis) for c, _ in kept)
-    pairs = tuple((p["a"], Candidate.parse(p["candidates"][0]), p["b"], Candidate.parse(p["candidates"][1]), float(p["cross"]))
+    pairs = () if not USE_PAIRS else tuple((p["a"], Candidate.parse(p["candidates"][0]), p["b"], Candidate.parse(p["candidates"][1]), float(p["cross"]))
                   for p in sens.get("pairs", []) if math.isfinite(float(p["cross"])))
     return Problem(layers=tuple(candidates), candidates=candidates, loss=loss, cost=cost, pairs=pairs,
                    edges=costs.boundary_edges(axis), ties=space.ties, forbidden=space.forbidden)
