@@ -9,6 +9,8 @@ same process), time to quantize. Prints a Markdown table.
     python benchmarks/bench_search.py [--models digits_cnn,digits_transformer] [--repeats 50]
 """
 
+# ruff: noqa: B023  (the variant closures run inside the iteration that defines them)
+
 from __future__ import annotations
 
 import argparse
