@@ -252,10 +252,14 @@ class LinearShape:
         return int(np.prod(self.x))
 
     @property
-    def out_elements(self) -> int:
+    def out_shape(self) -> tuple[int, ...]:
         if self.op == "Conv":
-            return self.x[0] * self.w[0] * self.x[2] * self.x[3]
-        return int(np.prod(self.x[:-1])) * self.w[1]
+            return (self.x[0], self.w[0], self.x[2], self.x[3])
+        return (*self.x[:-1], self.w[1])
+
+    @property
+    def out_elements(self) -> int:
+        return int(np.prod(self.out_shape))
 
 
 CONV = LinearShape("Conv", (1, 64, 56, 56), (64, 64, 3, 3))
@@ -275,7 +279,7 @@ def build_linear(shape: LinearShape, candidate: str, rng: np.random.Generator,
     cand = Candidate.parse(candidate)
     wp, ap = cand.weights.value, cand.activations.value
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape.x))
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape.out_shape))
     w = (rng.standard_normal(shape.w) * 0.05).astype(np.float32)
     conv_attrs = {"pads": [1, 1, 1, 1]} if shape.op == "Conv" else {}
     inits: list[TensorProto] = []
@@ -384,6 +388,7 @@ class Measured:
     linear_seconds: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     linear_macs_per_second: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    threads: int = 1
 
     @property
     def conversion_ns(self) -> float:
@@ -403,7 +408,7 @@ def measure_micro(timer: Timer, log: Callable[[str], None] = print) -> Measured:
     (:meth:`Timer.round_robin`), so that their ratios survive background load.
     """
     rng = np.random.default_rng(SEED)
-    m = Measured()
+    m = Measured(threads=timer.threads)
     items: list[tuple[ort.InferenceSession, dict[str, np.ndarray]]] = []
     keys: list[tuple[str, ...]] = []
 
@@ -486,7 +491,7 @@ def _geomean(values: Sequence[float]) -> float:
     return float(math.exp(sum(math.log(v) for v in values) / len(values)))
 
 
-def fit_cost_block(m: Measured, op_overhead: float, machine: str) -> dict[str, object]:
+def fit_cost_block(m: Measured, machine: str, fit: Fit | None = None) -> dict[str, object]:
     """The spec's ``cost`` block from the micro-benchmark numbers.
 
     ``macs_per_second[p]`` is the geometric mean of the Conv and MatMul rates of the candidate
@@ -525,6 +530,10 @@ def fit_cost_block(m: Measured, op_overhead: float, machine: str) -> dict[str, o
         "int16/int16": both("int16/int16"),
     }
 
+    scale = fit.scale if fit else 1.0
+    op_overhead = fit.overhead if fit else m.overhead_seconds
+    conversion = fit.ns if fit else m.conversion_ns
+
     def sig(value: float) -> float:
         return float(f"{value:.3g}")
 
@@ -533,16 +542,20 @@ def fit_cost_block(m: Measured, op_overhead: float, machine: str) -> dict[str, o
         f"ORT_ENABLE_ALL. MAC rates: geometric mean of a 64x64x3x3 Conv on 56x56 and a 512^3 MatMul, "
         f"net of the boundary Q/DQ. 'int8' and 'int4' (int8 activations) take the forced s8s8 rate "
         f"(the uint8 rewrite fails where a tensor has several consumers). bf16 priced as fp16 (not measured). "
-        f"op_overhead_seconds is fitted on the bundled models (it stands for the non-layer ops around each layer "
-        f"and the fixed Run() cost, {m.overhead_seconds * 1e6:.2f} us per tiny op measured); see benchmarks/COST_MODEL.md"
+        + (f"Fitted on the bundled models: rates and bandwidth x{scale:.3f} (small layers run below the micro-benchmark "
+           f"rate), op_overhead_seconds per layer (stands for the non-layer ops around it and the Run() cost; "
+           f"{m.overhead_seconds * 1e6:.2f} us per tiny op measured), conversion_ns_per_element per boundary element "
+           f"(Q/DQ plus layout reorders; {m.conversion_ns:.3f} ns for a standalone 8-bit Q/DQ). "
+           if fit else "Micro-benchmark values only. ")
+        + f"Threads {m.threads}. See benchmarks/COST_MODEL.md"
     )
     return {
         "placeholder": False,
         "comment": comment,
-        "macs_per_second": {k: sig(v) for k, v in macs.items() if v > 0},
-        "candidate_macs_per_second": {k: sig(v) for k, v in candidates.items() if v > 0},
-        "bytes_per_second": sig(m.bytes_per_second),
-        "conversion_ns_per_element": sig(m.conversion_ns),
+        "macs_per_second": {k: sig(v * scale) for k, v in macs.items() if v > 0},
+        "candidate_macs_per_second": {k: sig(v * scale) for k, v in candidates.items() if v > 0},
+        "bytes_per_second": sig(m.bytes_per_second * scale),
+        "conversion_ns_per_element": sig(conversion),
         "op_overhead_seconds": sig(op_overhead),
     }
 
@@ -621,18 +634,44 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 @dataclasses.dataclass
 class Case:
-    """One (model, plan, batch) comparison."""
+    """One (model, plan, batch) comparison.
+
+    ``roofline`` is the estimate without op overheads and boundary conversions (seconds);
+    ``boundary_elements`` the elements converted at precision boundaries; ``estimate`` the
+    full estimate of :func:`onnxq.cost.estimate` with the spec of the current table.
+    """
 
     model: str
     plan: str
     batch: int
     measured: float
-    roofline: float  # estimate without op overheads (seconds)
+    roofline: float
     layers: int
     plan_map: dict[str, str]
+    boundary_elements: float = 0.0
+    estimate: float = 0.0
 
-    def estimated(self, overhead: float) -> float:
-        return self.roofline + self.layers * overhead
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """Corrections fitted on the bundled models: ``measured ≈ roofline/scale + layers·overhead
+    + boundary_elements·ns``. ``scale`` multiplies every micro-benchmark rate (MACs and bytes
+    per second): small layers run below the rate of large micro-layers."""
+
+    scale: float
+    overhead: float
+    ns: float
+
+
+def fit_params(cases: Sequence[Case]) -> Fit:
+    """Non-negative least squares on the relative error over ``cases``."""
+    from scipy.optimize import nnls
+
+    a = np.array([[c.roofline / c.measured, c.layers / c.measured, c.boundary_elements * 1e-9 / c.measured]
+                  for c in cases])
+    x, _ = nnls(a, np.ones(len(cases)))
+    inv_scale, overhead, ns = (float(v) for v in x)
+    return Fit(scale=1.0 / inv_scale if inv_scale > 0 else 1.0, overhead=overhead, ns=ns)
 
 
 def _plans(view: GraphView, int8_plan: Mapping[str, str]) -> dict[str, dict[str, str]]:
@@ -659,7 +698,8 @@ def validate_models(timer: Timer, spec: HardwareSpec, models: Sequence[Path], ba
     cases: list[Case] = []
     quiet = QuantizeOptions(progress=False)
     pending: list[tuple[Case, ort.InferenceSession, dict[str, np.ndarray]]] = []
-    zero_overhead = dataclasses.replace(spec, cost=dataclasses.replace(spec.cost, op_overhead_seconds=0.0))
+    bare = dataclasses.replace(spec, cost=dataclasses.replace(spec.cost, op_overhead_seconds=0.0,
+                                                              conversion_ns_per_element=1.0))
     for path in models:
         calib = np.load(path.with_suffix(".calib.npz"))
         fp32 = onnx.load(path)
@@ -681,23 +721,30 @@ def validate_models(timer: Timer, spec: HardwareSpec, models: Sequence[Path], ba
             for batch in batches:
                 feed = {k: v[:batch] for k, v in calib.items()}
                 layers, edges = layer_costs(view, batch)
-                roof = estimate(layers, plan, zero_overhead, edges).latency_seconds
-                pending.append((Case(path.stem, plan_name, batch, 0.0, roof, len(layers), dict(plan)), session, feed))
+                bare_estimate = estimate(layers, plan, bare, edges)
+                roof = bare_estimate.latency_seconds - bare_estimate.conversion_seconds
+                case = Case(path.stem, plan_name, batch, 0.0, roof, len(layers), dict(plan),
+                            boundary_elements=bare_estimate.conversion_seconds * 1e9,
+                            estimate=estimate(layers, plan, spec, edges).latency_seconds)
+                pending.append((case, session, feed))
     measured = timer.round_robin([(session, feed) for _, session, feed in pending])
     for (case, _, _), value in zip(pending, measured, strict=True):
         case.measured = value
         cases.append(case)
         log(f"{case.model:20s} {case.plan:24s} b={case.batch:<3d} measured {case.measured * 1e3:8.3f} ms  "
-            f"roofline {case.roofline * 1e3:8.3f} ms")
+            f"estimate {case.estimate * 1e3:8.3f} ms  (roofline {case.roofline * 1e3:.3f} ms, "
+            f"{case.boundary_elements:.0f} boundary elements)")
     return cases
 
 
-def fit_overhead(cases: Sequence[Case]) -> float:
-    """Per-layer overhead minimising the squared relative error over ``cases`` (≥ 0)."""
-    # minimise sum ((r_i + n_i h) / m_i - 1)^2  ->  h = sum n_i/m_i (1 - r_i/m_i) / sum (n_i/m_i)^2
-    num = sum(c.layers / c.measured * (1 - c.roofline / c.measured) for c in cases)
-    den = sum((c.layers / c.measured) ** 2 for c in cases)
-    return max(num / den, 0.0) if den else 0.0
+def reestimate(cases: Sequence[Case], spec: HardwareSpec, models: Sequence[Path]) -> list[Case]:
+    """The cases with ``estimate`` recomputed by :func:`onnxq.cost.estimate` on ``spec``."""
+    views = {path.stem: GraphView(static_shapes(onnx.load(path)), layer_ops_for(spec)) for path in models}
+    out = []
+    for c in cases:
+        layers, edges = layer_costs(views[c.model], c.batch)
+        out.append(dataclasses.replace(c, estimate=estimate(layers, c.plan_map, spec, edges).latency_seconds))
+    return out
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -727,24 +774,24 @@ def machine_info() -> dict[str, str]:
     }
 
 
-def error_table(cases: Sequence[Case], overhead: float) -> tuple[list[str], float, dict[tuple[str, int], float]]:
+def error_table(cases: Sequence[Case]) -> tuple[list[str], float, dict[tuple[str, int], float]]:
     """Markdown rows, the mean absolute relative error and Spearman per (model, batch)."""
     rows = ["| model | plan | batch | measured (ms) | estimated (ms) | rel. error |", "|---|---|---:|---:|---:|---:|"]
     errors = []
     for c in cases:
-        est = c.estimated(overhead)
+        est = c.estimate
         err = est / c.measured - 1
         errors.append(abs(err))
         rows.append(f"| {c.model} | {c.plan} | {c.batch} | {c.measured * 1e3:.3f} | {est * 1e3:.3f} | {err:+.1%} |")
     ranks: dict[tuple[str, int], float] = {}
     for key in sorted({(c.model, c.batch) for c in cases}):
         group = [c for c in cases if (c.model, c.batch) == key]
-        ranks[key] = spearman([c.estimated(overhead) for c in group], [c.measured for c in group])
+        ranks[key] = spearman([c.estimate for c in group], [c.measured for c in group])
     return rows, float(np.mean(errors)) if errors else float("nan"), ranks
 
 
 def render_report(info: Mapping[str, str], threads: int, stat: str, m: Measured, cost: Mapping[str, object],
-                  cases: Sequence[Case], old_overhead: float, fitted: float) -> str:
+                  tables: Sequence[tuple[str, Sequence[Case]]], fit: Fit) -> str:
     """The Markdown of ``benchmarks/COST_MODEL.md``."""
     lines = [
         "# ort-cpu-x86 cost model calibration",
@@ -776,9 +823,12 @@ def render_report(info: Mapping[str, str], threads: int, stat: str, m: Measured,
     if m.notes:
         lines += ["", "Failures: " + "; ".join(m.notes)]
     lines += ["", "## Fitted `cost` block", "", "```json", json.dumps(cost, indent=2), "```", ""]
-    for title, overhead in ((f"micro-benchmark op overhead ({old_overhead * 1e6:.2f} us per layer)", old_overhead),
-                            (f"fitted per-layer overhead ({fitted * 1e6:.2f} us per layer, written to the spec)", fitted)):
-        rows, mare, ranks = error_table(cases, overhead)
+    lines += ["## Corrections fitted on the bundled models", "",
+              f"`measured ≈ roofline / {fit.scale:.3f} + layers × {fit.overhead * 1e6:.2f} us + boundary elements × "
+              f"{fit.ns:.3f} ns` (non-negative least squares on the relative error; the micro-benchmark MAC rates and "
+              f"bandwidth are multiplied by {fit.scale:.3f} in the spec).", ""]
+    for title, cases in tables:
+        rows, mare, ranks = error_table(cases)
         lines += [f"## Estimate vs measured: {title}", ""] + rows + [
             "", f"Mean absolute relative error: **{mare:.1%}**", "",
             "Spearman rank correlation of plans (estimated vs measured latency): "
@@ -820,14 +870,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info()
     print(f"# {info['cpu']}, {info['logical_cores']} cores, onnxruntime {info['onnxruntime']}, threads {args.threads}")
     micro = measure_micro(timer)
-    per_op = micro.overhead_seconds
-    provisional = fit_cost_block(micro, per_op, info["cpu"])
-    spec = load_spec(args.spec)
-    spec = dataclasses.replace(spec, cost=_cost_params(spec, provisional))
-    cases = validate_models(timer, spec, args.models, args.batches)
-    fitted = fit_overhead(cases)
-    cost = fit_cost_block(micro, fitted, info["cpu"])
-    report = render_report(info, args.threads, args.stat, micro, cost, cases, per_op, fitted)
+    base = load_spec(args.spec)
+    micro_block = fit_cost_block(micro, info["cpu"])
+    micro_spec = dataclasses.replace(base, cost=_cost_params(base, micro_block))
+    cases = validate_models(timer, micro_spec, args.models, args.batches)
+    fit = fit_params(cases)
+    cost = fit_cost_block(micro, info["cpu"], fit)
+    fitted_spec = dataclasses.replace(base, cost=_cost_params(base, cost))
+    tables = [
+        ("the spec before this run", reestimate(cases, base, args.models)),
+        ("micro-benchmark numbers only", cases),
+        ("calibrated spec (written)", reestimate(cases, fitted_spec, args.models)),
+    ]
+    report = render_report(info, args.threads, args.stat, micro, cost, tables, fit)
     print(report)
     if not args.no_write:
         args.report.write_text(report, encoding="utf-8")

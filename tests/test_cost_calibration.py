@@ -82,10 +82,14 @@ def test_weight_only_int4_matmul_is_blockwise() -> None:
     assert {a.name: a.i for a in dq.attribute}.get("block_size") == 32
 
 
-def test_fit_overhead_recovers_constant() -> None:
-    cases = [cal.Case("m", f"p{i}", 1, measured=r + n * 5e-6, roofline=r, layers=n, plan_map={})
-             for i, (r, n) in enumerate([(1e-4, 10), (3e-4, 20), (5e-5, 30)])]
-    assert cal.fit_overhead(cases) == pytest.approx(5e-6)
+def test_fit_params_recovers_corrections() -> None:
+    truth = cal.Fit(scale=0.5, overhead=5e-6, ns=0.8)
+    shapes = [(1e-4, 10, 0.0), (3e-4, 20, 5e4), (5e-5, 30, 1e5), (2e-3, 26, 2e5)]
+    cases = [cal.Case("m", f"p{i}", 1, measured=r / truth.scale + n * truth.overhead + e * truth.ns * 1e-9,
+                      roofline=r, layers=n, plan_map={}, boundary_elements=e)
+             for i, (r, n, e) in enumerate(shapes)]
+    fit = cal.fit_params(cases)
+    assert fit.scale == pytest.approx(0.5) and fit.overhead == pytest.approx(5e-6) and fit.ns == pytest.approx(0.8)
 
 
 def test_write_spec_cost_keeps_spec_valid(tmp_path: Path) -> None:
