@@ -139,10 +139,13 @@ def model_sha256(model: onnx.ModelProto) -> str:
     model without its graph, then each graph field, then each initializer), which never holds
     more than one tensor's bytes in addition to the model.
     """
-    digest = hashlib.sha256()
     if not is_large(model):
-        digest.update(model.SerializeToString(deterministic=True))
-        return digest.hexdigest()
+        return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    return _sha256_by_parts(model)
+
+
+def _sha256_by_parts(model: onnx.ModelProto) -> str:
+    digest = hashlib.sha256()
     digest.update(b"onnxq-large-model/1")
     skeleton = onnx.ModelProto()
     for field, value in model.ListFields():
@@ -166,10 +169,10 @@ def model_sha256(model: onnx.ModelProto) -> str:
 
 def _copy_field(target: google.protobuf.message.Message, field: object, value: object) -> None:
     name = field.name  # type: ignore[attr-defined]
-    if field.label == field.LABEL_REPEATED:  # type: ignore[attr-defined]
-        getattr(target, name).extend(value)  # type: ignore[arg-type]
-    elif field.type == field.TYPE_MESSAGE:  # type: ignore[attr-defined]
+    if isinstance(value, google.protobuf.message.Message):
         getattr(target, name).CopyFrom(value)
+    elif not isinstance(value, (str, bytes, int, float, bool)):  # a repeated field
+        getattr(target, name).extend(value)  # type: ignore[arg-type]
     else:
         setattr(target, name, value)
 
@@ -316,13 +319,13 @@ def check_output_path(output: str | os.PathLike[str], inputs: list[Path | None])
     return out
 
 
-def _externalize(model: onnx.ModelProto, data_file: Path, location: str, threshold: int) -> list[tuple[onnx.TensorProto, int, int]]:
+def _externalize(model: onnx.ModelProto, data_file: Path, location: str, threshold: int) -> list[tuple[onnx.TensorProto, int, int, bool]]:
     """Move tensors' ``raw_data`` into ``data_file`` and point them at ``location`` (in place).
 
-    Returns ``(tensor, offset, length)`` for every moved tensor so that :func:`_internalize`
+    Returns ``(tensor, offset, length, had_data_location)`` for every moved tensor so that :func:`_internalize`
     can restore the model from the file afterwards.
     """
-    moved: list[tuple[onnx.TensorProto, int, int]] = []
+    moved: list[tuple[onnx.TensorProto, int, int, bool]] = []
     with open(data_file, "wb") as handle:
         for tensor in onnx.external_data_helper._get_all_tensors(model):
             if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
@@ -335,7 +338,7 @@ def _externalize(model: onnx.ModelProto, data_file: Path, location: str, thresho
             offset += pad
             data = tensor.raw_data
             handle.write(data)
-            moved.append((tensor, offset, len(data)))
+            moved.append((tensor, offset, len(data), tensor.HasField("data_location")))
             del data
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
@@ -346,13 +349,16 @@ def _externalize(model: onnx.ModelProto, data_file: Path, location: str, thresho
     return moved
 
 
-def _internalize(moved: list[tuple[onnx.TensorProto, int, int]], data_file: Path) -> None:
+def _internalize(moved: list[tuple[onnx.TensorProto, int, int, bool]], data_file: Path) -> None:
     """Undo :func:`_externalize`: read the bytes back into the tensors."""
     with open(data_file, "rb") as handle:
-        for tensor, offset, length in moved:
+        for tensor, offset, length, had_location in moved:
             handle.seek(offset)
             tensor.raw_data = handle.read(length)
-            tensor.data_location = onnx.TensorProto.DEFAULT
+            if had_location:
+                tensor.data_location = onnx.TensorProto.DEFAULT
+            else:
+                tensor.ClearField("data_location")  # proto2: exactly as unset as before
             del tensor.external_data[:]
 
 
@@ -374,7 +380,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str]) -> Path:
             fd, data_tmp_name = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
             os.close(fd)
             tmp_data = Path(data_tmp_name)
-            moved: list[tuple[onnx.TensorProto, int, int]] = []
+            moved: list[tuple[onnx.TensorProto, int, int, bool]] = []
             try:
                 moved = _externalize(model, tmp_data, data_name, threshold=1024)
                 if is_large(model):
