@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["QuantizeOptions", "default_cache_dir"]
@@ -33,7 +34,7 @@ class QuantizeOptions:
     seed: int = 0
     workers: int = 0
     executor: str = "local"
-    progress: bool = True
+    progress: bool = field(default_factory=lambda: sys.stderr.isatty())
     cache_dir: str | None = None
     batch_size: int = 16
 
