@@ -245,6 +245,9 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, infer_shapes
         except Exception as error:  # onnx raises OSError, ValueError or its own ValidationError
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelError(f"cannot load external data of {str(path)!r}: {first}", "keep data files next to the model") from error
+        for tensor in onnx.external_data_helper._get_all_tensors(proto):
+            if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
+                tensor.ClearField("data_location")  # same bytes (and hash) as the model saved inline
 
     opset = model_opset(proto)
     if opset < MIN_OPSET:

@@ -517,3 +517,22 @@ def test_determinism_api(cnn_path: Path) -> None:
     first = quantize(cnn_path, calib, SPEC, precision="int8/uint8")
     second = quantize(cnn_path, calib, SPEC, precision="int8/uint8")
     assert first.model.SerializeToString(deterministic=True) == second.model.SerializeToString(deterministic=True)
+
+
+def test_external_data_writer_round_trip(work: Path, cnn_path: Path) -> None:
+    """The >2 GB save path's writer, on a small model: the file runs in onnxruntime, the proto is restored exactly."""
+    from onnxq.model import _externalize, _internalize
+
+    model = load_model(cnn_path).proto
+    before = model.SerializeToString(deterministic=True)
+    moved = _externalize(model, work / "w.onnx.data", "w.onnx.data", threshold=1024)
+    assert moved
+    (work / "w.onnx").write_bytes(model.SerializeToString(deterministic=True))
+    _internalize(moved, work / "w.onnx.data")
+    assert model.SerializeToString(deterministic=True) == before
+    onnx.checker.check_model(str(work / "w.onnx"), full_check=True)
+    feed = {"input": np.ones((2, 1, 16, 16), np.float32)}
+    a = ort.InferenceSession(str(work / "w.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    b = ort.InferenceSession(str(cnn_path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_array_equal(a, b)
+    assert load_model(work / "w.onnx").sha256 == load_model(cnn_path).sha256
