@@ -303,6 +303,7 @@ class Row:
     size_bytes: int | None = None
     latency_b1_ms: float | None = None
     latency_b32_ms: float | None = None
+    latency_b1_min_ms: float | None = None
     quantize_seconds: float | None = None
     peak_rss_mib: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -325,32 +326,45 @@ def make_session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def latency_ms(session: Any, feed: dict[str, np.ndarray], budget_s: float, min_runs: int, warmup: int) -> float:
-    """Median latency of ``session.run`` on ``feed`` in ms, after ``warmup`` runs."""
-    for _ in range(warmup):
-        session.run(None, feed)
+def _timed_runs(session: Any, feed: dict[str, np.ndarray], budget_s: float, min_runs: int) -> list[float]:
+    """Wall times (s) of ``session.run`` on ``feed``: at least ``min_runs``, then until ``budget_s`` is spent."""
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
-    while len(times) < min_runs or time.perf_counter() < deadline:
+    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 50 * min_runs):
         start = time.perf_counter()
         session.run(None, feed)
         times.append(time.perf_counter() - start)
-        if len(times) >= 20 * min_runs:
-            break
-    return statistics.median(times) * 1000.0
+    return times
 
 
-def measure(path: Path, eval_arrays: dict[str, np.ndarray], threads: int, quick: bool) -> dict[str, Any]:
-    """Accuracy, size and latency of one model file."""
-    session = make_session(path, threads)
+def accuracy_of(session: Any, eval_arrays: dict[str, np.ndarray]) -> float:
+    """Top-1 accuracy on the eval set (batches of 32)."""
     predictions = _predict(session, list(input_batches(eval_arrays, 32)))
-    accuracy = float(np.mean(predictions == eval_arrays["labels"]))
+    return float(np.mean(predictions == eval_arrays["labels"]))
+
+
+def latencies(sessions: dict[str, Any], eval_arrays: dict[str, np.ndarray],
+              quick: bool) -> dict[str, tuple[float, float, float]]:
+    """Median batch-1, median batch-32 and minimum batch-1 latency (ms) per session.
+
+    Every session is warmed up first; then the sessions are measured in interleaved rounds (each
+    round times every session in turn), so that drift in the machine's load hits all tools alike.
+    """
     b1 = next(input_batches(eval_arrays, 1))
     b32 = next(input_batches(eval_arrays, 32))
-    budget = 0.4 if quick else 1.5
-    return {"accuracy": accuracy, "size_bytes": path.stat().st_size,
-            "latency_b1_ms": latency_ms(session, b1, budget, 20 if quick else 50, 10),
-            "latency_b32_ms": latency_ms(session, b32, budget, 5 if quick else 15, 3)}
+    for session in sessions.values():
+        for _ in range(10):
+            session.run(None, b1)
+        for _ in range(2):
+            session.run(None, b32)
+    rounds = 3 if quick else 7
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            times[name][0].extend(_timed_runs(session, b1, 0.05 if quick else 0.12, 10))
+            times[name][1].extend(_timed_runs(session, b32, 0.05 if quick else 0.15, 2 if quick else 3))
+    return {name: (statistics.median(t1) * 1000.0, statistics.median(t32) * 1000.0, min(t1) * 1000.0)
+            for name, (t1, t32) in times.items()}
 
 
 def run_tool(tool: str, stem: str, workdir: Path, quick: bool, timeout: float) -> tuple[dict[str, Any], float, Path]:
@@ -388,6 +402,7 @@ def benchmark_model(stem: str, tools: Sequence[str], workdir: Path, threads: int
     """Every tool on one model."""
     eval_arrays = load_npz(model_files(stem)[2])
     rows: list[Row] = []
+    sessions: dict[str, Any] = {}
     for tool in tools:
         logger.info("%s: %s", stem, tool)
         payload, rss, out = run_tool(tool, stem, workdir, quick, timeout)
@@ -400,16 +415,22 @@ def benchmark_model(stem: str, tools: Sequence[str], workdir: Path, threads: int
                 logger.debug("%s %s traceback:\n%s", stem, tool, payload["traceback"])
         elif out.exists():
             try:
-                for key, value in measure(out, eval_arrays, threads, quick).items():
-                    setattr(row, key, value)
+                sessions[tool] = make_session(out, threads)
+                row.accuracy = accuracy_of(sessions[tool], eval_arrays)
+                row.size_bytes = out.stat().st_size
             except Exception as error:  # noqa: BLE001 - a model that does not run is a result too
+                sessions.pop(tool, None)
                 row.ok, row.error = False, f"does not run in onnxruntime: {type(error).__name__}: {str(error)[:200]}"
         else:
             row.ok, row.error = False, "no model written"
         if tool == "fp32":
             row.quantize_seconds = None
         rows.append(row)
-        logger.info("  -> %s", row.error or f"acc {row.accuracy:.4f} size {row.size_bytes} b1 {row.latency_b1_ms:.3f} ms")
+        logger.info("  -> %s", row.error or f"acc {row.accuracy:.4f} size {row.size_bytes} in {row.quantize_seconds} s")
+    logger.info("%s: latency of %d models", stem, len(sessions))
+    for tool, (b1, b32, b1_min) in latencies(sessions, eval_arrays, quick).items():
+        row = next(r for r in rows if r.tool == tool)
+        row.latency_b1_ms, row.latency_b32_ms, row.latency_b1_min_ms = b1, b32, b1_min
     return rows
 
 
@@ -438,7 +459,9 @@ def machine_info(threads: int) -> dict[str, str]:
             "cpu": f"{cpu}, {os.cpu_count()} logical cores",
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
-            "latency": f"onnxruntime CPU, ORT_ENABLE_ALL, intra_op_num_threads={threads}, median after warm-up"}
+            "latency": (f"onnxruntime CPU, ORT_ENABLE_ALL, intra_op_num_threads={threads}, median of interleaved "
+                        "rounds after warm-up"),
+            "load average (1/5/15 min) at the end": " / ".join(f"{v:.1f}" for v in os.getloadavg())}
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -455,12 +478,12 @@ def markdown(results: dict[str, list[Row]], info: dict[str, str], quick: bool) -
     for stem, rows in results.items():
         base = next((r for r in rows if r.tool == "fp32" and r.ok), None)
         lines += [f"## {stem}", "",
-                  "| tool | accuracy | Δ acc | size (KiB) | size × | latency b1 (ms) | latency b32 (ms) | b1 × | "
-                  "quantize (s) | peak RSS (MiB) | notes |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| tool | accuracy | Δ acc | size (KiB) | size × | latency b1 (ms) | b1 min (ms) | latency b32 (ms) | "
+                  "b1 × | b32 × | quantize (s) | peak RSS (MiB) | notes |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if not r.ok:
-                lines.append(f"| {r.tool} | failed: {r.error.replace('|', '/')} | | | | | | | "
+                lines.append(f"| {r.tool} | failed: {r.error.replace('|', '/')} | | | | | | | | | "
                              f"{_cell(r.quantize_seconds, '.1f')} | {_cell(r.peak_rss_mib, '.0f')} | "
                              f"{DESCRIPTIONS.get(r.tool, '')} |")
                 continue
@@ -468,6 +491,8 @@ def markdown(results: dict[str, list[Row]], info: dict[str, str], quick: bool) -
             size_x = None if base is None or not base.size_bytes or r.size_bytes is None else r.size_bytes / base.size_bytes
             lat_x = (None if base is None or not base.latency_b1_ms or r.latency_b1_ms is None
                      else r.latency_b1_ms / base.latency_b1_ms)
+            lat32_x = (None if base is None or not base.latency_b32_ms or r.latency_b32_ms is None
+                       else r.latency_b32_ms / base.latency_b32_ms)
             notes = DESCRIPTIONS.get(r.tool, "")
             if r.extra.get("layers"):
                 notes += "; layers " + ", ".join(f"{k}: {v}" for k, v in sorted(r.extra["layers"].items()))
@@ -476,7 +501,8 @@ def markdown(results: dict[str, list[Row]], info: dict[str, str], quick: bool) -
             lines.append(
                 f"| {r.tool} | {_cell(r.accuracy, '.4f')} | {_cell(delta, '+.4f')} | "
                 f"{_cell(None if r.size_bytes is None else r.size_bytes / 1024, '.1f')} | {_cell(size_x, '.3f')} | "
-                f"{_cell(r.latency_b1_ms, '.3f')} | {_cell(r.latency_b32_ms, '.2f')} | {_cell(lat_x, '.2f')} | "
+                f"{_cell(r.latency_b1_ms, '.3f')} | {_cell(r.latency_b1_min_ms, '.3f')} | {_cell(r.latency_b32_ms, '.2f')} | "
+                f"{_cell(lat_x, '.2f')} | {_cell(lat32_x, '.2f')} | "
                 f"{_cell(r.quantize_seconds, '.1f')} | {_cell(r.peak_rss_mib, '.0f')} | {notes.replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines)
