@@ -196,7 +196,7 @@ def test_cli_writes_the_file(tmp_path, monkeypatch, capsys) -> None:  # type: ig
     with np.load(CNN.with_name("digits_cnn.calib.npz"), allow_pickle=False) as data:
         np.savez(calib, input=data["input"][:8])
     out = tmp_path / "sens.json"
-    code = main(["sensitivity", str(CNN), "--spec", "ort-cpu-x86", "--calib", str(calib), "-o", str(out),
+    code = main(["sensitivity", str(CNN), "--spec", "edge-int-only", "--calib", str(calib), "-o", str(out),
                  "--random-plans", "0"])
     assert code == 0
     sens = json.loads(out.read_text())
