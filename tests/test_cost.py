@@ -63,7 +63,7 @@ def test_alternating_plan_pays_boundaries() -> None:
     a = estimate(layers, contiguous, spec, edges)
     b = estimate(layers, alternating, spec, edges)
     assert a.conversion_seconds == 0.0
-    assert b.conversion_seconds == pytest.approx(len(edges) * edges[0][2] * 1e-9)
+    assert b.conversion_seconds == pytest.approx(len(edges) * edges[0][2] * spec.cost.conversion_ns_per_element * 1e-9)
     assert b.latency_seconds > a.latency_seconds
     # the conversion is charged to the consumer layer
     no_edges = estimate(layers, alternating, spec)

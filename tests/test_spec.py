@@ -87,7 +87,8 @@ def test_ort_cpu_x86_facts() -> None:
     assert cost.throughput(Candidate.parse("int16/int16")) < fp32
     assert cost.throughput(Candidate.parse("int4/uint8")) < fp32
     assert cost.throughput(Candidate.parse("int8/int8")) < fp32
-    assert cost.placeholder and "PLACEHOLDER" in spec.description
+    # calibrated on this machine by benchmarks/calibrate_cost_model.py, not placeholders
+    assert not cost.placeholder
 
 
 def test_other_builtins_facts() -> None:
