@@ -39,8 +39,9 @@ __all__ = ["render_html", "precision_colour", "COST_KEYS"]
 logger = logging.getLogger(__name__)
 
 #: Keys of a Pareto point that can serve as its cost (x axis), in order of preference.
-COST_KEYS: tuple[str, ...] = ("size_bytes", "latency", "latency_ratio", "latency_ms", "bits", "avg_bits",
-                              "bitops", "cost")
+COST_KEYS: tuple[str, ...] = ("size_bytes", "latency_seconds", "latency", "latency_ratio", "latency_ms", "bits",
+                              "avg_bits", "bitops", "cost")
+_LATENCY_KEYS: tuple[str, ...] = ("latency_seconds", "latency", "latency_ratio", "latency_ms")
 #: Keys of a Pareto point that measure its quality loss (y axis), in order of preference.
 LOSS_KEYS: tuple[str, ...] = ("measured_drop", "predicted_loss", "predicted_drop", "drop")
 
@@ -191,16 +192,17 @@ def _bar_chart(title: str, labels: Sequence[str], values: Sequence[float], colou
 
 
 def _scatter_chart(title: str, series: Sequence[tuple[str, Sequence[float], Sequence[float], str]],
-                   highlight: tuple[float, float] | None, xlabel: str, ylabel: str, diagonal: bool = False) -> str:
+                   highlight: tuple[float, float] | None, xlabel: str, ylabel: str, diagonal: bool = False,
+                   connect: bool = True) -> str:
     """A scatter plot of one or more series ``(label, xs, ys, colour)``; ``highlight`` is the chosen point."""
     if _have_matplotlib():
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(6.4, 4.2))
+        fig = Figure(figsize=(5.4, 3.8))
         ax = fig.add_subplot(1, 1, 1)
         for label, xs, ys, colour in series:
             order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
-            ax.plot([xs[i] for i in order], [ys[i] for i in order], "o-", color=colour, label=label,
+            ax.plot([xs[i] for i in order], [ys[i] for i in order], "o-" if connect else "o", color=colour, label=label,
                     markersize=4, linewidth=1, alpha=0.85)
         if highlight is not None:
             ax.plot([highlight[0]], [highlight[1]], marker="*", color="#d62728", markersize=16, linestyle="none",
@@ -406,47 +408,76 @@ def _sensitivity(report: Mapping[str, Any], top: int = 25) -> str:
     return out
 
 
+def _cell_text(value: Any) -> str:
+    """A table cell for a Pareto point value: numbers formatted, small mappings as ``k: v`` lists."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}: {_fmt(value[k])}" for k in sorted(value, key=str))
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value)
+    return _fmt(value) if value is not None else ""
+
+
+def _chosen_index(report: Mapping[str, Any], points: Sequence[Mapping[str, Any]]) -> int | None:
+    """The chosen point: the one flagged ``chosen``, else ``search["chosen_index"]``."""
+    for i, point in enumerate(points):
+        if point.get("chosen"):
+            return i
+    search = report.get("search")
+    index = search.get("chosen_index") if isinstance(search, Mapping) else None
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(points):
+        return index
+    return None
+
+
 def _pareto(report: Mapping[str, Any]) -> str:
     front = report.get("pareto_front")
     if not isinstance(front, list) or not front:
         return ""
     points = [p for p in front if isinstance(p, Mapping)]
-    cost_key = next((k for k in COST_KEYS if any(_num(p.get(k)) is not None for p in points)), None)
-    if cost_key is None:  # any numeric key that is not a loss
-        numeric = sorted({k for p in points for k, v in p.items() if _num(v) is not None and k not in LOSS_KEYS
+    if not points:
+        return ""
+    chosen = _chosen_index(report, points)
+    present = [k for k in COST_KEYS if any(_num(p.get(k)) is not None for p in points)]
+    if not present:  # any numeric key that is not a loss
+        present = sorted({k for p in points for k, v in p.items() if _num(v) is not None and k not in LOSS_KEYS
                           and k != "chosen"})
-        cost_key = numeric[0] if numeric else None
-    keys = sorted({k for p in points for k, v in p.items() if not isinstance(v, (Mapping, list))},
-                  key=lambda k: (k != "chosen", k not in COST_KEYS, k not in LOSS_KEYS, k))
-    out = f"<h2>Pareto front</h2><p>{len(points)} points explored"
-    chosen = [p for p in points if p.get("chosen")]
-    out += f"; chosen: {_e(_fmt(chosen[0].get(cost_key)) if chosen and cost_key else '—')} {_e(cost_key or '')}</p>"
-    if cost_key is not None:
+    cost_key = present[0] if present else None
+    axes = [k for k in ("size_bytes",) if k in present]
+    axes += [k for k in _LATENCY_KEYS if k in present][:1]
+    axes += [k for k in ("bits", "avg_bits") if k in present and len(axes) < 2][:1]
+    axes = axes or ([cost_key] if cost_key else [])
+    keys = sorted({k for p in points for k in p if k != "chosen"},
+                  key=lambda k: (k not in COST_KEYS, k not in LOSS_KEYS, k))
+    out = f"<h2>Pareto front</h2><p>{len(points)} points"
+    if chosen is not None:
+        point = points[chosen]
+        out += "; chosen: " + _e(", ".join(f"{k} {_fmt(point.get(k))}" for k in (*axes, *LOSS_KEYS)
+                                           if point.get(k) is not None))
+    out += "</p>"
+    colours = {"measured_drop": "#1f77b4", "predicted_loss": "#ff7f0e", "predicted_drop": "#2ca02c", "drop": "#9467bd"}
+    charts = []
+    for axis in axes:
         series = []
         highlight = None
-        colours = {"measured_drop": "#1f77b4", "predicted_loss": "#ff7f0e", "predicted_drop": "#2ca02c", "drop": "#9467bd"}
         for loss_key in LOSS_KEYS:
-            pts = [(_num(p.get(cost_key)), _num(p.get(loss_key))) for p in points]
-            valid = [(x, y) for x, y in pts if x is not None and y is not None]
+            valid = [(x, y) for x, y in ((_num(p.get(axis)), _num(p.get(loss_key))) for p in points)
+                     if x is not None and y is not None]
             if valid:
                 series.append((loss_key, [x for x, _ in valid], [y for _, y in valid], colours[loss_key]))
-                if highlight is None and chosen:
-                    x, y = _num(chosen[0].get(cost_key)), _num(chosen[0].get(loss_key))
+                if highlight is None and chosen is not None:
+                    x, y = _num(points[chosen].get(axis)), _num(points[chosen].get(loss_key))
                     highlight = (x, y) if x is not None and y is not None else None
         if series:
-            out += _scatter_chart("Pareto front: cost vs loss", series, highlight, cost_key, "loss / drop")
+            charts.append(_scatter_chart(f"Pareto front: {axis} vs loss", series, highlight, axis, "loss / drop"))
+    if charts:
+        out += '<div class="grid">' + "".join(charts) + "</div>"
+    order = sorted(range(len(points)), key=lambda i: (_num(points[i].get(cost_key)) if cost_key and
+                                                      _num(points[i].get(cost_key)) is not None else math.inf, i))
     rows = []
-    for p in sorted(points, key=lambda p: (_num(p.get(cost_key)) if cost_key and _num(p.get(cost_key)) is not None
-                                           else math.inf, json.dumps(p, sort_keys=True, default=str))):
-        cells = []
-        for k in keys:
-            value = p.get(k)
-            if k == "chosen":
-                cells.append('<span class="ok">★</span>' if value else "")
-            else:
-                cells.append(_e(_fmt(value) if value is not None else ""))
-        rows.append(cells)
-    out += _table(keys, rows, raw=True)
+    for i in order:
+        mark = '<span class="ok">★ chosen</span>' if i == chosen else ""
+        rows.append([str(i), mark, *(_e(_cell_text(points[i].get(k))) for k in keys)])
+    out += _table(["#", "", *keys], rows, raw=True)
     return out
 
 
@@ -479,7 +510,7 @@ def _search(report: Mapping[str, Any]) -> str:
     if pairs:
         out += _scatter_chart("Predicted loss vs measured drop", [("plans", [p for p, _ in pairs], [m for _, m in pairs],
                                                                     "#1f77b4")],
-                              None, "predicted loss", "measured drop", diagonal=True)
+                              None, "predicted loss", "measured drop", diagonal=True, connect=False)
     nested = {k: search[k] for k in sorted(search) if isinstance(search[k], (Mapping, list))}
     if nested:
         text = json.dumps(nested, indent=1, sort_keys=True, default=str)
@@ -508,8 +539,15 @@ def _extras(report: Mapping[str, Any]) -> str:
     cost = report.get("cost")
     if not isinstance(cost, Mapping) or not cost:
         return ""
-    text = json.dumps(cost, indent=1, sort_keys=True, default=str)
-    return f"<h2>Estimated cost (spec cost model)</h2><pre>{_e(text)}</pre>"
+    columns = [k for k in sorted(cost) if isinstance(cost[k], Mapping)]
+    scalars = [k for k in sorted(cost) if not isinstance(cost[k], (Mapping, list))]
+    out = "<h2>Estimated cost (spec cost model)</h2>"
+    if columns:
+        metrics = sorted({m for c in columns for m in cost[c]})
+        out += _table(["", *columns], [(m, *(_cell_text(cost[c].get(m)) for c in columns)) for m in metrics])
+    if scalars:
+        out += _table(["", ""], [(k, _cell_text(cost[k])) for k in scalars])
+    return out
 
 
 def render_html(report: Mapping[str, Any]) -> str:
