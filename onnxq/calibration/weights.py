@@ -8,10 +8,14 @@ from onnxq.errors import CalibrationError
 from onnxq.numerics import MIN_SCALE, fake_quantize, qparams_from_range
 from onnxq.precision import Precision, is_integer, qrange
 
-__all__ = ["MSE_GRID", "weight_ranges"]
+__all__ = ["COARSE", "MSE_GRID", "weight_ranges"]
 
-#: Clipping factors the ``"mse"`` weight method tries (fractions of each channel's range).
+#: Clipping factors the ``"mse"`` weight method chooses from (fractions of each channel's range).
 MSE_GRID = np.linspace(0.3, 1.0, 71)
+
+#: Stride of the coarse pass over :data:`MSE_GRID`; the fine pass tries every factor within
+#: ``COARSE - 1`` grid steps of each channel's coarse best (about 23 evaluations instead of 71).
+COARSE = 6
 
 
 def weight_ranges(
@@ -75,14 +79,27 @@ def weight_ranges(
 def _mse_clip(
     flat: np.ndarray, lo: np.ndarray, hi: np.ndarray, precision: Precision, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Coarse-to-fine search of the per-channel clipping factor (``COARSE`` then ``FINE`` steps)."""
     best_err = np.full(lo.shape, np.inf)
     best_alpha = np.ones(lo.shape)
-    for alpha in MSE_GRID:
+
+    def try_alpha(alpha: np.ndarray) -> None:
+        nonlocal best_err, best_alpha
         q = qparams_from_range(alpha * lo, alpha * hi, precision, symmetric, axis=0)
         err = ((fake_quantize(flat, q) - flat) ** 2).sum(axis=1, dtype=np.float64)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_alpha = np.where(better, alpha, best_alpha)
+
+    for alpha in MSE_GRID[::COARSE]:
+        try_alpha(np.full(lo.shape, alpha))
+    if MSE_GRID[-1] not in MSE_GRID[::COARSE]:
+        try_alpha(np.full(lo.shape, MSE_GRID[-1]))
+    step = float(MSE_GRID[1] - MSE_GRID[0])
+    centre = best_alpha.copy()
+    for k in range(-COARSE + 1, COARSE):
+        if k:
+            try_alpha(np.clip(centre + k * step, MSE_GRID[0], MSE_GRID[-1]))
     return best_alpha * lo, best_alpha * hi
 
 
