@@ -132,6 +132,26 @@ def is_large(model: onnx.ModelProto) -> bool:
     return byte_size(model) >= _TWO_GB
 
 
+def _check_names(graph: onnx.GraphProto) -> None:
+    """Refuse names that are not valid UTF-8 (protobuf hands them over as ``bytes``, not ``str``)."""
+    def bad(value: object) -> bool:
+        return not isinstance(value, str)
+
+    names: list[object] = [v.name for v in (*graph.input, *graph.output, *graph.value_info)]
+    names += [t.name for t in graph.initializer]
+    for node in graph.node:
+        names += [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                _check_names(attribute.g)
+            for sub in attribute.graphs:
+                _check_names(sub)
+    for name in names:
+        if bad(name):
+            raise ModelError(f"the model holds a name that is not valid UTF-8 ({name!r:.60})",
+                             "the file is corrupt; re-export the model")
+
+
 def model_sha256(model: onnx.ModelProto) -> str:
     """A stable hash of a model's content (serialised proto, external data loaded).
 
@@ -249,6 +269,7 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, infer_shapes
             if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
                 tensor.ClearField("data_location")  # same bytes (and hash) as the model saved inline
 
+    _check_names(proto.graph)
     opset = model_opset(proto)
     if opset < MIN_OPSET:
         raise ModelError(
