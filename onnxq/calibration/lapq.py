@@ -27,7 +27,7 @@ from onnxq.errors import UsageError
 from onnxq.numerics import QParams, qparams_from_range
 from onnxq.precision import Precision, is_integer
 
-__all__ = ["BOUNDS", "P_VALUES", "lapq_ranges", "output_loss"]
+__all__ = ["BOUNDS", "MAXFEV_CAP", "MAXFEV_PER_TENSOR", "P_VALUES", "lapq_ranges", "output_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ P_VALUES = (2.0, 2.5, 3.0, 4.0)
 
 #: Bounds of the per-tensor factor on the initial range.
 BOUNDS = (0.3, 1.2)
+
+#: Default Powell budget: this many loss evaluations per tensor ...
+MAXFEV_PER_TENSOR = 50
+
+#: ... capped at this many in total.
+MAXFEV_CAP = 1000
 
 
 def output_loss(
@@ -85,7 +91,8 @@ def lapq_ranges(
         stats: sweep statistics per tensor.
         precisions, symmetric: each tensor's quantizer.
         seed: picks the feed subset when there are more than ``max_feeds`` feeds.
-        maxfev: loss evaluations allowed to Powell (default ``min(50 * tensors, 1000)``).
+        maxfev: loss evaluations allowed to Powell (default
+            ``min(MAXFEV_PER_TENSOR * tensors, MAXFEV_CAP)``).
         max_feeds: feeds used by the loss.
         loss: ``"mse"`` or ``"kl"`` (see :func:`output_loss`).
     """
@@ -130,7 +137,8 @@ def lapq_ranges(
         logger.debug("LAPQ init p=%.1f: loss %.6g", p, value)
         if value < best_loss:
             best_p, best_loss, lo0, hi0 = p, value, lo, hi
-    assert lo0 is not None and hi0 is not None
+    if lo0 is None or hi0 is None:  # every initial loss was NaN: keep the min/max ranges
+        return fallback
 
     cache: dict[bytes, float] = {}
 
@@ -142,7 +150,7 @@ def lapq_ranges(
         return cache[key]
 
     n = len(names)
-    budget = int(maxfev) if maxfev is not None else min(50 * n, 1000)
+    budget = int(maxfev) if maxfev is not None else min(MAXFEV_PER_TENSOR * n, MAXFEV_CAP)
     x0 = np.ones(n)
     result = optimize.minimize(
         objective,
