@@ -520,6 +520,7 @@ def pareto_plots(results: dict[str, list[Row]], out_dir: Path) -> list[Path]:
         return []
     written = []
     markers = dict(zip(TOOLS, "osD^v<>Xph", strict=False))
+    colours = {tool: f"C{i}" for i, tool in enumerate(TOOLS)}
     for key, xlabel, name in (("size_bytes", "model size (KiB)", "pareto_size.png"),
                               ("latency_b1_ms", "latency, batch 1 (ms)", "pareto_latency.png")):
         fig = Figure(figsize=(6.0 * max(1, len(results)), 4.6))
@@ -528,8 +529,8 @@ def pareto_plots(results: dict[str, list[Row]], out_dir: Path) -> list[Path]:
             points = [(r.tool, getattr(r, key), r.accuracy) for r in rows if r.ok and getattr(r, key) is not None]
             for tool, x, y in points:
                 x = x / 1024 if key == "size_bytes" else x
-                ax.plot([x], [y], marker=markers.get(tool, "o"), linestyle="none", markersize=8, label=tool)
-                ax.annotate(tool, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.plot([x], [y], marker=markers.get(tool, "o"), color=colours.get(tool, "k"), linestyle="none",
+                        markersize=8, alpha=0.85, label=tool)
             front = _front([(x / 1024 if key == "size_bytes" else x, y) for _, x, y in points])
             if len(front) > 1:
                 ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#888888", linewidth=0.8)
@@ -537,7 +538,7 @@ def pareto_plots(results: dict[str, list[Row]], out_dir: Path) -> list[Path]:
             ax.set_xlabel(xlabel, fontsize=9)
             ax.set_ylabel("top-1 accuracy (eval)", fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(str(path), dpi=100, metadata={"Software": None})
@@ -564,7 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra_op_num_threads (default 1)")
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds per tool run (default 420)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
-    parser.add_argument("--keep", type=Path, default=None, help="keep the quantized models in this folder")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the quantized models and results.json here")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="only re-render RESULTS.md and the plots from a results.json written with --keep")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
@@ -573,6 +576,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(args.worker, args.models[0], args.worker_out, args.worker_result, args.quick)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        info = saved.pop("_machine", None) or machine_info(args.threads)
+        results = {stem: [Row(**row) for row in rows] for stem, rows in saved.items()}
+        return _write(results, info, args.out, bool(saved and args.quick))
     stems = args.models or sorted(p.name[: -len(".eval.npz")] for p in MODELS.glob("*.eval.npz")
                                   if (MODELS / p.name.replace(".eval.npz", ".onnx")).exists())
     results: dict[str, list[Row]] = {}
@@ -581,13 +589,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         for stem in stems:
             results[stem] = benchmark_model(stem, args.tools, workdir, args.threads, args.quick, args.timeout)
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = markdown(results, machine_info(args.threads), args.quick)
-    (args.out / "RESULTS.md").write_text(text + "\n")
+    info = machine_info(args.threads)
     if args.keep:  # the raw rows beside the kept models
-        (args.keep / "results.json").write_text(json.dumps({s: [asdict(r) for r in rows] for s, rows in results.items()},
-                                                           indent=1, sort_keys=True, default=str) + "\n")
-    pareto_plots(results, args.out)
+        raw: dict[str, Any] = {s: [asdict(r) for r in rows] for s, rows in results.items()}
+        raw["_machine"] = info
+        (args.keep / "results.json").write_text(json.dumps(raw, indent=1, sort_keys=True, default=str) + "\n")
+    return _write(results, info, args.out, args.quick)
+
+
+def _write(results: dict[str, list[Row]], info: dict[str, str], out: Path, quick: bool) -> int:
+    """RESULTS.md and the Pareto plots into ``out``; the Markdown on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(results, info, quick)
+    (out / "RESULTS.md").write_text(text + "\n")
+    pareto_plots(results, out)
     print(text)
     return 0
 
