@@ -425,6 +425,16 @@ def _meaning_problems(data: Any) -> list[SpecProblem]:
                 add(SpecProblem(_json_path(["cost", "candidate_macs_per_second", key]),
                                 f"candidate {key!r} names an unknown precision",
                                 f"known precisions: {known_precisions}"))
+    for table_name in ("candidate_overhead_seconds", "candidate_ns_per_element"):
+        table = cost.get(table_name)
+        if isinstance(table, Mapping):
+            for key in table:
+                ok = (_parse_candidate(key) is not None if "/" in str(key)
+                      else str(key) in {p.value for p in Precision})
+                if not ok:
+                    add(SpecProblem(_json_path(["cost", table_name, key]),
+                                    f"key {key!r} is neither a candidate nor a precision",
+                                    f"known precisions: {known_precisions}"))
     latency = cost.get("latency_table")
     if isinstance(latency, Mapping):
         for layer, row in latency.items():
@@ -435,6 +445,11 @@ def _meaning_problems(data: Any) -> list[SpecProblem]:
                                         f"candidate {key!r} names an unknown precision",
                                         f"known precisions: {known_precisions}"))
     return problems
+
+
+def _cost_key(key: str) -> str:
+    """Normalised key of a per-candidate cost table: candidate text or a precision name."""
+    return str(Candidate.parse(key)) if "/" in key else Precision(key).value
 
 
 def _problems_of(data: Any) -> list[SpecProblem]:
@@ -531,6 +546,13 @@ def _build(data: Mapping[str, Any], source: str) -> HardwareSpec:
             {Candidate.parse(c): float(v)
              for c, v in sorted(cost.get("candidate_macs_per_second", {}).items())}),
         placeholder=bool(cost.get("placeholder", False)),
+        candidate_overhead_seconds=MappingProxyType(
+            {_cost_key(k): float(v) for k, v in sorted(cost.get("candidate_overhead_seconds", {}).items())}),
+        candidate_ns_per_element=MappingProxyType(
+            {_cost_key(k): float(v) for k, v in sorted(cost.get("candidate_ns_per_element", {}).items())}),
+        run_overhead_seconds=float(cost.get("run_overhead_seconds", 0.0)),
+        nonlayer_ns_per_element=float(cost.get("nonlayer_ns_per_element", 0.0)),
+        conversion_op_seconds=float(cost.get("conversion_op_seconds", 0.0)),
     )
     layout = data.get("layout_ops")
     return HardwareSpec(

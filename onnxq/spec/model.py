@@ -138,6 +138,23 @@ class CostParams:
         candidate_macs_per_second: throughput overrides for whole candidates (``int4/uint8``)
             whose speed does not follow from the compute precision alone.
         placeholder: True while the numbers are guesses not yet calibrated by a benchmark.
+        candidate_overhead_seconds: fixed cost per layer call on top of ``op_overhead_seconds``,
+            keyed by candidate text (``int8/uint8``) or compute precision (``uint8``, ``fp32``):
+            what makes small integer layers no faster than float ones (requantization, the
+            NHWC reorders, kernel set-up). Equivalent to an efficiency curve
+            ``macs / (macs + overhead · rate)`` that approaches the full rate for large layers.
+        candidate_ns_per_element: cost per activation element a layer reads and writes (input
+            plus output elements), keyed like ``candidate_overhead_seconds``: the part of a
+            layer's time that grows with its tensors rather than its MACs (depthwise convs,
+            elementwise QLinear ops, layout reorders of integer kernels).
+        run_overhead_seconds: fixed cost of one inference (a session ``Run()``), charged once
+            by whole-model estimates (``estimate(..., view=...)``).
+        nonlayer_ns_per_element: time per output element of the float ops that are not layers
+            (LayerNormalization, GELU pieces, bias Adds …); with ``op_overhead_seconds`` per op
+            it prices them in whole-model estimates. They run in fp32 under every plan, so they
+            shift absolute latency but never the ranking of plans.
+        conversion_op_seconds: fixed cost of one standalone Q/DQ/Cast node at a precision
+            boundary, on top of ``conversion_ns_per_element`` per element.
     """
 
     macs_per_second: Mapping[Precision, float]
@@ -151,6 +168,22 @@ class CostParams:
         default_factory=lambda: MappingProxyType({})
     )
     placeholder: bool = False
+    candidate_overhead_seconds: Mapping[str, float] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    candidate_ns_per_element: Mapping[str, float] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    run_overhead_seconds: float = 0.0
+    nonlayer_ns_per_element: float = 0.0
+    conversion_op_seconds: float = 0.0
+
+    def candidate_value(self, table: Mapping[str, float], candidate: Candidate) -> float:
+        """``table``'s entry for ``candidate``: its text, else its compute precision, else 0."""
+        text = str(candidate)
+        if text in table:
+            return float(table[text])
+        return float(table.get(self.compute_precision(candidate).value, 0.0))
 
     def compute_precision(self, candidate: Candidate) -> Precision:
         """The precision whose throughput a candidate runs at (see ``macs_per_second``)."""
