@@ -24,6 +24,7 @@ from onnxq.pipeline import Pass, PassContext, Pipeline
 from onnxq.precision import Candidate
 from onnxq.rewrite import plan_summary
 from onnxq.spec import HardwareSpec, load_spec
+from onnxq.subgraphs import ensure_unique_node_names, scope_views
 
 __all__ = ["QuantizeResult", "quantize", "build_pipeline", "layer_ops_for"]
 
@@ -119,10 +120,12 @@ def quantize(
     working.CopyFrom(loaded.proto)
     ctx = PassContext(model=working, options=opts)
     ctx.artifacts.update({"spec": hw, "feeds": feeds, "fp32_model": loaded.proto, "model_sha256": loaded.sha256})
+    ensure_unique_node_names(working)
     ctx.analyses.register("graph_view", lambda c: GraphView(c.model, layer_ops_for(hw)))
+    ctx.analyses.register("scope_views", lambda c: scope_views(c.model, layer_ops_for(hw)))
     ctx.add_time("load", load_seconds)
     view = ctx.analysis("graph_view")
-    if not view.layers:
+    if not view.layers and not any(sv.view.layers for sv in ctx.analysis("scope_views")):
         raise UsageError("the model has nothing to quantize (no Conv, Gemm, MatMul or embedding Gather in float)",
                          "onnxq quantizes float compute layers; check the model with `onnxq inspect`")
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul") for n in working.graph.node):
@@ -139,8 +142,9 @@ def build_report(ctx: PassContext, spec: HardwareSpec, opts: QuantizeOptions, se
 
     plan: dict[str, Candidate] = ctx.artifacts["plan"]
     measurement = dict(ctx.artifacts.get("measurement", {}))
-    view = GraphView(ctx.artifacts["fp32_model"], layer_ops_for(spec))
-    layers_total = len(view.layers)
+    fp32 = ctx.artifacts["fp32_model"]
+    layers_total = len(GraphView(fp32, layer_ops_for(spec)).layers)
+    layers_total += sum(len(sv.view.layers) for sv in scope_views(fp32, layer_ops_for(spec)))
     quantized = {n: c for n, c in plan.items() if not c.is_float or c.weights.value == "fp16"}
     report: dict[str, Any] = {
         "format": "onnxq-report/1",

@@ -112,9 +112,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from onnxq.graph import GraphView
     from onnxq.model import load_model
 
+    from onnxq.subgraphs import ensure_unique_node_names, scope_views
+
     loaded = load_model(args.model)
+    ensure_unique_node_names(loaded.proto)
     view = GraphView(loaded.proto)
-    rows = view.summary_rows()
+    rows = [{**row, "scope": "main"} for row in view.summary_rows()]
+    for scoped in scope_views(loaded.proto, view.layer_ops):
+        rows.extend({**row, "scope": scoped.scope.key} for row in scoped.view.summary_rows())
     if args.json:
         print(json.dumps({"model": args.model, "opset": loaded.opset, "layers": rows,
                           "residual_joins": [{"node": n, "branches": list(b)} for n, b in view.residual_joins()],
@@ -122,7 +127,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.model}: opset {loaded.opset}, {len(loaded.proto.graph.node)} nodes, {len(rows)} layers, "
           f"{sum(int(r['params']) for r in rows):,} params, {sum(int(r['macs']) for r in rows):,} MACs per sample")
-    print(_table(rows, ["layer", "op_type", "weight", "location", "shape", "params", "macs", "inputs"]))
+    columns = ["layer", "op_type", "weight", "location", "shape", "params", "macs", "inputs"]
+    if any(row["scope"] != "main" for row in rows):
+        columns.insert(1, "scope")
+    print(_table(rows, columns))
     joins = view.residual_joins()
     if joins:
         print("\nresidual joins:")

@@ -203,6 +203,19 @@ class GraphView:
                         self.digraph.edges[source, node.name]["tensors"].append(tensor)
                     else:
                         self.digraph.add_edge(source, node.name, tensors=[tensor])
+        for node in self.graph.node:
+            # a subgraph (If/Loop/Scan body) reading an outer tensor consumes it too
+            subgraphs = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            subgraphs += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+            if subgraphs:
+                from onnxq.subgraphs import outer_references
+
+                implicit = set().union(*(outer_references(g) for g in subgraphs)) - set(node.input)
+                for tensor in sorted(implicit):
+                    self.consumers.setdefault(tensor, []).append(node.name)
+                    source = self.producer.get(tensor)
+                    if source is not None and self.nodes[source].op_type != "Constant" and not self.digraph.has_edge(source, node.name):
+                        self.digraph.add_edge(source, node.name, tensors=[tensor])
         self.graph_outputs = {value.name for value in self.graph.output}
         self.layers: dict[str, Layer] = {}
         for index, node in enumerate(self.graph.node):

@@ -106,22 +106,35 @@ def _activation_qparams(quant: TensorQuant, precision: Precision, ranges: Mappin
 
 def toposort_nodes(graph: onnx.GraphProto) -> None:
     """Reorder ``graph.node`` topologically (stable for already ordered parts)."""
+    from onnxq.subgraphs import outer_references
+
     available = {i.name for i in graph.initializer} | {v.name for v in graph.input} | {""}
-    pending = list(graph.node)
+    produced = {o for n in graph.node for o in n.output}
+    available |= {t for n in graph.node for t in n.input if t not in produced}  # outer scope
+    needs: list[set[str]] = []
+    for node in graph.node:
+        needed = set(node.input)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                needed |= outer_references(attr.g) & produced
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    needed |= outer_references(sub) & produced
+        needs.append(needed)
+    pending = list(zip(graph.node, needs))
     ordered: list[onnx.NodeProto] = []
     while pending:
         progress = False
         remaining = []
-        for node in pending:
-            # subgraph inputs from the outer scope are not tracked here: only direct inputs
-            if all(t in available for t in node.input):
+        for node, needed in pending:
+            if all(t in available for t in needed):
                 ordered.append(node)
                 available.update(node.output)
                 progress = True
             else:
-                remaining.append(node)
+                remaining.append((node, needed))
         if not progress:
-            missing = sorted({t for n in remaining for t in n.input if t not in available})[:3]
+            missing = sorted({t for _, needed in remaining for t in needed if t not in available})[:3]
             raise PassError(f"rewritten graph has a cycle or dangling inputs ({', '.join(missing)})", "report this model to onnxq")
         pending = remaining
     del graph.node[:]
@@ -382,9 +395,16 @@ def _to_fp16(b: _Builder, view: GraphView, node: onnx.NodeProto, layer: object) 
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto, originals: Mapping[str, onnx.TensorProto]) -> None:
+    from onnxq.subgraphs import outer_references
+
     used = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
-    for attr_graph in (a.g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
-        used |= {t for n in attr_graph.node for t in n.input}
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                used |= outer_references(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    used |= outer_references(sub)
     keep = [i for i in graph.initializer if i.name in used or i.name not in originals]
     keep = [i for i in keep if i.name in used]
     del graph.initializer[:]

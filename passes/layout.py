@@ -9,11 +9,19 @@ __all__ = ["LayoutPass"]
 
 
 class LayoutPass(Pass):
+    """The main graph's layout, and one per control-flow subgraph that has planned layers."""
+
     name = "layout"
     requires = ("plan", "spec")
     produces = ("layout",)
     preserves = ALL
 
     def run(self, ctx: PassContext) -> bool:
-        ctx.artifacts["layout"] = plan_layout(ctx.analysis("graph_view"), ctx.artifacts["plan"], ctx.artifacts["spec"])
+        plan, spec = ctx.artifacts["plan"], ctx.artifacts["spec"]
+        ctx.artifacts["layout"] = plan_layout(ctx.analysis("graph_view"), plan, spec)
+        scoped = []
+        for sv in ctx.analysis("scope_views"):
+            if any(name in sv.view.layers for name in plan):
+                scoped.append((sv.scope, plan_layout(sv.view, plan, spec)))
+        ctx.artifacts["scope_layouts"] = scoped
         return False

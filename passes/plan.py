@@ -8,13 +8,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from onnxq.errors import PlanError
-from onnxq.graph import GraphView
+from onnxq.graph import GraphView, Layer
 from onnxq.layout import effective_candidate
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import FP32, Candidate
 from onnxq.spec.model import HardwareSpec
 
-__all__ = ["UniformPlanPass", "ExplicitPlanPass", "PLAN_FORMAT", "read_plan", "plan_to_json", "check_plan"]
+__all__ = ["UniformPlanPass", "ExplicitPlanPass", "PLAN_FORMAT", "read_plan", "plan_to_json", "check_plan", "all_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,24 @@ def read_plan(path: str | Path) -> tuple[dict[str, Candidate], str | None]:
     return plan, (str(spec) if spec is not None else None)
 
 
-def check_plan(plan: Mapping[str, Candidate], view: GraphView, spec: HardwareSpec) -> None:
+def all_layers(ctx: PassContext) -> dict[str, Layer]:
+    """Layers of the main graph and of every control-flow subgraph, by name."""
+    layers = dict(ctx.analysis("graph_view").layers)
+    for scoped in ctx.analysis("scope_views"):
+        layers.update(scoped.view.layers)
+    return layers
+
+
+def check_plan(plan: Mapping[str, Candidate], view: GraphView | Mapping[str, Layer], spec: HardwareSpec) -> None:
     """Reject layers the model lacks and candidates the spec does not allow, naming them all."""
-    unknown = sorted(name for name in plan if name not in view.layers)
+    layers: Mapping[str, Layer] = view.layers if isinstance(view, GraphView) else view
+    unknown = sorted(name for name in plan if name not in layers)
     if unknown:
         raise PlanError(f"plan names layers the model does not have: {', '.join(unknown[:8])}" + (" …" if len(unknown) > 8 else ""),
                         "run `onnxq inspect MODEL` for the layer names")
     bad = []
     for name, candidate in plan.items():
-        layer = view.layers[name]
+        layer = layers[name]
         effective = effective_candidate(layer.weight is not None, candidate)
         if candidate != FP32 and not spec.allows(layer.op_type, effective) and not spec.allows(layer.op_type, candidate):
             bad.append(f"{name} ({layer.op_type}: {candidate})")
@@ -58,7 +67,7 @@ def check_plan(plan: Mapping[str, Candidate], view: GraphView, spec: HardwareSpe
         raise PlanError(f"spec {spec.name} does not allow: {', '.join(bad[:8])}" + (" …" if len(bad) > 8 else ""),
                         f"choose candidates the spec lists (onnxq spec-check / the spec file of {spec.name})")
     if spec.integer_only:
-        floats = sorted(name for name in view.layers if plan.get(name, FP32).is_float)
+        floats = sorted(name for name in layers if plan.get(name, FP32).is_float)
         if floats:
             raise PlanError(f"spec {spec.name} is integer-only but the plan keeps layers in float: {', '.join(floats[:8])}",
                             "give every layer an integer candidate")
@@ -75,11 +84,10 @@ class UniformPlanPass(Pass):
         self.candidate = candidate
 
     def run(self, ctx: PassContext) -> bool:
-        view: GraphView = ctx.analysis("graph_view")
         spec: HardwareSpec = ctx.artifacts["spec"]
         plan: dict[str, Candidate] = {}
         kept: list[str] = []
-        for name, layer in view.layers.items():
+        for name, layer in all_layers(ctx).items():
             wanted = effective_candidate(layer.weight is not None, self.candidate)
             if spec.allows(layer.op_type, wanted):
                 plan[name] = wanted
@@ -118,8 +126,8 @@ class ExplicitPlanPass(Pass):
         self.plan = dict(plan)
 
     def run(self, ctx: PassContext) -> bool:
-        view: GraphView = ctx.analysis("graph_view")
         spec: HardwareSpec = ctx.artifacts["spec"]
-        check_plan(self.plan, view, spec)
-        ctx.artifacts["plan"] = {name: effective_candidate(view.layers[name].weight is not None, c) for name, c in self.plan.items()}
+        layers = all_layers(ctx)
+        check_plan(self.plan, layers, spec)
+        ctx.artifacts["plan"] = {name: effective_candidate(layers[name].weight is not None, c) for name, c in self.plan.items()}
         return False

@@ -11,7 +11,8 @@ from onnxq.model import model_opset
 from onnxq.pipeline import Pass, PassContext
 from onnxq.passes.plan import plan_to_json
 from onnxq.precision import Precision, bits
-from onnxq.rewrite import apply_layout
+from onnxq.rewrite import RewriteResult, apply_layout
+from onnxq.subgraphs import unwrap, wrap
 
 __all__ = ["RewritePass"]
 
@@ -32,8 +33,22 @@ class RewritePass(Pass):
 
     def run(self, ctx: PassContext) -> bool:
         spec = ctx.artifacts["spec"]
-        result = apply_layout(ctx.model, ctx.artifacts["layout"], ctx.artifacts["ranges"], spec,
-                              weight_ranges=_weight_ranges, per_channel_ok=model_opset(ctx.model) >= 13)
+        per_channel_ok = model_opset(ctx.model) >= 13
+        ranges = ctx.artifacts["ranges"]
+        quantized: dict[str, str] = {}
+        weight_bytes = 0
+        # innermost scopes first: an outer scope's wrapper then carries its rewritten children
+        for scope, layout in sorted(ctx.artifacts.get("scope_layouts", []), key=lambda item: -item[0].depth):
+            wrapper, wrapped = wrap(ctx.model, scope)
+            scoped = apply_layout(wrapper, layout, ranges, spec, weight_ranges=_weight_ranges, per_channel_ok=per_channel_ok)
+            unwrap(ctx.model, scope, wrapper, wrapped)
+            quantized.update(scoped.quantized_layers)
+            weight_bytes += scoped.weight_bytes
+        result = apply_layout(ctx.model, ctx.artifacts["layout"], ranges, spec,
+                              weight_ranges=_weight_ranges, per_channel_ok=per_channel_ok)
+        if quantized:
+            quantized.update(result.quantized_layers)
+            result = RewriteResult(ctx.model, quantized, weight_bytes + result.weight_bytes)
         meta = {p.key: p.value for p in ctx.model.metadata_props}
         meta.update({
             "onnxq.version": __version__,
