@@ -505,6 +505,11 @@ def markdown(results: dict[str, list[Row]], info: dict[str, str], quick: bool) -
                 f"{_cell(lat_x, '.2f')} | {_cell(lat32_x, '.2f')} | "
                 f"{_cell(r.quantize_seconds, '.1f')} | {_cell(r.peak_rss_mib, '.0f')} | {notes.replace('|', '/')} |")
         lines.append("")
+        for key, label in (("size_bytes", "size"), ("latency_b1_ms", "batch-1 latency")):
+            optimal = _optimal_tools(rows, key)
+            if optimal:
+                lines.append(f"Pareto-optimal for accuracy vs {label}: {', '.join(optimal)}.  ")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -544,6 +549,14 @@ def pareto_plots(results: dict[str, list[Row]], out_dir: Path) -> list[Path]:
         fig.savefig(str(path), dpi=100, metadata={"Software": None})
         written.append(path)
     return written
+
+
+def _optimal_tools(rows: Sequence[Row], key: str) -> list[str]:
+    """Tools not dominated in (higher accuracy, lower ``key``), in table order."""
+    points = [(r.tool, getattr(r, key), r.accuracy) for r in rows
+              if r.ok and getattr(r, key) is not None and r.accuracy is not None]
+    return [tool for tool, x, y in points
+            if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for _, x2, y2 in points)]
 
 
 def _front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
