@@ -18,7 +18,7 @@ from onnxq import __version__
 from onnxq.data import load_feeds
 from onnxq.errors import UsageError
 from onnxq.graph import GraphView
-from onnxq.model import load_model
+from onnxq.model import check_quantizable_dtypes, load_model
 from onnxq.options import QuantizeOptions
 from onnxq.pipeline import Pass, PassContext, Pipeline
 from onnxq.precision import Candidate
@@ -114,6 +114,7 @@ def quantize(
 
     hw = spec if isinstance(spec, HardwareSpec) else load_spec(spec)
     loaded = load_model(model)
+    check_quantizable_dtypes(loaded.proto)
     load_seconds = time.perf_counter() - started
     feeds = load_feeds(calibration, loaded.proto, batch_size=opts.batch_size)
     working = onnx.ModelProto()

@@ -40,9 +40,6 @@ SLOW = settings(max_examples=260, deadline=None, derandomize=True, database=None
 pytestmark = pytest.mark.skipif(not CNN.exists(), reason="bundled CNN missing")
 
 
-SPEC_BUG = ("onnxq/spec/loader.py:324 _meaning_problems: q.get('precision') in _PRECISION_NAMES raises "
-            "TypeError: unhashable type: 'list' when a quantizer's precision is a list (e.g. quantizers.a_int16.precision = [])")
-
 
 class Hang(Exception):
     """A case exceeded its time budget."""
@@ -223,7 +220,6 @@ def test_fuzz_calibration(calib: dict[str, np.ndarray]) -> None:
     quantize_case(CNN_BYTES, calib=calib)
 
 
-@pytest.mark.xfail(strict=True, reason=SPEC_BUG)
 @QUICK
 @given(mutated_specs())
 def test_fuzz_spec(spec: dict) -> None:
@@ -251,7 +247,6 @@ def test_fuzz_calibration_long(calib: dict[str, np.ndarray]) -> None:
     quantize_case(CNN_BYTES, calib=calib)
 
 
-@pytest.mark.xfail(strict=True, reason=SPEC_BUG)
 @pytest.mark.slow
 @SLOW
 @given(mutated_specs())
@@ -259,7 +254,6 @@ def test_fuzz_spec_long(spec: dict) -> None:
     quantize_case(CNN_BYTES, spec=spec)
 
 
-@pytest.mark.xfail(strict=True, reason=SPEC_BUG)
 def test_spec_with_list_precision() -> None:
     """The minimal spec mutation the fuzzer found: a quantizer's precision replaced by a list."""
     spec = json.loads(json.dumps(SPEC_JSON))

@@ -321,8 +321,8 @@ def _meaning_problems(data: Any) -> list[SpecProblem]:
                     known = ", ".join(sorted(quantizers)) or "none defined"
                     add(SpecProblem(ref.path, f"unknown quantizer {ref.value!r}",
                                     f"quantizers: {known}"))
-                elif isinstance(q, Mapping) and q.get("precision") in _PRECISION_NAMES \
-                        and q.get("precision") != precision:
+                elif isinstance(q, Mapping) and isinstance(q.get("precision"), str) \
+                        and q.get("precision") in _PRECISION_NAMES and q.get("precision") != precision:
                     add(SpecProblem(ref.path, f"quantizer {ref.value!r} is "
                                     f"{q.get('precision')}, not {precision}",
                                     "map each precision to a quantizer of that precision"))
