@@ -140,3 +140,21 @@ def test_renders_in_headless_chromium(cli_html: tuple[Path, dict], tmp_path: Pat
     assert shot.exists(), "chromium wrote no screenshot"
     assert _png_is_not_blank(shot)
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_search_report_shape() -> None:
+    """The shape the search writes: chosen by ``search["chosen_index"]``, nested plan summaries, a cost block."""
+    report = _synthetic_report()
+    report["pareto_front"] = [
+        {"size_bytes": 73485, "latency_seconds": 3.9e-05, "bits": 7.0, "predicted_loss": 6.5e-4, "measured_drop": 0.0,
+         "plan": {"int4/uint8": 4, "int8/uint8": 15}},
+        {"size_bytes": 304384, "latency_seconds": 7.7e-05, "bits": 32.0, "predicted_loss": 0.0, "plan": {}},
+    ]
+    report["search"] = {"chosen_index": 0, "evaluations": 3, "predicted_loss": 6.5e-4, "measured_drop": 0.0}
+    report["cost"] = {"chosen": {"size_bytes": 73485, "bits": 7.0}, "fp32": {"size_bytes": 304384, "bits": 32.0},
+                      "placeholder_cost_model": False}
+    text = render_html(report)
+    assert "★ chosen" in text
+    assert "int4/uint8: 4, int8/uint8: 15" in text
+    assert "Estimated cost" in text and "placeholder_cost_model" in text
+    assert "latency_seconds" in text
