@@ -67,7 +67,7 @@ class PlanEvaluator:
         self.base.CopyFrom(ctx.model)
         self.options = ctx.options
         self.artifacts = {key: ctx.artifacts[key] for key in ("spec", "feeds", "fp32_model") if key in ctx.artifacts}
-        self.graph_view_builder = ctx.analyses._builders.get("graph_view")  # noqa: SLF001 - same analysis as the pipeline
+        self.analyses = ctx.analyses  # the same analyses as the pipeline, recomputed per plan model
         self.feeds = list(ctx.artifacts["feeds"].held_back)
         self.evaluations = 0
         self._user = load_evaluator(self.options.evaluator) if getattr(self.options, "evaluator", None) else None
@@ -81,11 +81,9 @@ class PlanEvaluator:
 
         model = onnx.ModelProto()
         model.CopyFrom(self.base)
-        ctx = PassContext(model=model, options=self.options)
+        ctx = PassContext(model=model, options=self.options, analyses=self.analyses.fresh())
         ctx.artifacts.update(self.artifacts)
         ctx.artifacts["plan"] = dict(plan)
-        if self.graph_view_builder is not None:
-            ctx.analyses.register("graph_view", self.graph_view_builder)
         Pipeline([PreparePass(), LayoutPass(), CalibratePass(), RewritePass()]).run(ctx)
         return ctx.model
 

@@ -46,6 +46,12 @@ class AnalysisCache:
             ctx.add_time(f"analysis:{name}", time.perf_counter() - started)
         return self._values[name]
 
+    def fresh(self) -> AnalysisCache:
+        """The same registered analyses, none computed (for a pipeline on another model)."""
+        other = AnalysisCache()
+        other._builders = dict(self._builders)
+        return other
+
     def cached(self) -> set[str]:
         return set(self._values)
 
