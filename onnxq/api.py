@@ -158,6 +158,7 @@ def build_report(ctx: PassContext, spec: HardwareSpec, opts: QuantizeOptions, se
                    "fp32": layers_total - len(quantized)},
         "metric": {k: measurement[k] for k in ("name", "fp32", "quantized", "drop", "max_drop") if k in measurement},
         "sizes": {"fp32_bytes": measurement.get("size_fp32"), "quantized_bytes": measurement.get("size_quantized")},
+        "latency": measurement.get("latency", {}),
         "calibration": {"method": opts.calibration, "samples": ctx.artifacts["feeds"].samples,
                         "held_back_feeds": len(ctx.artifacts["feeds"].held_back)},
         "notes": ctx.artifacts.get("plan_notes", {}),

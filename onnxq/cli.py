@@ -286,6 +286,10 @@ def _print_summary(report: dict[str, Any], out: str, report_path: str | None) ->
     if sizes.get("fp32_bytes"):
         print(f"size {sizes['fp32_bytes'] / 1e6:.2f} MB -> {sizes['quantized_bytes'] / 1e6:.2f} MB "
               f"({100 * sizes['quantized_bytes'] / sizes['fp32_bytes']:.1f}% of fp32)")
+    latency = report.get("latency") or {}
+    if latency.get("fp32_ms"):
+        print(f"onnxruntime CPU latency (batch 1, this machine): {latency['fp32_ms']:.3f} ms -> {latency['quantized_ms']:.3f} ms "
+              f"({latency['ratio']:.2f}x fp32)")
     if metric:
         print(f"fidelity to fp32 ({metric['name']}, held-back calibration feeds): {metric['quantized']:.4f} "
               f"(drop {metric['drop']:.4f}, allowed {metric.get('max_drop', 0):.4f})")
