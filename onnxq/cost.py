@@ -70,6 +70,7 @@ __all__ = [
     "boundary_edges",
     "estimate",
     "layer_costs",
+    "nonlayer_work",
     "weight_bytes",
 ]
 
@@ -326,8 +327,8 @@ def boundary_edges(view: GraphView, spec: HardwareSpec | None = None) -> list[tu
             if current in seen:
                 continue
             seen.add(current)
-            if current in view.graph_outputs:
-                out.add(current)
+            if current in view.graph_outputs and current != tensor:
+                out.add(current)  # a layer's own float output stays float (no Q to fuse with)
             for consumer in view.consumers.get(current, []):
                 node = view.nodes[consumer]
                 if node.op_type == "Shape":
@@ -386,16 +387,26 @@ def layer_costs(view: GraphView) -> list[LayerCost]:
     return rows
 
 
-def _nonlayer_seconds(view: GraphView, spec: HardwareSpec, batch: int) -> float:
-    """The float ops that are not layers: the same under every plan."""
-    cost = spec.cost
-    total = 0.0
+def nonlayer_work(view: GraphView) -> tuple[int, int]:
+    """``(ops, float output elements per sample)`` of the nodes that are not layers.
+
+    They run in fp32 under every plan (Constant and Identity nodes are not counted).
+    """
+    ops = 0
+    elements = 0
     for name, node in view.nodes.items():
         if name in view.layers or node.op_type in _FREE_OPS:
             continue
-        elements = sum(_elements(view, t) for t in node.output if t and view.is_float(t))
-        total += cost.op_overhead_seconds + elements * batch * cost.nonlayer_ns_per_element * 1e-9
-    return total
+        ops += 1
+        elements += sum(_elements(view, t) for t in node.output if t and view.is_float(t))
+    return ops, elements
+
+
+def _nonlayer_seconds(view: GraphView, spec: HardwareSpec, batch: int) -> float:
+    """The float ops that are not layers: the same under every plan."""
+    ops, elements = nonlayer_work(view)
+    cost = spec.cost
+    return ops * cost.op_overhead_seconds + elements * batch * cost.nonlayer_ns_per_element * 1e-9
 
 
 def estimate(

@@ -60,12 +60,18 @@ class _Costs:
     """Per layer × candidate costs on the three budget axes, and the full-plan estimate."""
 
     def __init__(self, view: GraphView, spec: HardwareSpec) -> None:
-        from onnxq.cost import estimate, weight_bytes
+        from onnxq.cost import boundary_edges, estimate, weight_bytes
 
         self.spec = spec
         self.layers = layer_costs(view)
         self.by_name = {row.name: row for row in self.layers}
-        self.edges = view.edges_between_layers()
+        # precision boundaries, float non-layer neighbours included: an edge to a float op is a
+        # unary cost of the layer (the ILP only couples layer pairs)
+        self.edges = boundary_edges(view, spec)
+        self.unary: dict[str, list[tuple[str, str, int]]] = {}
+        for a, b, n in self.edges:
+            if (a in self.by_name) != (b in self.by_name):
+                self.unary.setdefault(a if a in self.by_name else b, []).append((a, b, n))
         self._estimate = estimate
         self._weight_bytes = weight_bytes
         self.weight_elements = sum(row.weight_elements for row in self.layers)
@@ -76,7 +82,7 @@ class _Costs:
             return float(self._weight_bytes(row, candidate, self.spec))
         if axis == "bits":
             return float(row.weight_elements * bits(candidate.weights))
-        return float(self._estimate([row], {name: candidate}, self.spec).latency_seconds)
+        return float(self._estimate([row], {name: candidate}, self.spec, self.unary.get(name, ())).latency_seconds)
 
     def boundary_edges(self, axis: str) -> tuple[tuple[str, str, float], ...]:
         if axis != "latency":
