@@ -62,7 +62,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from onnxq.api import layer_ops_for
-from onnxq.cost import LayerCost, estimate
+from onnxq.cost import LayerCost, estimate, nonlayer_work
+from onnxq.cost import layer_costs as cost_layer_costs
 from onnxq.graph import GraphView
 from onnxq.options import QuantizeOptions
 from onnxq.precision import Candidate
@@ -254,6 +255,15 @@ class LinearShape:
     op: str  # "Conv" or "MatMul"
     x: tuple[int, ...]
     w: tuple[int, ...]
+    group: int = 1  # Conv groups (the channel count for a depthwise conv)
+
+    @property
+    def label(self) -> str:
+        """Short text for reports: ``MatMul 64x96x96``, ``Conv 32x32x3x3 @16x16``, ``dw``."""
+        if self.op == "Conv":
+            kind = "dwConv" if self.group > 1 else "Conv"
+            return f"{kind} {self.w[0]}x{self.w[1]}x{self.w[2]}x{self.w[3]} @{self.x[2]}x{self.x[3]}"
+        return f"MatMul {int(np.prod(self.x[:-1]))}x{self.w[0]}x{self.w[1]}"
 
     @property
     def macs(self) -> int:
@@ -280,6 +290,27 @@ class LinearShape:
 CONV = LinearShape("Conv", (1, 64, 56, 56), (64, 64, 3, 3))
 MATMUL = LinearShape("MatMul", (512, 512), (512, 512))
 
+#: Layers from 1e4 to 1e8 MACs (dense, pointwise and depthwise convs, MatMuls) timed per
+#: candidate to fit the fixed and per-element costs that dominate small layers.
+SWEEP = (
+    LinearShape("MatMul", (16, 32), (32, 32)),
+    LinearShape("MatMul", (64, 96), (96, 96)),
+    LinearShape("MatMul", (64, 96), (96, 384)),
+    LinearShape("MatMul", (256, 256), (256, 256)),
+    MATMUL,
+    LinearShape("Conv", (1, 16, 8, 8), (16, 16, 3, 3)),
+    LinearShape("Conv", (1, 32, 16, 16), (32, 32, 3, 3)),
+    LinearShape("Conv", (1, 32, 16, 16), (64, 32, 1, 1)),
+    LinearShape("Conv", (1, 64, 28, 28), (64, 64, 3, 3)),
+    CONV,
+    LinearShape("Conv", (1, 32, 16, 16), (32, 1, 3, 3), group=32),
+    LinearShape("Conv", (1, 64, 32, 32), (64, 1, 3, 3), group=64),
+)
+#: Candidates whose size curve is measured (the others fall back to their compute precision).
+SWEEP_CANDIDATES = ("fp32/fp32", "int8/uint8", "fp16/fp16", "int16/int16", "int4/uint8")
+#: Elements of the standalone Q/DQ micro-models fitted to ``op + ns · elements``.
+CONVERSION_SIZES = (1024, 16 * 1024, 256 * 1024)
+
 
 def build_linear(shape: LinearShape, candidate: str, rng: np.random.Generator,
                  out_range: tuple[float, float] = (-8.0, 8.0), block: int = 32) -> onnx.ModelProto:
@@ -296,7 +327,10 @@ def build_linear(shape: LinearShape, candidate: str, rng: np.random.Generator,
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape.x))
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape.out_shape))
     w = (rng.standard_normal(shape.w) * 0.05).astype(np.float32)
-    conv_attrs = {"pads": [1, 1, 1, 1]} if shape.op == "Conv" else {}
+    conv_attrs: dict[str, object] = {}
+    if shape.op == "Conv":
+        pad = shape.w[2] // 2
+        conv_attrs = {"pads": [pad, pad, pad, pad], "group": shape.group}
     inits: list[TensorProto] = []
     nodes: list[onnx.NodeProto] = []
     if ap in ("fp32", "fp16") and wp == ap:
@@ -404,6 +438,13 @@ class Measured:
     linear_macs_per_second: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     threads: int = 1
+    #: (shape label, candidate) → seconds of one layer of the size sweep (boundary Q/DQ included)
+    sweep_seconds: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+    #: candidate → (fixed seconds per layer, ns per activation element) fitted on the sweep
+    sweep_fit: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    #: standalone 8-bit Q/DQ: fixed seconds per node and ns per element (line over CONVERSION_SIZES)
+    conversion_op_seconds: float = 0.0
+    conversion_ns_fit: float = 0.0
 
     @property
     def conversion_ns(self) -> float:
@@ -462,6 +503,15 @@ def measure_micro(timer: Timer, log: Callable[[str], None] = print) -> Measured:
         add(("linear", shape.op, "int8/int8 (s8s8 forced)"),
             build_linear(shape, "int8/int8", np.random.default_rng(SEED), out_range), {"x": x},
             {"session.qdqisint8allowed": "1"})
+    for size in CONVERSION_SIZES:
+        add(("qline", str(size)), _conversion(size, "q"), {"x": rng.uniform(-1, 1, size).astype(np.float32)})
+        add(("dqline", str(size)), _conversion(size, "dq"), {"x": rng.integers(0, 256, size).astype(np.uint8)})
+    for shape in SWEEP:
+        x = rng.uniform(-1, 1, shape.x).astype(np.float32)
+        ref = timer.session(build_linear(shape, "fp32/fp32", np.random.default_rng(SEED))).run(None, {"x": x})[0]
+        out_range = (float(ref.min()), float(ref.max()))
+        for cand in SWEEP_CANDIDATES:
+            add(("sweep", shape.label, cand), build_linear(shape, cand, np.random.default_rng(SEED), out_range), {"x": x})
     log(f"timing {len(items)} micro-models in {timer.repeats} interleaved rounds")
     seconds = dict(zip(keys, timer.round_robin(items), strict=True))
 
@@ -480,6 +530,15 @@ def measure_micro(timer: Timer, log: Callable[[str], None] = print) -> Measured:
             m.q_ns[key] = max(seconds[("q", precision, label)] - fixed, 0.0) / size * 1e9
             m.dq_ns[key] = max(seconds[("dq", precision, label)] - fixed, 0.0) / size * 1e9
             log(f"Q {precision} {label}: {m.q_ns[key]:.3f} ns/el, DQ: {m.dq_ns[key]:.3f} ns/el")
+    sizes_q = np.array(CONVERSION_SIZES, float)
+    q_line = np.polyfit(sizes_q, [seconds[("qline", str(n))] - m.run_seconds for n in CONVERSION_SIZES], 1)
+    dq_line = np.polyfit(sizes_q, [seconds[("dqline", str(n))] - m.run_seconds for n in CONVERSION_SIZES], 1)
+    m.conversion_ns_fit = float(max((q_line[0] + dq_line[0]) / 2, 0.0) * 1e9)
+    m.conversion_op_seconds = float(max((q_line[1] + dq_line[1]) / 2, 0.0))
+    log(f"standalone Q/DQ: {m.conversion_op_seconds * 1e6:.2f} us per node + {m.conversion_ns_fit:.3f} ns per element")
+    for key, t in seconds.items():
+        if key[0] == "sweep":
+            m.sweep_seconds[(key[1], key[2])] = t
     for op, shape in shapes.items():
         rates: dict[str, float] = {}
         secs: dict[str, float] = {}
@@ -500,6 +559,40 @@ def measure_micro(timer: Timer, log: Callable[[str], None] = print) -> Measured:
         m.linear_seconds[op] = secs
         m.linear_macs_per_second[op] = rates
     return m
+
+
+def fit_sweep(m: Measured, rates: Mapping[str, float]) -> dict[str, tuple[float, float]]:
+    """Per candidate, ``(fixed seconds, ns per activation element)`` of a layer beyond its MACs.
+
+    For every layer of the size sweep the time net of the run overhead and of the boundary
+    conversions the micro-model carries (a standalone Q before and a DQ after an integer layer,
+    two Casts around an fp16 one, priced by the fitted Q/DQ line) is
+    ``macs / rate + fixed + ns · (input + output elements)``, with ``rate`` the large-layer
+    rate of the candidate (so large layers keep it); ``fixed`` and ``ns`` come from non-negative
+    least squares on the relative error.
+    """
+    from scipy.optimize import nnls
+
+    shapes = {shape.label: shape for shape in SWEEP}
+    out: dict[str, tuple[float, float]] = {}
+    for cand in SWEEP_CANDIDATES:
+        rate = rates.get(cand)
+        rows, target = [], []
+        for (label, c), t in sorted(m.sweep_seconds.items()):
+            if c != cand or rate is None:
+                continue
+            shape = shapes[label]
+            elements = shape.in_elements + shape.out_elements
+            act = Candidate.parse(cand).activations.value
+            converted = 0.0 if act == "fp32" else 2 * m.conversion_op_seconds + elements * m.conversion_ns_fit * 1e-9
+            net = t - m.run_seconds - converted - shape.macs / rate
+            rows.append([1.0 / t, elements * 1e-9 / t])
+            target.append(net / t)
+        if not rows:
+            continue
+        x, _ = nnls(np.array(rows), np.array(target))
+        out[cand] = (float(x[0]), float(x[1]))
+    return out
 
 
 def _geomean(values: Sequence[float]) -> float:
@@ -545,33 +638,63 @@ def fit_cost_block(m: Measured, machine: str, fit: Fit | None = None) -> dict[st
         "int16/int16": both("int16/int16"),
     }
 
-    scale = fit.scale if fit else 1.0
-    op_overhead = fit.overhead if fit else m.overhead_seconds
-    conversion = fit.ns if fit else m.conversion_ns
+    sweep = fit_sweep(m, {cand: both(cand) for cand in SWEEP_CANDIDATES})
+    if not m.sweep_fit:
+        m.sweep_fit = dict(sweep)
 
     def sig(value: float) -> float:
         return float(f"{value:.3g}")
 
+    overhead: dict[str, float] = {}
+    per_element: dict[str, float] = {}
+    # candidates whose curve was measured, and the compute precision each stands for
+    stands_for = {"fp32/fp32": ("fp32",), "int8/uint8": ("uint8", "int8"), "fp16/fp16": ("fp16", "bf16"),
+                  "int16/int16": ("int16", "uint16"), "int4/uint8": ()}
+    def floating(key: str) -> bool:
+        return (key.split("/")[-1]).startswith(("fp", "bf"))
+
+    def scale(key: str) -> float:
+        if fit is None:
+            return 1.0
+        return fit.float_scale if floating(key) else fit.int_scale
+
+    for cand, (fixed, ns) in sweep.items():
+        for key in (cand, *stands_for.get(cand, ())):
+            overhead[key] = sig(max(fixed - m.overhead_seconds, 0.0) * scale(key))
+            per_element[key] = sig(ns * scale(key))
+    macs = {k: v / scale(k) for k, v in macs.items()}
+    candidates = {k: v / scale(k) for k, v in candidates.items()}
+    run = fit.run_seconds if fit else m.run_seconds
+    nonlayer = fit.nonlayer_ns if fit else 8.0 / m.bytes_per_second * 1e9  # read + write one fp32
+    conversion = fit.conversion_ns if fit else m.conversion_ns_fit
     comment = (
         f"measured by benchmarks/calibrate_cost_model.py on {machine}; onnxruntime {ort.__version__}, "
-        f"ORT_ENABLE_ALL. MAC rates: geometric mean of a 64x64x3x3 Conv on 56x56 and a 512^3 MatMul, "
-        f"net of the boundary Q/DQ. 'int8' and 'int4' (int8 activations) take the forced s8s8 rate "
-        f"(the uint8 rewrite fails where a tensor has several consumers). bf16 priced as fp16 (not measured). "
-        + (f"Fitted on the bundled models: rates and bandwidth x{scale:.3f} (small layers run below the micro-benchmark "
-           f"rate), op_overhead_seconds per layer (stands for the non-layer ops around it and the Run() cost; "
-           f"{m.overhead_seconds * 1e6:.2f} us per tiny op measured), conversion_ns_per_element per boundary element "
-           f"(Q/DQ plus layout reorders; {m.conversion_ns:.3f} ns for a standalone 8-bit Q/DQ). "
-           if fit else "Micro-benchmark values only. ")
-        + f"Threads {m.threads}. See benchmarks/COST_MODEL.md"
+        f"ORT_ENABLE_ALL, threads {m.threads}. MAC rates: geometric mean of a 64x64x3x3 Conv on 56x56 and a 512^3 "
+        f"MatMul, net of the boundary Q/DQ; 'int8' and 'int4' (int8 activations) take the forced s8s8 rate (the uint8 "
+        f"rewrite fails where a tensor has several consumers); bf16 priced as fp16. candidate_overhead_seconds and "
+        f"candidate_ns_per_element: fitted per candidate on a sweep of {len(SWEEP)} Conv/depthwise Conv/MatMul layers "
+        f"from 1.6e4 to 1.3e8 MACs (fixed cost per call beyond op_overhead_seconds, and per input+output element). "
+        f"conversion_*: standalone 8-bit Q/DQ over {len(CONVERSION_SIZES)} sizes. op_overhead_seconds: slope over "
+        f"chains of tiny Adds. "
+        + (f"Fitted on the bundled models (NNLS on the relative error, all plans and batches): float layer times "
+           f"x{fit.float_scale:.3f}, integer layer times x{fit.int_scale:.3f} (rates divided, fixed and per-element "
+           f"costs multiplied), conversion_ns_per_element (boundary Q/DQ inside a graph, reorders included), "
+           f"run_overhead_seconds and nonlayer_ns_per_element. " if fit else "Micro-benchmark values only. ")
+        + "See benchmarks/COST_MODEL.md"
     )
     return {
         "placeholder": False,
         "comment": comment,
-        "macs_per_second": {k: sig(v * scale) for k, v in macs.items() if v > 0},
-        "candidate_macs_per_second": {k: sig(v * scale) for k, v in candidates.items() if v > 0},
-        "bytes_per_second": sig(m.bytes_per_second * scale),
+        "macs_per_second": {k: sig(v) for k, v in macs.items() if v > 0},
+        "candidate_macs_per_second": {k: sig(v) for k, v in candidates.items() if v > 0},
+        "bytes_per_second": sig(m.bytes_per_second),
         "conversion_ns_per_element": sig(conversion),
-        "op_overhead_seconds": sig(op_overhead),
+        "conversion_op_seconds": sig(m.conversion_op_seconds),
+        "op_overhead_seconds": sig(m.overhead_seconds),
+        "candidate_overhead_seconds": dict(sorted(overhead.items())),
+        "candidate_ns_per_element": dict(sorted(per_element.items())),
+        "run_overhead_seconds": sig(run),
+        "nonlayer_ns_per_element": sig(nonlayer),
     }
 
 
@@ -668,28 +791,46 @@ class Case:
     roofline_int: float = 0.0  # the part of ``roofline`` in layers with integer activations
     ort_nodes: int = 0  # nodes of the graph onnxruntime runs (ORT_ENABLE_ALL)
     ort_qdq: int = 0  # standalone QuantizeLinear/DequantizeLinear nodes left in it
+    variable: float = 0.0  # the estimate without run overhead and non-layer ops
+    nonlayer_ops: int = 0
+    nonlayer_elements: int = 0  # float output elements of the non-layer ops (whole batch)
+    boundaries: int = 0  # standalone conversions derived by onnxq.cost.boundaries
+    float_seconds: float = 0.0  # layer time of the layers computing in float (no conversions)
+    int_seconds: float = 0.0  # layer time of the layers computing on integers
 
 
 @dataclasses.dataclass(frozen=True)
 class Fit:
-    """Corrections fitted on the bundled models: ``measured ≈ roofline/scale + layers·overhead
-    + boundary_elements·ns``. ``scale`` multiplies every micro-benchmark rate (MACs and bytes
-    per second): small layers run below the rate of large micro-layers."""
+    """Corrections fitted on the bundled models (non-negative least squares on the relative
+    error over every case)::
 
-    scale: float
-    overhead: float
-    ns: float
+        measured ≈ float_scale · float layers + int_scale · integer layers
+                   + boundary elements · conversion_ns + run_seconds
+                   + non-layer ops · op overhead + non-layer elements · nonlayer_ns
+
+    ``float_scale`` and ``int_scale`` multiply the micro-benchmark layer times (the layers of
+    the bundled models run at a different share of the micro-layer rates), ``conversion_ns``
+    prices a boundary element inside a real graph (Q/DQ plus the layout reorders around it).
+    """
+
+    float_scale: float = 1.0
+    int_scale: float = 1.0
+    conversion_ns: float = 0.0
+    run_seconds: float = 0.0
+    nonlayer_ns: float = 0.0
 
 
-def fit_params(cases: Sequence[Case]) -> Fit:
+def fit_params(cases: Sequence[Case], op_overhead: float, conversion_op: float = 0.0) -> Fit:
     """Non-negative least squares on the relative error over ``cases``."""
     from scipy.optimize import nnls
 
-    a = np.array([[c.roofline / c.measured, c.layers / c.measured, c.boundary_elements * 1e-9 / c.measured]
+    a = np.array([[c.float_seconds, c.int_seconds, c.boundary_elements * 1e-9, 1.0, c.nonlayer_elements * 1e-9]
+                  for c in cases]) / np.array([[c.measured] for c in cases])
+    b = np.array([(c.measured - c.nonlayer_ops * op_overhead - c.boundaries * conversion_op) / c.measured
                   for c in cases])
-    x, _ = nnls(a, np.ones(len(cases)))
-    inv_scale, overhead, ns = (float(v) for v in x)
-    return Fit(scale=1.0 / inv_scale if inv_scale > 0 else 1.0, overhead=overhead, ns=ns)
+    x, _ = nnls(a, b)
+    fs, is_, ns, run, nl = (float(v) for v in x)
+    return Fit(float_scale=fs or 1.0, int_scale=is_ or 1.0, conversion_ns=ns, run_seconds=run, nonlayer_ns=nl)
 
 
 def _plans(view: GraphView, int8_plan: Mapping[str, str]) -> dict[str, dict[str, str]]:
@@ -710,14 +851,38 @@ def _plans(view: GraphView, int8_plan: Mapping[str, str]) -> dict[str, dict[str,
     return plans
 
 
+def model_estimate(view: GraphView, plan: Mapping[str, str], spec: HardwareSpec, batch: int) -> Case:
+    """A ``Case`` (measured 0) with the whole-model estimate of :func:`onnxq.cost.estimate`."""
+    layers = cost_layer_costs(view)
+    result = estimate(layers, plan, spec, batch=batch, view=view)
+    ops, elements = nonlayer_work(view)
+    alone = estimate(layers, plan, spec, batch=batch).per_layer
+    integer = {name for name, c in plan.items() if not Candidate.parse(str(c)).activations.value.startswith(("fp", "bf"))}
+    case = Case("", "", batch, 0.0, roofline=0.0, layers=len(layers), plan_map=dict(plan),
+                boundary_elements=float(sum(b.elements for b in result.boundaries) * batch),
+                estimate=result.latency_seconds, variable=result.latency_seconds - result.fixed_seconds,
+                nonlayer_ops=ops, nonlayer_elements=elements * batch, boundaries=len(result.boundaries),
+                float_seconds=sum(t for n, t in alone.items() if n not in integer),
+                int_seconds=sum(t for n, t in alone.items() if n in integer))
+    return case
+
+
+def legacy_estimate(view: GraphView, plan: Mapping[str, str], spec: HardwareSpec, batch: int) -> float:
+    """The estimate as onnxq computed it before this calibration: per-layer roofline with
+    MACs scaled by the caller, layer-to-layer edges only, no run overhead or non-layer ops."""
+    layers, edges = layer_costs(view, batch)
+    return estimate(layers, plan, spec, edges).latency_seconds
+
+
 def validate_models(timer: Timer, spec: HardwareSpec, models: Sequence[Path], batches: Sequence[int],
                     log: Callable[[str], None] = print) -> list[Case]:
-    """Quantize each bundled model with every plan and time it at each batch size."""
+    """Quantize each bundled model with every plan and time it at each batch size.
+
+    All (model, plan, batch) sessions are timed together in interleaved rounds.
+    """
     cases: list[Case] = []
     quiet = QuantizeOptions(progress=False)
     pending: list[tuple[Case, ort.InferenceSession, dict[str, np.ndarray]]] = []
-    bare = dataclasses.replace(spec, cost=dataclasses.replace(spec.cost, op_overhead_seconds=0.0,
-                                                              conversion_ns_per_element=1.0))
     for path in models:
         calib = np.load(path.with_suffix(".calib.npz"))
         fp32 = onnx.load(path)
@@ -741,50 +906,30 @@ def validate_models(timer: Timer, spec: HardwareSpec, models: Sequence[Path], ba
             qdq = sum(op in ("QuantizeLinear", "DequantizeLinear") for op in ops)
             for batch in batches:
                 feed = {k: v[:batch] for k, v in calib.items()}
-                layers, edges = layer_costs(view, batch)
-                bare_estimate = estimate(layers, plan, bare, edges)
-                roof = bare_estimate.latency_seconds - bare_estimate.conversion_seconds
-                no_edges = estimate(layers, plan, bare)
-                roof_int = sum(t for name, t in no_edges.per_layer.items()
-                               if not Candidate.parse(str(plan.get(name, "fp32/fp32"))).activations.value.startswith(("fp", "bf")))
-                case = Case(path.stem, plan_name, batch, 0.0, roof, len(layers), dict(plan),
-                            boundary_elements=bare_estimate.conversion_seconds * 1e9,
-                            estimate=estimate(layers, plan, spec, edges).latency_seconds, roofline_int=roof_int,
-                            ort_nodes=len(ops), ort_qdq=qdq)
+                case = dataclasses.replace(model_estimate(view, plan, spec, batch), model=path.stem, plan=plan_name,
+                                           ort_nodes=len(ops), ort_qdq=qdq)
                 pending.append((case, session, feed))
     measured = timer.round_robin([(session, feed) for _, session, feed in pending])
     for (case, _, _), value in zip(pending, measured, strict=True):
         case.measured = value
         cases.append(case)
         log(f"{case.model:20s} {case.plan:24s} b={case.batch:<3d} measured {case.measured * 1e3:8.3f} ms  "
-            f"estimate {case.estimate * 1e3:8.3f} ms  (roofline {case.roofline * 1e3:.3f} ms, "
-            f"{case.boundary_elements:.0f} boundary elements)")
+            f"estimate {case.estimate * 1e3:8.3f} ms  ({case.boundaries} boundaries, "
+            f"{case.boundary_elements:.0f} elements)")
     return cases
 
 
-def split_fit(cases: Sequence[Case]) -> tuple[float, float, float, float, float]:
-    """Diagnostic: float and integer rates scaled separately.
-
-    Returns ``(float scale, integer scale, overhead, ns, mean absolute relative error)`` of
-    ``measured ≈ R_float/s_f + R_int/s_i + layers·h + boundary·ns`` (non-negative least squares).
-    """
-    from scipy.optimize import nnls
-
-    a = np.array([[(c.roofline - c.roofline_int) / c.measured, c.roofline_int / c.measured, c.layers / c.measured,
-                   c.boundary_elements * 1e-9 / c.measured] for c in cases])
-    x, _ = nnls(a, np.ones(len(cases)))
-    mare = float(np.mean(np.abs(a @ x - 1)))
-    inv_f, inv_i, h, ns = (float(v) for v in x)
-    return (1 / inv_f if inv_f else math.inf, 1 / inv_i if inv_i else math.inf, h, ns, mare)
-
-
-def reestimate(cases: Sequence[Case], spec: HardwareSpec, models: Sequence[Path]) -> list[Case]:
-    """The cases with ``estimate`` recomputed by :func:`onnxq.cost.estimate` on ``spec``."""
+def reestimate(cases: Sequence[Case], spec: HardwareSpec, models: Sequence[Path], legacy: bool = False) -> list[Case]:
+    """The cases with ``estimate`` recomputed on ``spec`` (``legacy``: the old estimate)."""
     views = {path.stem: GraphView(static_shapes(onnx.load(path)), layer_ops_for(spec)) for path in models}
     out = []
     for c in cases:
-        layers, edges = layer_costs(views[c.model], c.batch)
-        out.append(dataclasses.replace(c, estimate=estimate(layers, c.plan_map, spec, edges).latency_seconds))
+        view = views[c.model]
+        if legacy:
+            out.append(dataclasses.replace(c, estimate=legacy_estimate(view, c.plan_map, spec, c.batch)))
+        else:
+            fresh = model_estimate(view, c.plan_map, spec, c.batch)
+            out.append(dataclasses.replace(c, estimate=fresh.estimate, variable=fresh.variable))
     return out
 
 
@@ -870,15 +1015,30 @@ def render_report(info: Mapping[str, str], threads: int, stat: str, m: Measured,
     if m.notes:
         lines += ["", "Failures: " + "; ".join(m.notes)]
     lines += ["", "## Fitted `cost` block", "", "```json", json.dumps(cost, indent=2), "```", ""]
+    lines += ["## Layer size sweep: fixed and per-element costs", "",
+              f"Standalone 8-bit Q/DQ: {m.conversion_op_seconds * 1e6:.2f} us per node + {m.conversion_ns_fit:.3f} ns "
+              "per element (line over " + ", ".join(str(n) for n in CONVERSION_SIZES) + " elements).", "",
+              "Time of one layer in a micro-model (us; integer and fp16 candidates include the Q/DQ or Casts around "
+              "it), and the ratio to fp32:", "",
+              "| layer | MACs | " + " | ".join(SWEEP_CANDIDATES) + " |",
+              "|---|---:|" + "---:|" * len(SWEEP_CANDIDATES)]
+    for shape in SWEEP:
+        fp = m.sweep_seconds.get((shape.label, "fp32/fp32"))
+        cells = []
+        for cand in SWEEP_CANDIDATES:
+            t = m.sweep_seconds.get((shape.label, cand))
+            cells.append("-" if t is None else f"{t * 1e6:.1f}" + (f" ({t / fp:.2f}x)" if fp and cand != "fp32/fp32" else ""))
+        lines.append(f"| {shape.label} | {shape.macs:.2g} | " + " | ".join(cells) + " |")
+    lines += ["", "Fitted per layer call beyond its MACs at the large-layer rate (`fixed` includes the "
+              f"{m.overhead_seconds * 1e6:.2f} us op overhead): "
+              + ", ".join(f"{c}: {f * 1e6:.2f} us + {ns:.3f} ns/element" for c, (f, ns) in m.sweep_fit.items()), ""]
     lines += ["## Corrections fitted on the bundled models", "",
-              f"`measured ≈ roofline / {fit.scale:.3f} + layers × {fit.overhead * 1e6:.2f} us + boundary elements × "
-              f"{fit.ns:.3f} ns` (non-negative least squares on the relative error; the micro-benchmark MAC rates and "
-              f"bandwidth are multiplied by {fit.scale:.3f} in the spec).", ""]
-    sf, si, h, ns, mare_split = split_fit(tables[1][1])
-    lines += [f"Diagnostic (not written): scaling float and integer rates separately gives float x{sf:.3f}, "
-              f"integer x{si:.3f}, {h * 1e6:.2f} us per layer, {ns:.3f} ns per boundary element, mean absolute "
-              f"relative error {mare_split:.1%}: on these small layers the integer kernels reach a much smaller share "
-              f"of their large-layer rate than fp32 does.", ""]
+              f"`measured ≈ {fit.float_scale:.3f} × float layers + {fit.int_scale:.3f} × integer layers + boundary "
+              f"elements × {fit.conversion_ns:.3f} ns + {fit.run_seconds * 1e6:.1f} us + non-layer ops × op overhead + "
+              f"non-layer elements × {fit.nonlayer_ns:.3f} ns` (non-negative least squares on the relative error over "
+              "every case below; layer times are the micro-benchmark model's, boundaries come from the plan's exact "
+              "Q/DQ layout). The run overhead and the non-layer terms are the same under every plan: they move the "
+              "absolute latency, not the ranking.", ""]
     for title, cases in tables:
         rows, mare, ranks = error_table(cases)
         lines += [f"## Estimate vs measured: {title}", ""] + rows + [
@@ -955,14 +1115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     micro_block = fit_cost_block(micro, info["cpu"])
     micro_spec = dataclasses.replace(base, cost=_cost_params(base, micro_block))
     cases = validate_models(timer, micro_spec, args.models, args.batches)
-    fit = fit_params(cases)
+    fit = fit_params(cases, micro.overhead_seconds, micro.conversion_op_seconds)
     cost = fit_cost_block(micro, info["cpu"], fit)
     fitted_spec = dataclasses.replace(base, cost=_cost_params(base, cost))
     tables = [
-        ("placeholder numbers (before calibration)",
-         reestimate(cases, dataclasses.replace(base, cost=_cost_params(base, PLACEHOLDER_COST)), args.models)),
-        ("micro-benchmark numbers only", cases),
-        ("calibrated spec (written)", reestimate(cases, fitted_spec, args.models)),
+        ("previous model (per-layer roofline, layer-to-layer edges, spec before this run)",
+         reestimate(cases, base, args.models, legacy=True)),
+        ("new model, micro-benchmark numbers only", cases),
+        ("new model, calibrated spec (written)", reestimate(cases, fitted_spec, args.models)),
     ]
     report = render_report(info, args.threads, args.stat, micro, cost, tables, fit)
     print(report)
@@ -990,7 +1150,21 @@ def _cost_params(spec: HardwareSpec, block: Mapping[str, object]):  # noqa: ANN2
         conversion_ns_per_element=float(block["conversion_ns_per_element"]),  # type: ignore[arg-type]
         op_overhead_seconds=float(block["op_overhead_seconds"]),  # type: ignore[arg-type]
         placeholder=bool(block.get("placeholder", False)),
+        candidate_overhead_seconds=MappingProxyType(
+            {_key(k): float(v) for k, v in block.get("candidate_overhead_seconds", {}).items()}),  # type: ignore[union-attr]
+        candidate_ns_per_element=MappingProxyType(
+            {_key(k): float(v) for k, v in block.get("candidate_ns_per_element", {}).items()}),  # type: ignore[union-attr]
+        run_overhead_seconds=float(block.get("run_overhead_seconds", 0.0)),  # type: ignore[arg-type]
+        nonlayer_ns_per_element=float(block.get("nonlayer_ns_per_element", 0.0)),  # type: ignore[arg-type]
+        conversion_op_seconds=float(block.get("conversion_op_seconds", 0.0)),  # type: ignore[arg-type]
     )
+
+
+def _key(key: str) -> str:
+    """A per-candidate cost key as the spec loader normalises it."""
+    from onnxq.precision import Precision
+
+    return str(Candidate.parse(key)) if "/" in key else Precision(key).value
 
 
 if __name__ == "__main__":

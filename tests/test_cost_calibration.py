@@ -83,13 +83,28 @@ def test_weight_only_int4_matmul_is_blockwise() -> None:
 
 
 def test_fit_params_recovers_corrections() -> None:
-    truth = cal.Fit(scale=0.5, overhead=5e-6, ns=0.8)
-    shapes = [(1e-4, 10, 0.0), (3e-4, 20, 5e4), (5e-5, 30, 1e5), (2e-3, 26, 2e5)]
-    cases = [cal.Case("m", f"p{i}", 1, measured=r / truth.scale + n * truth.overhead + e * truth.ns * 1e-9,
-                      roofline=r, layers=n, plan_map={}, boundary_elements=e)
-             for i, (r, n, e) in enumerate(shapes)]
-    fit = cal.fit_params(cases)
-    assert fit.scale == pytest.approx(0.5) and fit.overhead == pytest.approx(5e-6) and fit.ns == pytest.approx(0.8)
+    truth = cal.Fit(float_scale=1.2, int_scale=2.5, conversion_ns=0.8, run_seconds=4e-6, nonlayer_ns=0.3)
+    op = 2.5e-7
+    rows = [(1e-4, 0.0, 0.0, 10, 5e4), (2e-5, 5e-5, 5e4, 10, 5e4), (3e-4, 1e-4, 2e5, 40, 4e5),
+            (5e-5, 2e-4, 1e5, 40, 4e5), (2e-3, 1e-3, 3e6, 12, 1e6), (1e-3, 0.0, 0.0, 12, 1e6)]
+    cases = [cal.Case("m", f"p{i}", 1, measured=truth.float_scale * f + truth.int_scale * n + e * truth.conversion_ns * 1e-9
+                      + truth.run_seconds + ops * op + el * truth.nonlayer_ns * 1e-9,
+                      roofline=0.0, layers=1, plan_map={}, boundary_elements=e, float_seconds=f, int_seconds=n,
+                      nonlayer_ops=ops, nonlayer_elements=int(el))
+             for i, (f, n, e, ops, el) in enumerate(rows)]
+    fit = cal.fit_params(cases, op)
+    for name in ("float_scale", "int_scale", "conversion_ns", "run_seconds", "nonlayer_ns"):
+        assert getattr(fit, name) == pytest.approx(getattr(truth, name), rel=1e-6), name
+
+
+def test_fit_sweep_recovers_fixed_and_per_element_costs() -> None:
+    m = cal.Measured(run_seconds=3e-6, conversion_op_seconds=1e-7, conversion_ns_fit=0.1)
+    rate = 1e11
+    for shape in cal.SWEEP:
+        elements = shape.in_elements + shape.out_elements
+        m.sweep_seconds[(shape.label, "fp32/fp32")] = 3e-6 + shape.macs / rate + 1e-6 + 0.2e-9 * elements
+    fitted = cal.fit_sweep(m, {"fp32/fp32": rate})
+    assert fitted["fp32/fp32"] == pytest.approx((1e-6, 0.2), rel=1e-6)
 
 
 def test_write_spec_cost_keeps_spec_valid(tmp_path: Path) -> None:
