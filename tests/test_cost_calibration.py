@@ -83,7 +83,7 @@ def test_weight_only_int4_matmul_is_blockwise() -> None:
 
 
 def test_fit_params_recovers_corrections() -> None:
-    truth = cal.Fit(float_scale=1.2, int_scale=2.5, conversion_ns=0.8, run_seconds=4e-6, nonlayer_ns=0.3)
+    truth = cal.Fit(float_scale=1.0, int_scale=1.0, conversion_ns=0.8, run_seconds=4e-6, nonlayer_ns=0.3)
     op = 2.5e-7
     rows = [(1e-4, 0.0, 0.0, 10, 5e4), (2e-5, 5e-5, 5e4, 10, 5e4), (3e-4, 1e-4, 2e5, 40, 4e5),
             (5e-5, 2e-4, 1e5, 40, 4e5), (2e-3, 1e-3, 3e6, 12, 1e6), (1e-3, 0.0, 0.0, 12, 1e6)]
