@@ -119,8 +119,14 @@ def test_memory_bound_layer_uses_bandwidth() -> None:
     uint8 = estimate([layer], {"add": C("uint8/uint8")}, spec)
     bw = spec.cost.bytes_per_second
     overhead = spec.cost.op_overhead_seconds
-    assert fp32.latency_seconds == pytest.approx(12_000_000 / bw + overhead)
-    assert uint8.latency_seconds == pytest.approx(3_000_000 / bw + overhead)
+    cost = spec.cost
+
+    def extra(candidate: Candidate) -> float:  # per-call and per-element costs of the candidate
+        return (cost.candidate_value(cost.candidate_overhead_seconds, candidate)
+                + 3_000_000 * cost.candidate_value(cost.candidate_ns_per_element, candidate) * 1e-9)
+
+    assert fp32.latency_seconds == pytest.approx(12_000_000 / bw + overhead + extra(FP32))
+    assert uint8.latency_seconds == pytest.approx(3_000_000 / bw + overhead + extra(C("uint8/uint8")))
     assert fp32.size_bytes == 0 and fp32.bitops == 0
 
 
