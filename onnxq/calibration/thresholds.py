@@ -93,7 +93,8 @@ def entropy_range(stats: TensorStats, precision: Precision, symmetric: bool) -> 
     For each candidate threshold ``t`` (in bins, from the number of levels ``L`` to all bins)
     the reference ``P`` is the histogram up to ``t`` with the outliers added to its last bin;
     ``Q`` merges the same bins (without outliers) into ``L`` levels and spreads each level
-    evenly over its non-empty bins. The threshold minimising ``KL(P || Q)`` wins. Computed with
+    evenly over its non-empty bins. The threshold minimising ``KL(P || Q)`` wins. The bin at 0
+    takes the count of its neighbour (zeros are exact; their spike would dominate). Computed with
     prefix sums, so all candidates cost ``O(candidates * L)``.
     """
     hist = stats.histogram
@@ -102,6 +103,9 @@ def entropy_range(stats: TensorStats, precision: Precision, symmetric: bool) -> 
     nq = levels(precision, symmetric, _one_sided(stats))
     h = hist.folded()
     n = h.size
+    # the spike of (exact) zeros after ReLU would dominate KL and force a tiny threshold, yet 0 is
+    # always on the grid; like NVIDIA's pytorch-quantization, the first bin takes its neighbour's count
+    h[0] = h[1]
     if nq >= n:
         return minmax_range(stats)
     last_used = int(np.nonzero(h)[0][-1]) + 1
