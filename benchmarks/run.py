@@ -455,6 +455,14 @@ def machine_info(threads: int) -> dict[str, str]:
             versions[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001
             versions[name] = "not installed"
+    revision = os.environ.get("ONNXQ_BENCH_REVISION")
+    if not revision:
+        try:
+            revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=str(ROOT), capture_output=True,
+                                      text=True, timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            revision = "unknown"
+    versions["onnxq"] += f" (git {revision})"
     return {"date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": f"{cpu}, {os.cpu_count()} logical cores",
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
