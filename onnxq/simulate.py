@@ -10,6 +10,14 @@
   default, so a perturbed or quantized weight can be fed while the others stay fp32.
 
 Used by the LAPQ calibration and by the sensitivity analysis.
+
+Two cheaper tools for evaluations that know their perturbation up front (no ``Where``, so no
+quantized branch is computed for tensors that stay fp32):
+
+* :func:`bake` returns a copy of the model with chosen weights replaced and an unconditional
+  fake-quant subgraph (constant parameters) after chosen activations;
+* :func:`fake_quantize_array` is the same arithmetic in numpy, float for float, for activations
+  fed to a session from outside (the sensitivity analysis' cached cut tensors).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from onnxq.errors import CalibrationError
 from onnxq.numerics import QParams, qparams_from_range
 from onnxq.precision import Precision
 
-__all__ = ["FakeQuantModel", "activation_qparams"]
+__all__ = ["FakeQuantModel", "activation_qparams", "bake", "fake_quantize_array"]
 
 logger = logging.getLogger(__name__)
 
@@ -286,3 +294,92 @@ def _constant_to_initializer(graph: onnx.GraphProto, name: str) -> None:
             graph.initializer.append(numpy_helper.from_array(array, name))
             del graph.node[i]
             return
+
+
+def fake_quantize_array(x: np.ndarray, q: QParams) -> np.ndarray:
+    """``(Min(Max(Round(x/s)+zp, qmin), qmax) - zp)·s`` in ``x``'s float dtype.
+
+    The same operations, in the same order and precision, as the fake-quant subgraph of
+    :class:`FakeQuantModel` (``np.round`` rounds half to even like ONNX ``Round``).
+    """
+    x = np.asarray(x)
+    dt = x.dtype if x.dtype.kind == "f" else np.dtype(np.float32)
+    scale = np.asarray(q.scale, dtype=dt)
+    zero = np.asarray(q.zero_point).astype(dt)
+    if scale.ndim > 0 and q.axis is not None:
+        axis = q.axis % x.ndim
+        shape = (-1,) + (1,) * (x.ndim - 1 - axis)
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    y = np.divide(x.astype(dt, copy=False), scale, dtype=dt)
+    np.round(y, out=y)
+    np.add(y, zero, out=y)
+    np.maximum(y, np.asarray(q.qmin, dtype=dt), out=y)
+    np.minimum(y, np.asarray(q.qmax, dtype=dt), out=y)
+    np.subtract(y, zero, out=y)
+    np.multiply(y, scale, out=y)
+    return y
+
+
+def bake(
+    model: onnx.ModelProto,
+    activation_params: Mapping[str, QParams] | None = None,
+    weights: Mapping[str, np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """A copy of ``model`` with ``weights`` replaced and ``activation_params`` applied.
+
+    Each activation gets the fake-quant subgraph of :class:`FakeQuantModel` with constant
+    parameters and no ``Where`` (per-tensor parameters only, or per-channel ones whose tensor
+    rank shape inference knows); each weight (initializer or ``Constant`` output) takes the given
+    value in its own dtype.
+
+    Raises:
+        CalibrationError: an unknown or non-float tensor.
+    """
+    activation_params = dict(activation_params or {})
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.ir_version = min(copy.ir_version, MAX_IR_VERSION)
+    graph = copy.graph
+    for name, value in (weights or {}).items():
+        inits = {t.name: t for t in graph.initializer}
+        if name not in inits:
+            _constant_to_initializer(graph, name)
+            inits = {t.name: t for t in graph.initializer}
+        if name not in inits:
+            raise CalibrationError(f"weight {name!r} is neither an initializer nor a Constant output",
+                                   "name a weight of the main graph")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(inits[name].data_type))
+        inits[name].CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+    if activation_params:
+        tensors = list(activation_params)
+        types = check_tensors(model, tensors)
+        ranks = _ranks(model) if any(np.ndim(q.scale) > 0 for q in activation_params.values()) else {}
+        _insert_fake_quant(graph, tensors, types)
+        drop = {_input_name(t, p) for t in tensors for p in _PARAMS}
+        keep = [i for i in graph.input if i.name not in drop]
+        del graph.input[:]
+        graph.input.extend(keep)
+        for name in tensors:
+            q = activation_params[name]
+            dt = np.dtype(helper.tensor_dtype_to_np_dtype(types.get(name, onnx.TensorProto.FLOAT)))
+            scale = np.asarray(q.scale, dtype=dt)
+            zero = np.asarray(q.zero_point).astype(dt)
+            if scale.ndim > 0 and q.axis is not None:
+                rank = ranks.get(name)
+                if rank is None:
+                    raise CalibrationError(f"per-channel parameters for {name!r}, whose rank is unknown",
+                                           "give the model shape information or use per-tensor parameters")
+                shape = (-1,) + (1,) * (rank - 1 - q.axis % rank)
+                scale, zero = scale.reshape(shape), zero.reshape(shape)
+            values = {"scale": scale, "zero_point": zero, "qmin": np.asarray(q.qmin, dtype=dt),
+                      "qmax": np.asarray(q.qmax, dtype=dt)}
+            for param, value in values.items():
+                graph.initializer.append(numpy_helper.from_array(value, _input_name(name, param)))
+        # the Where node becomes Identity: x ← fq(x), unconditionally
+        for node in graph.node:
+            if node.op_type == "Where" and node.name.startswith("onnxq_fq/") and node.name.endswith("/Where"):
+                fq = node.input[1]
+                node.op_type = "Identity"
+                del node.input[:]
+                node.input.append(fq)
+    return copy

@@ -96,10 +96,13 @@ def test_predictions_rank_random_plans(cnn_run) -> None:  # type: ignore[no-unty
 
 def test_pairs_grow_linearly(cnn_run) -> None:  # type: ignore[no-untyped-def]
     sens, _, _ = cnn_run
-    assert 0 < len(sens["pairs"]) <= 4 * len(sens["layers"])
-    # evaluations: O(layers × candidates + pairs + plans)
+    measured = [p for p in sens["pairs"] if p["scaling"] == "measured"]
+    assert 0 < len(measured) <= 4 * len(sens["layers"])
     per_layer = max(len(layer["candidates"]) for layer in sens["layers"])
-    assert sens["evaluations"] <= 4 * per_layer * len(sens["layers"]) + 2 * len(sens["pairs"]) + 11
+    # one entry per candidate combination of each measured pair
+    assert len(sens["pairs"]) <= per_layer ** 2 * len(measured)
+    # evaluations: O(layers × candidates + pairs + plans)
+    assert sens["evaluations"] <= 4 * per_layer * len(sens["layers"]) + 2 * len(measured) + 11
 
 
 def test_predicted_loss_sums_deltas_and_matching_crosses(cnn_run) -> None:  # type: ignore[no-untyped-def]
@@ -112,11 +115,54 @@ def test_predicted_loss_sums_deltas_and_matching_crosses(cnn_run) -> None:  # ty
     ca, cb = pair["candidates"]
     deltas = {row["name"]: row["candidates"] for row in sens["layers"]}
     expected = deltas[pair["a"]][ca]["delta"] + deltas[pair["b"]][cb]["delta"] + pair["cross"]
-    others = sum(p["cross"] for p in sens["pairs"][1:] if (p["a"], p["b"]) == (pair["a"], pair["b"]))
+    others = sum(p["cross"] for p in sens["pairs"][1:]
+                 if (p["a"], p["b"], p["candidates"]) == (pair["a"], pair["b"], [ca, cb]))
     assert predicted_loss(sens, {pair["a"]: ca, pair["b"]: cb}) == pytest.approx(expected + others)
     # an Add (weightless) layer accepts the full candidate name and matches its effective one
     add = next(row for row in sens["layers"] if row["op_type"] == "Add")
     assert predicted_loss(sens, {add["name"]: "int8/uint8"}) == pytest.approx(add["candidates"]["uint8/uint8"]["delta"])
+
+
+def test_cross_terms_cover_every_candidate_combination(cnn_run) -> None:  # type: ignore[no-untyped-def]
+    sens, _, _ = cnn_run
+    deltas = {row["name"]: row["candidates"] for row in sens["layers"]}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for pair in sens["pairs"]:
+        groups.setdefault((pair["a"], pair["b"]), []).append(pair)
+    for (a, b), entries in groups.items():
+        assert len(entries) == len(deltas[a]) * len(deltas[b])
+        (measured,) = [p for p in entries if p["scaling"] == "measured"]
+        ma, mb = measured["candidates"]
+        for p in entries:
+            if p is measured:
+                continue
+            assert p["scaling"] == "sqrt-delta" and p["measured_at"] == [ma, mb]
+            ca, cb = p["candidates"]
+            da, db = deltas[a][ca]["delta"], deltas[b][cb]["delta"]
+            d0 = deltas[a][ma]["delta"] * deltas[b][mb]["delta"]
+            scale = np.sqrt(da * db / d0) if min(da, db, deltas[a][ma]["delta"], deltas[b][mb]["delta"]) > 0 else 0.0
+            assert p["cross"] == pytest.approx(measured["cross"] * scale, rel=1e-9, abs=1e-15)
+
+
+def test_cut_sessions_match_the_fake_quant_session(cnn, spec) -> None:  # type: ignore[no-untyped-def]
+    import importlib
+
+    module = importlib.import_module("onnxq.sensitivity.analyze")
+    feeds = _feeds(CNN, 16, 16)
+    only = ["/blocks/blocks.0/dw/dw.0/Conv", "/blocks/blocks.0/pw/pw.0/Conv", "/blocks/blocks.0/Add"]
+    kwargs = dict(candidates={n: [W4, A8] if "Add" not in n else [A8] for n in only}, seed=1)
+    fast = analyze(cnn, feeds, spec, **kwargs)
+    old = module.CUT_CACHE_BYTES
+    module.CUT_CACHE_BYTES = 0  # no cut sessions: everything through the one fake-quant session
+    try:
+        slow = analyze(cnn, feeds, spec, **kwargs)
+    finally:
+        module.CUT_CACHE_BYTES = old
+    for a, b in zip(fast["layers"], slow["layers"], strict=True):
+        for c, entry in a["candidates"].items():
+            assert entry["delta"] == pytest.approx(b["candidates"][c]["delta"], rel=0.05, abs=1e-8)
+    for a, b in zip(fast["pairs"], slow["pairs"], strict=True):
+        assert a["cross"] == pytest.approx(b["cross"], rel=0.1, abs=2e-7)
 
 
 def test_cache_hit_returns_identical_json_without_evaluating(cnn_run, cnn, spec) -> None:  # type: ignore[no-untyped-def]

@@ -58,6 +58,7 @@ from onnxq.sensitivity.engine import (
     EvalContext,
     Evaluator,
     Job,
+    Segment,
     WeightPerturbation,
     WeightQuantizer,
     weight_noise,
@@ -74,7 +75,14 @@ METHODS = ("central", "hutchinson")
 #: Rademacher directions per layer for ``method="hutchinson"``.
 HUTCHINSON_DIRECTIONS = 4
 #: Bumped whenever the numbers this module computes change (part of the cache key).
-_ALGORITHM_VERSION = 1
+_ALGORITHM_VERSION = 2
+#: Calibration samples the analysis uses by default (the first ones; ``max_samples``).
+DEFAULT_SAMPLES = 64
+#: Feeds are concatenated into batches of up to this many samples when the model's inputs have
+#: a dynamic leading (batch) dimension: one run of a batch of 64 is far cheaper than 64 runs.
+MAX_BATCH = 256
+#: Bound on the cached fp32 cut tensors of the cut sessions (above it: the slow single-session path).
+CUT_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -241,6 +249,84 @@ def _random_plans(layers: Sequence[str], candidates: Mapping[str, Sequence[Candi
     return plans
 
 
+def _pair_list(view: GraphView, layer_names: Sequence[str], chosen: Mapping[str, Sequence[Candidate]],
+               radius: int) -> list[tuple[str, str, str, Candidate, Candidate]]:
+    """The dependent pairs and the candidate pair each is measured at (most aggressive)."""
+    out = []
+    analysed = set(layer_names)
+    for a, b, kind in view.dependent_pairs(radius):
+        if a not in analysed or b not in analysed:
+            continue
+        common = [c for c in chosen[a] if c in chosen[b]]
+        if common:
+            ca = cb = _most_aggressive(common)
+        else:
+            ca, cb = _most_aggressive(chosen[a]), _most_aggressive(chosen[b])
+        out.append((a, b, kind, ca, cb))
+    return out
+
+
+def _expand_pair(a: str, b: str, kind: str, ca: Candidate, cb: Candidate, cross: float,
+                 chosen: Mapping[str, Sequence[Candidate]],
+                 deltas: Mapping[tuple[str, Candidate], float]) -> list[dict[str, Any]]:
+    """One pair entry per candidate combination of ``(a, b)``.
+
+    The measured combination keeps its cross term (``"scaling": "measured"``); every other one
+    gets ``cross · sqrt(δa(c)·δb(d) / (δa(ca)·δb(cb)))`` (``"scaling": "sqrt-delta"``, with
+    ``"measured_at"`` the measured candidates): for weight noise the cross term is
+    ``ΔW_aᵀ H_ab ΔW_b``, bilinear in the two noises, whose sizes scale as ``sqrt(δ)`` since
+    ``δ ≈ ½ ΔWᵀHΔW``. A combination whose delta (or the measured one's) is not positive gets 0.
+    """
+    da0, db0 = deltas.get((a, ca), 0.0), deltas.get((b, cb), 0.0)
+    out: list[dict[str, Any]] = []
+    for c in chosen[a]:
+        for d in chosen[b]:
+            entry: dict[str, Any] = {"a": a, "b": b, "kind": kind, "candidates": [str(c), str(d)]}
+            if (c, d) == (ca, cb):
+                entry.update(cross=cross, scaling="measured")
+            else:
+                da, db = deltas.get((a, c), 0.0), deltas.get((b, d), 0.0)
+                ratio = da * db / (da0 * db0) if da0 > 0 and db0 > 0 and da > 0 and db > 0 else 0.0
+                entry.update(cross=float(cross * np.sqrt(ratio)), scaling="sqrt-delta",
+                             measured_at=[str(ca), str(cb)])
+            out.append(entry)
+    return out
+
+
+def _rebatch(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+             max_samples: int | None) -> list[dict[str, np.ndarray]]:
+    """The first ``max_samples`` samples, in batches of up to :data:`MAX_BATCH` when possible.
+
+    Feeds are only cut or merged when every input of every feed has the same leading dimension
+    and every graph input declares a dynamic first dimension; otherwise they are kept as given.
+    """
+    if not feeds:
+        return feeds
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    dynamic = all(i.type.tensor_type.HasField("shape") and len(i.type.tensor_type.shape.dim) > 0
+                  and not i.type.tensor_type.shape.dim[0].HasField("dim_value") for i in inputs)
+    sizes = []
+    for feed in feeds:
+        leading = {np.asarray(v).shape[0] if np.ndim(v) else -1 for v in feed.values()}
+        if len(leading) != 1 or -1 in leading or set(feed) != set(feeds[0]):
+            return feeds
+        sizes.append(leading.pop())
+    if not dynamic:
+        if max_samples is None:
+            return feeds
+        kept, total = [], 0
+        for feed, size in zip(feeds, sizes, strict=True):
+            if total >= max_samples:
+                break
+            kept.append(feed)
+            total += size
+        return kept
+    total = sum(sizes) if max_samples is None else min(sum(sizes), max(1, int(max_samples)))
+    merged = {k: np.concatenate([np.asarray(f[k]) for f in feeds])[:total] for k in feeds[0]}
+    return [{k: v[i:i + MAX_BATCH] for k, v in merged.items()} for i in range(0, total, MAX_BATCH)]
+
+
 def analyze(
     model: onnx.ModelProto,
     feeds: Sequence[dict[str, np.ndarray]],
@@ -257,6 +343,7 @@ def analyze(
     progress: bool = False,
     seed: int = 0,
     loss: str = "auto",
+    max_samples: int | None = DEFAULT_SAMPLES,
 ) -> dict:
     """Sensitivity of every layer × candidate, pair terms, and an optional validation.
 
@@ -280,6 +367,9 @@ def analyze(
         progress: tqdm bar over the evaluations.
         seed: seed of the Rademacher directions and of the random plans.
         loss: ``auto`` (``kl`` for 2-D logits, ``mse`` otherwise), ``kl`` or ``mse``.
+        max_samples: use only the first ``max_samples`` samples of the feeds (``None``: all);
+            the feeds are then concatenated into batches of up to :data:`MAX_BATCH` samples when
+            the model's batch dimension is dynamic.
 
     Returns:
         The ``onnxq-sensitivity/1`` JSON dict (DESIGN.md), plus ``method``, ``spec``,
@@ -295,7 +385,7 @@ def analyze(
     if random_plans < 0 or workers < 0:
         raise UsageError("random_plans and workers must be >= 0", "e.g. --random-plans 20 --workers 2")
     require_executor(executor)
-    feed_list = [dict(f) for f in feeds]
+    feed_list = _rebatch(model, [dict(f) for f in feeds], max_samples)
     if not feed_list:
         raise CalibrationError("no calibration feeds for the sensitivity analysis", "pass at least one feed")
     start = time.perf_counter()
@@ -335,7 +425,7 @@ def analyze(
         "spec_ops": sorted(view.layer_ops),
         "candidates": {n: [str(c) for c in chosen[n]] for n in layer_names},
         "method": method, "radius": int(radius), "pairs": bool(pairs), "random_plans": int(random_plans),
-        "seed": int(seed), "loss": loss,
+        "seed": int(seed), "loss": loss, "max_samples": max_samples,
     }
     key = _cache.cache_key(model_sha, _cache.feeds_digest(feed_list), options_key)
     hit = _load_cached(cache_dir, key)
@@ -364,9 +454,21 @@ def analyze(
         collected = collect_ranges(work, feed_list, act_tensors, "minmax", cache_dir=cache_dir)
         ranges = {t: (float(r.min), float(r.max)) for t, r in collected.items()}
 
+    pair_list = _pair_list(view, layer_names, chosen, radius) if pairs else []
+    partners: dict[str, list[str]] = {n: [] for n in layer_names}
+    for a, b, _, _, _ in pair_list:
+        partners[a].append(b)
+        partners[b].append(a)
+    segments = []
+    for name in layer_names:
+        layer = view.layers[name]
+        w = (layer.weight.tensor,) if layer.weight is not None and layer.weight.tensor in weight_tensors else ()
+        segments.append(Segment(name, w, tuple(t for t in layer.activations if t in ranges),
+                                tuple(dict.fromkeys(partners[name]))))
     context = EvalContext(
         model_bytes=work.SerializeToString(), feeds=tuple(feed_list), activation_tensors=tuple(act_tensors),
-        weight_tensors=tuple(weight_tensors), ranges=ranges, loss="mse",
+        weight_tensors=tuple(weight_tensors), ranges=ranges, loss="mse", segments=tuple(segments),
+        cache_bytes=CUT_CACHE_BYTES,
     )
     local = Evaluator(context)
     reference = local.fp32_outputs()
@@ -395,8 +497,8 @@ def analyze(
         if method == "central":
             for p in wprecs:
                 q = quantizers[(name, p)]
-                add(("w", name, p, +1), Job((WeightPerturbation(q.tensor, 1.0, q),)))
-                add(("w", name, p, -1), Job((WeightPerturbation(q.tensor, -1.0, q),)))
+                add(("w", name, p, +1), Job((WeightPerturbation(q.tensor, 1.0, q),), segments=(name,)))
+                add(("w", name, p, -1), Job((WeightPerturbation(q.tensor, -1.0, q),), segments=(name,)))
         elif wprecs and layer.weight is not None:
             w = view.weight_value(layer.weight.tensor)
             assert w is not None
@@ -410,27 +512,17 @@ def analyze(
             for d in range(HUTCHINSON_DIRECTIONS):
                 for sign in (1.0, -1.0):
                     add(("h", name, d, sign), Job((WeightPerturbation(layer.weight.tensor, sign, None, d, eps[name],
-                                                                      seed * 1_000_003 + layer.index),)))
+                                                                      seed * 1_000_003 + layer.index),),
+                                                  segments=(name,)))
         for p in dict.fromkeys(c.activations for c in chosen[name]):
             acts = planner.activation_quants(layer, p)
             if acts:
-                add(("a", name, p), Job((), tuple(acts)))
+                add(("a", name, p), Job((), tuple(acts), segments=(name,)))
 
-    pair_list: list[tuple[str, str, str, Candidate, Candidate]] = []
-    if pairs:
-        analysed = set(layer_names)
-        for a, b, kind in view.dependent_pairs(radius):
-            if a not in analysed or b not in analysed:
-                continue
-            common = [c for c in chosen[a] if c in chosen[b]]
-            if common:
-                ca = cb = _most_aggressive(common)
-            else:
-                ca, cb = _most_aggressive(chosen[a]), _most_aggressive(chosen[b])
-            pair_list.append((a, b, kind, ca, cb))
-            add(("single", a, ca), planner.plan_job({a: ca}))
-            add(("single", b, cb), planner.plan_job({b: cb}))
-            add(("pair", a, b), planner.plan_job({a: ca, b: cb}))
+    for a, b, _, ca, cb in pair_list:
+        add(("single", a, ca), replace(planner.plan_job({a: ca}), segments=(a,)))
+        add(("single", b, cb), replace(planner.plan_job({b: cb}), segments=(b,)))
+        add(("pair", a, b), replace(planner.plan_job({a: ca, b: cb}), segments=(a, b)))
 
     plans = _random_plans(layer_names, chosen, random_plans, seed)
     for i, plan in enumerate(plans):
@@ -478,7 +570,7 @@ def analyze(
     pairs_json = []
     for a, b, kind, ca, cb in pair_list:
         cross = measured(("pair", a, b)) - measured(("single", a, ca)) - measured(("single", b, cb))
-        pairs_json.append({"a": a, "b": b, "kind": kind, "candidates": [str(ca), str(cb)], "cross": cross})
+        pairs_json.extend(_expand_pair(a, b, kind, ca, cb, cross, chosen, deltas))
 
     result: dict[str, Any] = {
         "format": SENSITIVITY_FORMAT,
@@ -495,7 +587,10 @@ def analyze(
                         "weight term 1/2 dWᵀH dW (central: 1/2(L(W+dW)+L(W-dW)-2L(W)); hutchinson: "
                         "1/2 Tr(H)/n |dW|²) + measured loss change with the layer's input activations "
                         "fake-quantized; cross = L(a+b) - L(a) - L(b) + L(0) measured at the pair's "
-                        "candidates; predicted loss of a plan = sum of deltas + matching crosses"),
+                        "most aggressive candidates (scaling 'measured') and, for every other candidate "
+                        "combination, scaled as cross* sqrt(delta_a(c) delta_b(d) / (delta_a* delta_b*)) "
+                        "(scaling 'sqrt-delta', the second-order form of dW_a'H_ab dW_b); predicted loss "
+                        "of a plan = sum of deltas + matching crosses"),
     }
     if plans:
         base = {"layers": layers_json, "pairs": []}

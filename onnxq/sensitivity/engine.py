@@ -21,9 +21,10 @@ import numpy as np
 import onnx
 
 from onnxq.calibration import weight_ranges
+from onnxq.calibration.sweep import MAX_IR_VERSION, make_session
 from onnxq.numerics import fake_quantize, qparams_from_range
 from onnxq.precision import Precision, is_integer
-from onnxq.simulate import FakeQuantModel
+from onnxq.simulate import FakeQuantModel, bake, fake_quantize_array
 
 __all__ = [
     "LOSSES",
@@ -31,6 +32,8 @@ __all__ = [
     "WeightPerturbation",
     "ActivationQuant",
     "Job",
+    "Segment",
+    "SuffixRunner",
     "EvalContext",
     "Evaluator",
     "weight_noise",
@@ -89,10 +92,32 @@ class ActivationQuant:
 
 @dataclass(frozen=True)
 class Job:
-    """One evaluation: all the perturbations applied at once."""
+    """One evaluation: all the perturbations applied at once.
+
+    ``segments`` names the layers (:class:`Segment` s) whose cut sessions run the job, chained
+    in graph order, starting from the cached fp32 cut tensors; empty: the job runs in a model
+    built for it (:func:`onnxq.simulate.bake`) — validation plans that touch many layers.
+    """
 
     weights: tuple[WeightPerturbation, ...] = ()
     activations: tuple[ActivationQuant, ...] = ()
+    segments: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where a layer's perturbations enter the graph: its weight and input activations.
+
+    The layer's cut session ("suffix") holds every node downstream of those tensors; its inputs
+    are the cut tensors (the layer's input activations and whatever else the suffix consumes
+    from upstream), its outputs the graph outputs it produces plus the cut tensors of the
+    ``partners`` (layers it is chained with in pair jobs) that it produces.
+    """
+
+    name: str
+    weights: tuple[str, ...]
+    activations: tuple[str, ...]
+    partners: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,6 +132,9 @@ class EvalContext:
         ranges: calibrated ``(min, max)`` per activation tensor.
         loss: ``kl`` or ``mse``.
         reference: fp32 outputs per feed (set once by the parent; workers never recompute it).
+        segments: the layers that get a cut session (jobs with ``segments`` run through them).
+        cache_bytes: bound on the cached fp32 cut tensors; above it every job runs in the one
+            :class:`FakeQuantModel` session (the slow, always available path).
     """
 
     model_bytes: bytes
@@ -116,6 +144,8 @@ class EvalContext:
     ranges: Mapping[str, tuple[float, float]]
     loss: str
     reference: tuple[tuple[np.ndarray, ...], ...] | None = field(default=None, compare=False)
+    segments: tuple[Segment, ...] = ()
+    cache_bytes: int = 1 << 30
 
 
 def _round_bf16(w: np.ndarray) -> np.ndarray:
@@ -189,8 +219,260 @@ def loss_between(
     return total / max(count, 1)
 
 
+def _has_subgraphs(model: onnx.ModelProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for node in model.graph.node for a in node.attribute)
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    graph = model.graph
+    return {vi.name: vi.type for vi in [*graph.input, *graph.value_info, *graph.output]
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+
+
+class SuffixRunner:
+    """Cut sessions: each segment's suffix of the graph, fed from cached fp32 cut tensors.
+
+    An evaluation of layer ``i`` runs only the nodes downstream of ``i``'s weight and input
+    activations; the activations themselves are fake-quantized in numpy
+    (:func:`onnxq.simulate.fake_quantize_array`, the same arithmetic as the graph), so the cut
+    sessions carry no fake-quant nodes and only the segment's weight as an input. Sessions are
+    built lazily, once per segment.
+
+    Raises:
+        ValueError: the model has control-flow subgraphs, a cut tensor has no known type, or
+            the cached cut tensors would exceed ``cache_bytes`` (the caller falls back).
+    """
+
+    #: Bytes of fake-quantized cut tensors kept between jobs.
+    FQ_CACHE_BYTES = 128 << 20
+
+    def __init__(self, model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]],
+                 segments: Sequence[Segment], cache_bytes: int) -> None:
+        if _has_subgraphs(model):
+            raise ValueError("control-flow subgraphs")
+        inits = {t.name for t in model.graph.initializer}
+        constant_weights = [w for seg in segments for w in seg.weights if w not in inits]
+        if constant_weights:  # Constant-node weights become initializers, so they can be fed
+            from onnxq.simulate import _constant_to_initializer  # noqa: PLC0415
+
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            for w in constant_weights:
+                _constant_to_initializer(copy.graph, w)
+            model = copy
+        self.model = model
+        graph = model.graph
+        self.nodes = list(graph.node)
+        self.output_names = [o.name for o in graph.output]
+        self.initializers = {t.name for t in graph.initializer}
+        self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializers]
+        producer = {o: i for i, node in enumerate(self.nodes) for o in node.output if o}
+        consumers: dict[str, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            for t in node.input:
+                if t:
+                    consumers.setdefault(t, []).append(i)
+        self.segments = {seg.name: seg for seg in segments}
+        #: per session key (``w:<layer>`` weight-only, ``a:<layer>`` weight and activations):
+        #: the suffix's node indices, its cut tensors, and the layer activations it produces
+        #: itself (fake-quantized inside the session, parameters as inputs)
+        self.suffix: dict[str, list[int]] = {}
+        self.cuts: dict[str, list[str]] = {}
+        self.internal: dict[str, list[str]] = {}
+        for seg in segments:
+            for kind, starts in (("w", seg.weights), ("a", (*seg.weights, *seg.activations))):
+                key = f"{kind}:{seg.name}"
+                todo = [i for t in starts for i in consumers.get(t, ())]
+                seen: set[int] = set()
+                while todo:
+                    i = todo.pop()
+                    if i in seen:
+                        continue
+                    seen.add(i)
+                    for out in self.nodes[i].output:
+                        todo.extend(consumers.get(out, ()))
+                # constants feeding the suffix travel with it (constant folding)
+                for i in list(seen):
+                    for t in self.nodes[i].input:
+                        j = producer.get(t)
+                        if j is not None and j not in seen and self.nodes[j].op_type == "Constant":
+                            seen.add(j)
+                order = sorted(seen)
+                produced = {o for i in order for o in self.nodes[i].output}
+                cut = [t for i in order for t in self.nodes[i].input
+                       if t and t not in produced and t not in self.initializers]
+                self.suffix[key] = order
+                self.cuts[key] = list(dict.fromkeys(cut))
+                self.internal[key] = [t for t in seg.activations if t in produced] if kind == "a" else []
+        self.start = {key: (order[0] if order else len(self.nodes)) for key, order in self.suffix.items()}
+        types = _value_types(model)
+        wanted = list(dict.fromkeys(t for cut in self.cuts.values() for t in cut if t not in self.graph_inputs))
+        missing = [t for t in wanted if t not in types]
+        if missing:
+            raise ValueError(f"no type for cut tensor {missing[0]!r}")
+        self.types = types
+        # one fp32 run with every cut tensor as an extra output: the reference and the cache
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.ir_version = min(probe.ir_version, MAX_IR_VERSION)
+        present = set(self.output_names)
+        for t in wanted:
+            if t not in present:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(t, types[t].tensor_type.elem_type, None))
+        session = make_session(probe, optimize=True)
+        names = [o.name for o in session.get_outputs()]
+        self.cache: list[dict[str, np.ndarray]] = []
+        self.reference: list[tuple[np.ndarray, ...]] = []
+        used = 0
+        for feed in feeds:
+            values = dict(zip(names, session.run(names, dict(feed)), strict=True))
+            values.update({k: np.asarray(v) for k, v in feed.items()})
+            used += sum(values[t].nbytes for t in wanted)
+            if used > cache_bytes:
+                raise ValueError(f"cut tensors exceed {cache_bytes} bytes")
+            self.reference.append(tuple(values[o] for o in self.output_names))
+            self.cache.append(values)
+        self._sessions: dict[str, tuple[object, list[str]]] = {}
+        self._fq_cache: OrderedDict[object, np.ndarray] = OrderedDict()
+        self._fq_bytes = 0
+
+    def _build(self, key: str) -> tuple[object, list[str]]:
+        seg = self.segments[key[2:]]
+        order = self.suffix[key]
+        produced = {o for i in order for o in self.nodes[i].output}
+        partner_cuts = [t for p in seg.partners for k in ("w", "a") for t in self.cuts.get(f"{k}:{p}", ())
+                        if t in produced]
+        outputs = list(dict.fromkeys([o for o in self.output_names if o in produced] + partner_cuts))
+        used = {t for i in order for t in self.nodes[i].input}
+        graph = self.model.graph
+        new = onnx.helper.make_graph(
+            [self.nodes[i] for i in order], f"onnxq_suffix/{key}",
+            [self._value_info(t, self.cache[0][t]) for t in self.cuts[key]],
+            [onnx.helper.make_tensor_value_info(o, self.types[o].tensor_type.elem_type, None)
+             if o in self.types else onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None)
+             for o in outputs],
+            [t for t in graph.initializer if t.name in used],
+        )
+        inner = {o for i in order for o in self.nodes[i].output} - set(outputs)
+        new.value_info.extend(vi for vi in graph.value_info if vi.name in inner)
+        for w in seg.weights:
+            for t in new.initializer:
+                if t.name == w:
+                    new.input.append(onnx.helper.make_tensor_value_info(w, t.data_type, list(t.dims)))
+        model = onnx.helper.make_model(new, opset_imports=list(self.model.opset_import),
+                                       ir_version=min(self.model.ir_version, MAX_IR_VERSION))
+        model.functions.extend(self.model.functions)
+        if self.internal[key]:
+            # always-on fake-quant (no Where) of the layer's own activations produced in the suffix
+            from onnxq.simulate import _insert_fake_quant  # noqa: PLC0415
+
+            types = {t: self.types[t].tensor_type.elem_type for t in self.internal[key]}
+            _insert_fake_quant(model.graph, self.internal[key], types)
+            keep = [i for i in model.graph.input if not i.name.endswith("/enable")]
+            del model.graph.input[:]
+            model.graph.input.extend(keep)
+            for node in model.graph.node:
+                if node.op_type == "Where" and node.name.startswith("onnxq_fq/") and node.name.endswith("/Where"):
+                    node.op_type = "Identity"
+                    fq = node.input[1]
+                    del node.input[:]
+                    node.input.append(fq)
+        session = make_session(model, optimize=True)
+        return session, outputs
+    def _value_info(self, name: str, first: np.ndarray) -> onnx.ValueInfoProto:
+        shapes = {tuple(c[name].shape) for c in self.cache}
+        dims: list[int | str] = [first.shape[k] if all(len(s) == first.ndim and s[k] == first.shape[k] for s in shapes)
+                                 else f"d{k}" for k in range(first.ndim)]
+        elem = onnx.helper.np_dtype_to_tensor_dtype(first.dtype)
+        return onnx.helper.make_tensor_value_info(name, elem, dims)
+
+    def _quantized_cache(self, f: int, tensor: str, q: object) -> np.ndarray:
+        """``fake_quantize_array`` of a cached fp32 cut tensor, memoised (bounded LRU)."""
+        key = (f, tensor, np.asarray(q.scale).tobytes(), np.asarray(q.zero_point).tobytes(),  # type: ignore[attr-defined]
+               q.qmin, q.qmax)  # type: ignore[attr-defined]
+        hit = self._fq_cache.get(key)
+        if hit is None:
+            hit = fake_quantize_array(self.cache[f][tensor], q)  # type: ignore[arg-type]
+            self._fq_cache[key] = hit
+            self._fq_bytes += hit.nbytes
+            while self._fq_bytes > self.FQ_CACHE_BYTES and len(self._fq_cache) > 1:
+                self._fq_bytes -= self._fq_cache.popitem(last=False)[1].nbytes
+        else:
+            self._fq_cache.move_to_end(key)
+        return hit
+
+    def session(self, key: str) -> tuple[object, list[str]]:
+        """The cut session of ``key`` (``w:<layer>`` or ``a:<layer>``) and its output names."""
+        hit = self._sessions.get(key)
+        if hit is None:
+            hit = self._sessions[key] = self._build(key)
+        return hit
+
+    def plan(self, segments: Sequence[str], acts: Mapping[str, object]) -> list[str] | None:
+        """The session keys that run a job, in graph order; ``None`` if the cut sessions cannot.
+
+        A segment whose activations the job quantizes runs its ``a:`` session, otherwise its
+        ``w:`` one. Every quantized activation must enter every session that computes it either
+        as a cut tensor (fake-quantized in numpy) or as one of its internal fake-quants.
+        """
+        keys = []
+        for name in dict.fromkeys(segments):
+            seg = self.segments.get(name)
+            if seg is None:
+                return None
+            keys.append(f"a:{name}" if any(t in acts for t in seg.activations) else f"w:{name}")
+        keys.sort(key=lambda k: (self.start[k], k))
+        for k, key in enumerate(keys):
+            later = {other[2:] for other in keys[k + 1:]}
+            if not later <= set(self.segments[key[2:]].partners):
+                return None
+            produced = {o for i in self.suffix[key] for o in self.nodes[i].output}
+            if any(t in produced and t not in self.internal[key] for t in acts):
+                return None
+            if any(t not in acts for t in self.internal[key]):
+                return None
+        if not any(t in self.cuts[key] or t in self.internal[key] for key in keys for t in acts) and acts:
+            return None
+        return keys
+
+    def run(self, keys: Sequence[str], weights: Mapping[str, np.ndarray],
+            acts: Mapping[str, object]) -> list[tuple[np.ndarray, ...]]:
+        """The graph outputs per feed with ``weights`` replaced and ``acts`` fake-quantized,
+        running the sessions ``keys`` (from :meth:`plan`) in order."""
+        from onnxq.simulate import _input_name  # noqa: PLC0415
+
+        out = []
+        for f, cache in enumerate(self.cache):
+            values: dict[str, np.ndarray] = {}
+            for key in keys:
+                session, names = self.session(key)
+                feed = {}
+                for t in self.cuts[key]:
+                    q = acts.get(t)
+                    if t in values:
+                        feed[t] = values[t] if q is None else fake_quantize_array(values[t], q)  # type: ignore[arg-type]
+                    else:
+                        feed[t] = cache[t] if q is None else self._quantized_cache(f, t, q)
+                for t in self.internal[key]:
+                    q = acts[t]
+                    dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.types[t].tensor_type.elem_type))
+                    feed[_input_name(t, "scale")] = np.asarray(q.scale, dtype=dt)  # type: ignore[attr-defined]
+                    feed[_input_name(t, "zero_point")] = np.asarray(q.zero_point).astype(dt)  # type: ignore[attr-defined]
+                    feed[_input_name(t, "qmin")] = np.asarray(q.qmin, dtype=dt)  # type: ignore[attr-defined]
+                    feed[_input_name(t, "qmax")] = np.asarray(q.qmax, dtype=dt)  # type: ignore[attr-defined]
+                for w in self.segments[key[2:]].weights:
+                    if w in weights:
+                        feed[w] = weights[w]
+                values.update(zip(names, session.run(names, feed), strict=True))  # type: ignore[attr-defined]
+            out.append(tuple(values.get(o, self.reference[f][k]) for k, o in enumerate(self.output_names)))
+        return out
+
+
 class Evaluator:
-    """One :class:`FakeQuantModel` session that evaluates :class:`Job` s.
+    """Evaluates :class:`Job` s: cut sessions (:class:`SuffixRunner`) for the single-layer and
+    pair jobs, a model built per job for the validation plans, and the one
+    :class:`FakeQuantModel` session as the fallback when cut sessions are not possible.
 
     Args:
         context: model, feeds, tensors, ranges and loss; ``context.reference`` may be ``None``
@@ -204,7 +486,14 @@ class Evaluator:
         self.context = context
         model = onnx.ModelProto()
         model.ParseFromString(context.model_bytes)
-        self.fq = FakeQuantModel(model, context.activation_tensors, context.weight_tensors)
+        self.model = model
+        self._fq: FakeQuantModel | None = None
+        self.suffix: SuffixRunner | None = None
+        if context.segments:
+            try:
+                self.suffix = SuffixRunner(model, context.feeds, context.segments, context.cache_bytes)
+            except ValueError as exc:
+                logger.info("sensitivity: no cut sessions (%s); using one fake-quant session", exc)
         inits = {t.name: t for t in model.graph.initializer}
         self.weights: dict[str, np.ndarray] = {}
         for name in context.weight_tensors:
@@ -222,9 +511,20 @@ class Evaluator:
         if context.reference is not None:
             self.set_reference(context.reference)
 
+    @property
+    def fq(self) -> FakeQuantModel:
+        """The one fake-quant session (built on first use)."""
+        if self._fq is None:
+            self._fq = FakeQuantModel(self.model, self.context.activation_tensors, self.context.weight_tensors)
+        return self._fq
+
     def fp32_outputs(self) -> tuple[tuple[np.ndarray, ...], ...]:
-        """Outputs of the session with nothing perturbed (the reference)."""
-        return tuple(tuple(out) for out in self.fq.run_all(self.context.feeds))
+        """Outputs of the model with nothing perturbed (the reference)."""
+        if self.suffix is not None:
+            return tuple(self.suffix.reference)
+        session = make_session(self.model, optimize=True)
+        names = [o.name for o in session.get_outputs()]
+        return tuple(tuple(session.run(names, dict(f))) for f in self.context.feeds)
 
     def set_reference(self, reference: Sequence[Sequence[np.ndarray]]) -> None:
         self.reference = reference
@@ -264,10 +564,23 @@ class Evaluator:
             acts[a.tensor] = qparams_from_range(lo, hi, a.precision, a.symmetric)
         return weights, acts
 
+    def outputs(self, job: Job) -> list[Sequence[np.ndarray]]:
+        """The perturbed model's outputs per feed."""
+        weights, acts = self.job_feeds(job)
+        if not job.weights and not job.activations:
+            return list(self.reference)
+        keys = self.suffix.plan(job.segments, acts) if job.segments and self.suffix is not None else None
+        if keys is not None:
+            return self.suffix.run(keys, weights, acts)  # type: ignore[union-attr,return-value]
+        if not job.segments:
+            session = make_session(bake(self.model, acts, weights), optimize=True)  # type: ignore[arg-type]
+            names = [o.name for o in session.get_outputs()]
+            return [session.run(names, dict(f)) for f in self.context.feeds]
+        return self.fq.run_all(self.context.feeds, acts, weights)  # type: ignore[arg-type]
+
     def loss(self, job: Job) -> float:
         """The loss of the perturbed model against the fp32 reference."""
-        weights, acts = self.job_feeds(job)
-        outputs = self.fq.run_all(self.context.feeds, acts, weights)  # type: ignore[arg-type]
+        outputs = self.outputs(job)
         self.evaluations += 1
         return loss_between(self.context.loss, self.reference, outputs, self._log_probs)
 
