@@ -238,6 +238,12 @@ def _resolve_op(
     return fields
 
 
+def _map_field(fields: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A merged map field, or {} when the spec wrote something else there (the schema reports it)."""
+    value = fields.get(key, {})
+    return value if isinstance(value, dict) else {}
+
+
 def _parse_candidate(text: Any) -> Candidate | None:
     try:
         return Candidate.parse(str(text))
@@ -313,7 +319,7 @@ def _meaning_problems(data: Any) -> list[SpecProblem]:
                             f"templates: {known}"))
         fields = _resolve_op(op_type, raw, data)
         for key in ("weight_quantizers", "activation_quantizers"):
-            for precision, ref in fields.get(key, {}).items():
+            for precision, ref in _map_field(fields, key).items():
                 if not isinstance(ref.value, str):
                     continue
                 q = quantizers.get(ref.value)
@@ -374,7 +380,7 @@ def _meaning_problems(data: Any) -> list[SpecProblem]:
                                         f"add {precision} to {key}"))
                 elif precision in (Precision.FP16, Precision.BF16):
                     features_used.setdefault(precision.value, path)
-        for cand_text, acc in fields.get("accumulators", {}).items():
+        for cand_text, acc in _map_field(fields, "accumulators").items():
             if not acc.path.startswith(base + "."):
                 continue  # inherited from a template or defaults: it may cover other ops
             cand = _parse_candidate(cand_text)
@@ -454,7 +460,13 @@ def _cost_key(key: str) -> str:
 
 def _problems_of(data: Any) -> list[SpecProblem]:
     problems = _schema_problems(data)
-    problems.extend(_meaning_problems(data))
+    try:
+        problems.extend(_meaning_problems(data))
+    except (TypeError, AttributeError, KeyError, ValueError):
+        # the meaning checks assume the structure the schema describes; when the structure is
+        # broken, the schema problems above already say what to fix
+        if not problems:
+            raise
     return sorted(set(problems), key=lambda p: (p.path, p.message))
 
 
@@ -514,11 +526,11 @@ def _build(data: Mapping[str, Any], source: str) -> HardwareSpec:
             return _fields[key].value if key in _fields else default
 
         weight_q = {Precision(p): quantizers[f.value]
-                    for p, f in sorted(fields.get("weight_quantizers", {}).items())}
+                    for p, f in sorted(_map_field(fields, "weight_quantizers").items())}
         act_q = {Precision(p): quantizers[f.value]
-                 for p, f in sorted(fields.get("activation_quantizers", {}).items())}
+                 for p, f in sorted(_map_field(fields, "activation_quantizers").items())}
         accs = {Candidate.parse(c): str(f.value)
-                for c, f in sorted(fields.get("accumulators", {}).items())}
+                for c, f in sorted(_map_field(fields, "accumulators").items())}
         ops[op_type] = OpRule(
             op_type=op_type,
             candidates=tuple(Candidate.parse(c) for c in value("candidates", [])),
