@@ -41,7 +41,7 @@ BOUNDS = (0.3, 1.2)
 MAXFEV_PER_TENSOR = 50
 
 #: ... capped at this many in total.
-MAXFEV_CAP = 1000
+MAXFEV_CAP = 500
 
 
 def output_loss(
@@ -80,7 +80,7 @@ def lapq_ranges(
     symmetric: Mapping[str, bool],
     seed: int = 0,
     maxfev: int | None = None,
-    max_feeds: int = 8,
+    max_feeds: int = 4,
     loss: str = "mse",
 ) -> dict[str, TensorRange]:
     """LAPQ ranges of the tensors in ``stats`` (which must carry histograms).
@@ -157,7 +157,7 @@ def lapq_ranges(
         x0,
         method="Powell",
         bounds=[BOUNDS] * n,
-        options={"maxfev": budget, "xtol": 1e-3, "ftol": 1e-4},
+        options={"maxfev": budget, "xtol": 1e-2, "ftol": 1e-3},
     )
     alpha = np.clip(np.asarray(result.x, dtype=np.float64), *BOUNDS)
     final = objective(alpha)
