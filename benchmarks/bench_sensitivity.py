@@ -2,10 +2,25 @@
 
 For each ``models/<name>.onnx`` with a ``<name>.calib.npz`` beside it: evaluations, evaluations
 per second, total time, and the ratio of the total time to one plain onnxruntime pass over the
-same calibration feeds. Prints a Markdown table.
+same calibration feeds; the Spearman correlation of the predicted loss (with and without the
+pair terms) with the fake-quant loss of ``--random-plans`` seeded plans, and with the REAL loss
+of ``--real-plans`` seeded plans quantized by ``onnxq.quantize(..., plan=...)`` (the Q/DQ
+rewrite, run by onnxruntime) — KL(softmax(fp32) ‖ softmax(quantized)) on ``<name>.eval.npz``,
+the label-free loss the analysis predicts. Prints a Markdown table.
 
-    python benchmarks/bench_sensitivity.py [--samples 64] [--random-plans 10] [--workers 0]
-        [--method central] [--candidates spec|w8w4] [--spec ort-cpu-x86]
+    python benchmarks/bench_sensitivity.py [--samples 64] [--random-plans 10] [--real-plans 24]
+        [--workers 0] [--method central] [--candidates spec|w8w4] [--spec ort-cpu-x86]
+
+Plain pass: the best of 5 runs of the fp32 model over the same 64 samples (2 batches of 32).
+Measured on a shared 2-CPU machine (load average ~9 from other jobs, so absolute times are noisy):
+
+| version | model | evaluations | eval/s | total s | total / plain pass | per eval / plain pass | ρ fake-quant (pairs / none) |
+|---|---|---|---|---|---|---|---|
+| before (one Where fake-quant session, every weight an input) | digits_cnn | 328 | 9.9 | 33.1 | 38912 | 118.6 | 0.588 / 0.600 |
+| before | digits_transformer | 313 | 3.4 | 90.9 | 1095 | 3.50 | 0.988 / 0.988 |
+
+The "after" rows are in the report of the change (see the git log) and reproduced by running
+this script.
 """
 
 from __future__ import annotations
@@ -20,10 +35,13 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxq.api import layer_ops_for
+from onnxq.errors import OnnxqError
 from onnxq.graph import GraphView
 from onnxq.model import load_model
 from onnxq.precision import Candidate
-from onnxq.sensitivity import analyze
+from onnxq.sensitivity import analyze, predicted_loss
+from onnxq.sensitivity.analyze import _random_plans, _spearman
+from onnxq.sensitivity.engine import loss_between
 from onnxq.spec import load_spec
 
 __all__ = ["main"]
@@ -53,6 +71,41 @@ def _plain_pass_seconds(model_bytes: bytes, feeds: list[dict[str, np.ndarray]], 
     return best
 
 
+def _real_validation(model, stem: str, spec_name: str, sens: dict, count: int,  # type: ignore[no-untyped-def]
+                     seed: int) -> tuple[float | None, float | None]:
+    """Spearman(predicted, real KL on the eval set) over ``count`` random plans, with and
+    without the pair terms; each plan is quantized for real (``onnxq.quantize(..., plan=)``)."""
+    import onnxq  # noqa: PLC0415
+
+    eval_path = MODELS / f"{stem}.eval.npz"
+    calib = MODELS / f"{stem}.calib.npz"
+    if count < 3 or not eval_path.exists():
+        return None, None
+    with np.load(eval_path, allow_pickle=False) as data:
+        inputs = [i.name for i in model.graph.input]
+        feeds = [{k: data[k][i:i + 120] for k in inputs} for i in range(0, len(data[inputs[0]]), 120)]
+    fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = [fp32.run(None, f) for f in feeds]
+    options = {row["name"]: [Candidate.parse(c) for c in row["candidates"]] for row in sens["layers"]}
+    plans = _random_plans(list(options), options, 3 * count, seed + 7)
+    no_pairs = {"layers": sens["layers"], "pairs": []}
+    real, with_pairs, without = [], [], []
+    for plan in plans:
+        if len(real) >= count:
+            break
+        try:
+            quantized = onnxq.quantize(model, str(calib), spec_name,
+                                       plan={k: str(v) for k, v in plan.items()}).model
+        except OnnxqError as exc:  # a plan the rewrite rejects: skip it, draw the next one
+            logger.warning("plan skipped: %s", str(exc).splitlines()[0][:200])
+            continue
+        session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+        real.append(loss_between("kl", reference, [session.run(None, f) for f in feeds]))
+        with_pairs.append(predicted_loss(sens, plan))
+        without.append(predicted_loss(no_pairs, plan))
+    return _spearman(with_pairs, real), _spearman(without, real)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -62,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=64, help="calibration samples per model")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--random-plans", type=int, default=10)
+    parser.add_argument("--real-plans", type=int, default=24,
+                        help="random plans quantized for real (onnxq.quantize) to validate against")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--method", default="central", choices=["central", "hutchinson"])
     parser.add_argument("--candidates", default="spec", choices=["spec", "w8w4"],
@@ -91,14 +146,17 @@ def main(argv: list[str] | None = None) -> int:
                        workers=args.workers, seed=0)
         total = time.perf_counter() - start
         validation = sens.get("validation", {})
+        real_with, real_without = _real_validation(model, stem, args.spec, sens, args.real_plans, 0)
         rows.append([
             stem, str(len(sens["layers"])), str(len(sens["pairs"])), str(sens["evaluations"]),
             f"{sens['evaluations'] / total:.1f}", f"{total:.1f}", f"{plain * 1e3:.1f}", f"{total / plain:.0f}",
             f"{total / sens['evaluations'] / plain:.2f}",
             _fmt(validation.get("spearman_with_pairs")), _fmt(validation.get("spearman_without_pairs")),
+            _fmt(real_with), _fmt(real_without),
         ])
     header = ["model", "layers", "pairs", "evaluations", "eval/s", "total s", "plain pass ms",
-              "total / plain pass", "per eval / plain pass", "spearman (pairs)", "spearman (no pairs)"]
+              "total / plain pass", "per eval / plain pass", "ρ fake-quant (pairs)", "ρ fake-quant (no pairs)",
+              "ρ real (pairs)", "ρ real (no pairs)"]
     print(f"sensitivity ({args.method}, candidates={args.candidates}, {args.samples} samples, "
           f"{args.random_plans} random plans, workers={args.workers}, spec {spec.name})\n")
     print("| " + " | ".join(header) + " |")

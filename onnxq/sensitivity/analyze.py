@@ -25,9 +25,25 @@ Conventions (also written into the JSON under ``"conventions"``):
   L(0)``, all four measured for real (weights quantized, activations fake-quantized). One
   candidate pair per dependent pair is measured: each layer's most aggressive candidate (fewest
   weight bits, then fewest activation bits) — the common one when both layers allow it. The
-  number of evaluations is linear in the number of layers.
+  number of evaluations is linear in the number of layers. Every other candidate combination
+  ``(c, d)`` gets an entry too, ``cross* · sqrt(δa(c)·δb(d) / (δa*·δb*))`` (``"scaling":
+  "sqrt-delta"``, ``"measured_at"``: the measured candidates; the measured entry has ``"scaling":
+  "measured"``): the cross term of two weight noises is the bilinear ``ΔW_aᵀ H_ab ΔW_b``, and a
+  layer's noise size scales as ``sqrt(δ)`` since ``δ ≈ ½ ΔWᵀHΔW``. So the JSON keeps the DESIGN
+  rule (a pair entry counts when a plan gives both layers its candidates) and every consumer of
+  the pairs (the search's ILP) sees the scaled terms.
 * The predicted loss of a plan is the sum of its layers' deltas plus the cross terms of the
   pairs whose two layers both take the pair's candidates (:func:`predicted_loss`).
+* The loss is measured on the first ``max_samples`` (64) samples, concatenated into batches of
+  up to 256 when the batch dimension is dynamic.
+
+How evaluations run (:mod:`onnxq.sensitivity.engine`): one fp32 run caches, per feed, every
+tensor where a layer's suffix of the graph is cut off; a single-layer evaluation then runs only
+the nodes downstream of that layer, with the layer's weight as the session's one weight input
+and its input activations fake-quantized in numpy (no fake-quant nodes in the graph); a pair
+chains its two layers' cut sessions. Validation plans run in a model built for the plan. When
+the cut tensors would not fit :data:`CUT_CACHE_BYTES`, or the model has control flow, every
+evaluation goes through one :class:`~onnxq.simulate.FakeQuantModel` session instead.
 * When one activation tensor feeds layers at different precisions (a plan, a pair), the
   simulation quantizes it once at the lowest bit width among them.
 """
