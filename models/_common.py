@@ -390,8 +390,9 @@ def write_artifacts(
     y_eval: np.ndarray,
     train_seconds: float,
     extra: Mapping[str, object] | None = None,
+    out_dir: Path = MODELS_DIR,
 ) -> dict[str, object]:
-    """Write ``<stem>.calib.npz``, ``<stem>.eval.npz`` and ``<stem>.json`` next to the model.
+    """Write ``<stem>.calib.npz``, ``<stem>.eval.npz`` and ``<stem>.json`` next to the model in ``out_dir``.
 
     The fp32 accuracy is computed by running the exported ``<stem>.onnx`` in
     onnxruntime on the whole eval split in one batch (exactly what
@@ -400,9 +401,9 @@ def write_artifacts(
     Returns:
         The metadata written to ``<stem>.json``.
     """
-    onnx_path = MODELS_DIR / f"{stem}.onnx"
-    np.savez(MODELS_DIR / f"{stem}.calib.npz", **{input_name: x_calib})
-    np.savez(MODELS_DIR / f"{stem}.eval.npz", **{input_name: x_eval, "labels": y_eval.astype(np.int64)})
+    onnx_path = out_dir / f"{stem}.onnx"
+    np.savez(out_dir / f"{stem}.calib.npz", **{input_name: x_calib})
+    np.savez(out_dir / f"{stem}.eval.npz", **{input_name: x_eval, "labels": y_eval.astype(np.int64)})
     logits = onnx_logits(onnx_path, {input_name: x_eval})
     acc = float(np.mean(np.argmax(logits, axis=1) == y_eval))
     meta: dict[str, object] = {
@@ -423,7 +424,7 @@ def write_artifacts(
     }
     if extra:
         meta.update(extra)
-    (MODELS_DIR / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
     logger.info("%s: onnxruntime eval accuracy %.4f", stem, acc)
     return meta
 

@@ -15,6 +15,7 @@ float32 ``[N, 1, 16, 16]``; the output is ``logits`` float32 ``[N, 10]``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
@@ -110,8 +111,12 @@ def random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> t
     return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts.tolist())])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Train, export, verify and write all ``digits_cnn`` artifacts."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out-dir", type=Path, default=C.MODELS_DIR, help="where to write the artifacts")
+    args = ap.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     C.setup_logging()
     C.seed_everything(SEED)
     split = C.load_split()
@@ -128,7 +133,7 @@ def main() -> None:
         augment=random_shift, seed=SEED,
     )
 
-    path = C.MODELS_DIR / f"{STEM}.onnx"
+    path = args.out_dir / f"{STEM}.onnx"
     onnx_model = C.export_onnx(
         model, torch.from_numpy(x_ev[:2]), path, INPUT_NAME,
         doc="digits_cnn: depthwise-separable residual CNN on sklearn load_digits (input 1x16x16, x/16, bilinear).",
@@ -136,7 +141,7 @@ def main() -> None:
     C.verify_against_torch(model, path, INPUT_NAME, x_ev)
     x_calib = x_tr[C.calib_indices(len(x_tr))]
     meta = C.write_artifacts(
-        STEM, model, INPUT_NAME, x_calib, x_ev, y_ev, seconds,
+        STEM, model, INPUT_NAME, x_calib, x_ev, y_ev, seconds, out_dir=args.out_dir,
         extra={"preprocessing": "pixels/16, bilinear upsample 8x8->16x16 (align_corners=False)",
                "torch_eval_accuracy": C.torch_accuracy(model, torch.from_numpy(x_ev), torch.from_numpy(y_ev))},
     )
