@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,7 +13,7 @@ import onnxruntime as ort
 
 from onnxq.errors import ModelError
 
-__all__ = ["make_session", "run_all", "optimized_op_types"]
+__all__ = ["create_session", "make_session", "run_all", "optimized_op_types"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +25,24 @@ def _serialise(model: onnx.ModelProto) -> bytes:
         copy.ir_version = 10
         model = copy
     return model.SerializeToString()
+
+
+def create_session(model: onnx.ModelProto | bytes, options: ort.SessionOptions,
+                   providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+    """An InferenceSession from a proto or bytes; models over 2 GB go through a temporary file
+    with external data (protobuf cannot serialise them in one piece)."""
+    if isinstance(model, bytes):
+        return ort.InferenceSession(model, options, providers=list(providers))
+    from onnxq.model import is_large, save_model
+
+    if not is_large(model):
+        return ort.InferenceSession(_serialise(model), options, providers=list(providers))
+    with tempfile.TemporaryDirectory(prefix="onnxq-session-") as folder:
+        path = Path(folder) / "model.onnx"
+        if model.ir_version > 10:
+            model.ir_version = 10
+        save_model(model, path)
+        return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
 def make_session(
@@ -43,9 +63,8 @@ def make_session(
         options.optimized_model_filepath = optimized_path
     if exact_qdq:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
-    data = model if isinstance(model, bytes) else _serialise(model)
     try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        return create_session(model, options)
     except Exception as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"onnxruntime cannot load the model: {message}", "check the model runs in onnxruntime") from error

@@ -7,6 +7,7 @@ import logging
 import onnx
 
 from onnxq.errors import PassError
+from onnxq.model import is_large
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.runtime import make_session
 
@@ -27,7 +28,7 @@ class ValidatePass(Pass):
         from onnxq.validate import validate_model
 
         try:
-            if ctx.model.ByteSize() < 2**31 - 1:
+            if not is_large(ctx.model):
                 onnx.checker.check_model(ctx.model, full_check=True)
         except onnx.checker.ValidationError as error:
             first = str(error).strip().splitlines()[0]

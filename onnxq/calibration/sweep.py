@@ -207,11 +207,9 @@ def make_session(
     )
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(
-            model.SerializeToString(),
-            options,
-            providers=list(providers or ["CPUExecutionProvider"]),
-        )
+        from onnxq.runtime import create_session
+
+        session = create_session(model, options, list(providers or ["CPUExecutionProvider"]))
     except Exception as exc:
         raise CalibrationError(
             f"onnxruntime cannot load the calibration model: {str(exc).splitlines()[0]}",
