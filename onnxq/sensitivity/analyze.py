@@ -91,7 +91,7 @@ METHODS = ("central", "hutchinson")
 #: Rademacher directions per layer for ``method="hutchinson"``.
 HUTCHINSON_DIRECTIONS = 4
 #: Bumped whenever the numbers this module computes change (part of the cache key).
-_ALGORITHM_VERSION = 2
+_ALGORITHM_VERSION = 3
 #: Calibration samples the analysis uses by default (the first ones; ``max_samples``).
 DEFAULT_SAMPLES = 64
 #: Feeds are concatenated into batches of up to this many samples when the model's inputs have
@@ -481,6 +481,7 @@ def analyze(
         w = (layer.weight.tensor,) if layer.weight is not None and layer.weight.tensor in weight_tensors else ()
         segments.append(Segment(name, w, tuple(t for t in layer.activations if t in ranges),
                                 tuple(dict.fromkeys(partners[name]))))
+    segments.extend(Segment(f"tensor:{t}", (), (t,)) for t in act_tensors if t in ranges)
     context = EvalContext(
         model_bytes=work.SerializeToString(), feeds=tuple(feed_list), activation_tensors=tuple(act_tensors),
         weight_tensors=tuple(weight_tensors), ranges=ranges, loss="mse", segments=tuple(segments),
@@ -531,9 +532,8 @@ def analyze(
                                                                       seed * 1_000_003 + layer.index),),
                                                   segments=(name,)))
         for p in dict.fromkeys(c.activations for c in chosen[name]):
-            acts = planner.activation_quants(layer, p)
-            if acts:
-                add(("a", name, p), Job((), tuple(acts), segments=(name,)))
+            for a in planner.activation_quants(layer, p):  # one term per tensor: shared ones once
+                add(("t", a.tensor, a.precision, a.symmetric), Job((), (a,), segments=(f"tensor:{a.tensor}",)))
 
     for a, b, _, ca, cb in pair_list:
         add(("single", a, ca), replace(planner.plan_job({a: ca}), segments=(a,)))
@@ -570,10 +570,13 @@ def analyze(
                     w_term = 0.5 * (measured(("w", name, c.weights, +1)) + measured(("w", name, c.weights, -1)))
                 elif trace is not None:
                     w_term = 0.5 * trace / weights_cache[name].size * noise_sq[(name, c.weights)]
-            a_tag = ("a", name, c.activations)
-            a_term = measured(a_tag) if a_tag in index else 0.0
+            a_terms = {a.tensor: measured(("t", a.tensor, a.precision, a.symmetric))
+                       for a in planner.activation_quants(layer, c.activations)}
+            a_term = float(sum(a_terms.values()))
             deltas[(name, c)] = w_term + a_term
             item: dict[str, Any] = {"delta": w_term + a_term, "weight": w_term, "activation": a_term}
+            if a_terms:
+                item["activation_terms"] = a_terms
             if ("single", name, c) in index:
                 item["measured"] = measured(("single", name, c))
             entry[str(c)] = item
@@ -584,8 +587,13 @@ def analyze(
         layers_json.append(row)
 
     pairs_json = []
+    alone = {"layers": layers_json, "pairs": []}
     for a, b, kind, ca, cb in pair_list:
-        cross = measured(("pair", a, b)) - measured(("single", a, ca)) - measured(("single", b, cb))
+        # what the pair-free prediction already knows (an input tensor the two layers share is
+        # counted once) is not part of the cross term
+        shared = (predicted_loss(alone, {a: ca}) + predicted_loss(alone, {b: cb})
+                  - predicted_loss(alone, {a: ca, b: cb}))
+        cross = measured(("pair", a, b)) - measured(("single", a, ca)) - measured(("single", b, cb)) + shared
         pairs_json.extend(_expand_pair(a, b, kind, ca, cb, cross, chosen, deltas))
 
     result: dict[str, Any] = {
@@ -643,28 +651,40 @@ def predicted_loss(sens: Mapping[str, Any], plan: Mapping[str, Candidate | str])
 
     Layers absent from the plan, or at ``fp32/fp32``, add nothing; a pair's cross term counts
     when both of its layers take exactly the pair's candidates (weightless layers match on
-    their effective candidate).
+    their effective candidate). An input activation shared by several of the plan's layers
+    (``activation_terms``) counts once, at the precision the simulation gives it (the fewest
+    bits; the first layer in graph order on ties).
 
     Raises:
         PlanError: the plan gives a layer a candidate the analysis did not measure.
     """
     normalized = {name: _as_candidate(c) for name, c in plan.items()}
-    layers = {row["name"]: row for row in sens["layers"]}
     total = 0.0
     effective: dict[str, str] = {}
-    for name, candidate in normalized.items():
-        if candidate == FP32:
+    tensor_terms: dict[str, tuple[int, float]] = {}
+    for row in sens["layers"]:  # graph order, like the simulation's choice of a shared tensor's bits
+        name = row["name"]
+        candidate = normalized.get(name)
+        if candidate is None or candidate == FP32:
             continue
-        row = layers.get(name)
-        if row is None:
-            continue  # not analysed (e.g. no quantized candidate): contributes nothing
         entry = _lookup(row, candidate)
         if entry is None:
             raise PlanError(f"the sensitivity analysis has no {candidate} entry for layer {name!r}",
                             f"analysed candidates: {', '.join(row['candidates'])}")
-        total += float(entry["delta"])
-        effective[name] = str(candidate) if str(candidate) in row["candidates"] else str(
+        key = str(candidate) if str(candidate) in row["candidates"] else str(
             Candidate(candidate.activations, candidate.activations))
+        effective[name] = key
+        terms = entry.get("activation_terms")
+        if not terms:
+            total += float(entry["delta"])
+            continue
+        total += float(entry["delta"]) - float(sum(terms.values()))
+        width = bits(Candidate.parse(key).activations)
+        for tensor, term in terms.items():
+            current = tensor_terms.get(tensor)
+            if current is None or width < current[0]:
+                tensor_terms[tensor] = (width, float(term))
+    total += sum(term for _, term in tensor_terms.values())
     for pair in sens.get("pairs", ()):
         ca, cb = pair["candidates"]
         if effective.get(pair["a"]) == ca and effective.get(pair["b"]) == cb:
