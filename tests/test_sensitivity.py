@@ -165,6 +165,13 @@ def test_cut_sessions_match_the_fake_quant_session(cnn, spec) -> None:  # type: 
         assert a["cross"] == pytest.approx(b["cross"], rel=0.1, abs=2e-7)
 
 
+def test_pair_with_a_float_weightless_layer(cnn, spec) -> None:  # type: ignore[no-untyped-def]
+    # the Add at fp16 perturbs nothing: its cut session is empty and must not be built
+    candidates = {"/blocks/blocks.0/pw/pw.0/Conv": [W4], "/blocks/blocks.0/Add": [Candidate.parse("fp16/fp16")]}
+    sens = analyze(cnn, _feeds(CNN, 16, 16), spec, candidates, seed=0)
+    assert sens["pairs"] and all(np.isfinite(p["cross"]) for p in sens["pairs"])
+
+
 def test_cache_hit_returns_identical_json_without_evaluating(cnn_run, cnn, spec) -> None:  # type: ignore[no-untyped-def]
     sens, feeds, kwargs = cnn_run
     before = EVALUATION_COUNTER.total

@@ -421,7 +421,9 @@ class SuffixRunner:
             seg = self.segments.get(name)
             if seg is None:
                 return None
-            keys.append(f"a:{name}" if any(t in acts for t in seg.activations) else f"w:{name}")
+            key = f"a:{name}" if any(t in acts for t in seg.activations) else f"w:{name}"
+            if self.suffix[key]:  # an empty suffix (nothing of the layer perturbed) runs nothing
+                keys.append(key)
         keys.sort(key=lambda k: (self.start[k], k))
         for k, key in enumerate(keys):
             later = {other[2:] for other in keys[k + 1:]}
