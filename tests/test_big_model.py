@@ -105,10 +105,6 @@ def test_load_hash_and_save_over_2gb(big_model: Path, tmp_path: Path) -> None:
         (tmp_path / name).unlink()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "onnxq/calibration builds its onnxruntime session from model.SerializeToString(), which protobuf refuses over "
-    "2 GB: `onnxq: error: onnxruntime cannot load the calibration model: Failed to serialize proto` (the session must "
-    "be built from a path with external data, e.g. onnxq.model.save_model to a temp folder)"))
 def test_quantize_over_2gb(big_model: Path, tmp_path: Path) -> None:
     """int8 weights: the output is under 2 GB, saved inline, valid and runs in onnxruntime."""
     out = tmp_path / "big.int8.onnx"
