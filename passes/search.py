@@ -3,7 +3,8 @@
 Budget modes (``--target-size MB``, ``--target-latency-ratio R``, ``--target-bits B``) minimise
 the predicted loss (sensitivity deltas plus pair cross terms) under the budget with an integer
 linear program (:mod:`onnxq.search.ilp`). The accuracy-range mode (``--max-drop X``, the
-default) builds the predicted Pareto front of loss against estimated latency, orders its plans
+default) builds the predicted Pareto front of loss against cost (estimated latency and weight size,
+each relative to fp32, weighed equally), orders its plans
 by cost, and bisects over them with real onnxruntime evaluations (:mod:`onnxq.evaluate`) for
 the cheapest plan whose measured drop is at most X: a logarithmic number of evaluations.
 
@@ -75,6 +76,9 @@ class _Costs:
         self._estimate = estimate
         self._weight_bytes = weight_bytes
         self.weight_elements = sum(row.weight_elements for row in self.layers)
+        fp32 = estimate(self.layers, {}, spec, self.edges)
+        self.fp32_latency = max(fp32.latency_seconds, 1e-12)
+        self.fp32_size = float(max(sum(weight_bytes(row, FP32, spec) for row in self.layers), 1))
 
     def axis(self, name: str, candidate: Candidate, axis: str) -> float:
         row = self.by_name[name]
@@ -82,13 +86,19 @@ class _Costs:
             return float(self._weight_bytes(row, candidate, self.spec))
         if axis == "bits":
             return float(row.weight_elements * bits(candidate.weights))
-        return float(self._estimate([row], {name: candidate}, self.spec, self.unary.get(name, ())).latency_seconds)
+        latency = float(self._estimate([row], {name: candidate}, self.spec, self.unary.get(name, ())).latency_seconds)
+        if axis == "balanced":
+            # "as small and as fast as the hardware allows": latency and weight size, each as a
+            # fraction of the fp32 model's, weigh the same
+            return latency / self.fp32_latency + float(self._weight_bytes(row, candidate, self.spec)) / self.fp32_size
+        return latency
 
     def boundary_edges(self, axis: str) -> tuple[tuple[str, str, float], ...]:
-        if axis != "latency":
+        if axis not in ("latency", "balanced"):
             return ()
         ns = self.spec.cost.conversion_ns_per_element
-        return tuple((a, b, elements * ns * 1e-9) for a, b, elements in self.edges)
+        scale = 1.0 / self.fp32_latency if axis == "balanced" else 1.0
+        return tuple((a, b, elements * ns * 1e-9 * scale) for a, b, elements in self.edges)
 
     def estimate(self, plan: Mapping[str, Candidate]) -> dict[str, float]:
         result = self._estimate(self.layers, plan, self.spec, self.edges)
@@ -145,7 +155,7 @@ class SearchPass(Pass):
         view: GraphView = ctx.analysis("graph_view")
         costs = _Costs(view, spec)
         mode = options.mode
-        axis = "latency"
+        axis = "balanced" if mode == "max-drop" else "latency"
         if options.target_size_mb is not None:
             axis = "size"
         elif options.target_bits is not None:
@@ -314,7 +324,8 @@ class SearchPass(Pass):
     @staticmethod
     def _entry(plan: Mapping[str, Candidate], loss: float, costs: _Costs, drop: float | None) -> dict[str, Any]:
         estimate = costs.estimate(plan)
-        entry: dict[str, Any] = {"cost": estimate["latency_seconds"], **estimate, "predicted_loss": loss,
+        balanced = estimate["latency_seconds"] / costs.fp32_latency + estimate["size_bytes"] / max(1.0, costs.estimate({})["size_bytes"])
+        entry: dict[str, Any] = {"cost": round(balanced, 6), **estimate, "predicted_loss": loss,
                                  "plan": plan_summary({k: v for k, v in plan.items() if v != FP32})}
         if drop is not None:
             entry["measured_drop"] = drop
