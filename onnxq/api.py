@@ -138,6 +138,26 @@ def quantize(
     return QuantizeResult(model=ctx.model, report=report, target_met=bool(ctx.artifacts.get("target_met", True)))
 
 
+def _recurrent_notes(model: onnx.ModelProto) -> dict[str, str]:
+    """Recurrent ops (LSTM/GRU/RNN) stay float: no runtime fuses Q/DQ around them."""
+    notes = {}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.op_type in ("LSTM", "GRU", "RNN"):
+                notes[node.name] = (f"{node.op_type} kept in fp32: onnxruntime has no QDQ fusion for recurrent ops; "
+                                    "the layers around it are quantized")
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        visit(sub)
+
+    visit(model.graph)
+    return notes
+
+
 def build_report(ctx: PassContext, spec: HardwareSpec, opts: QuantizeOptions, seconds: float, pipeline: str) -> dict[str, Any]:
     from onnxq.passes.plan import plan_to_json
 
@@ -161,7 +181,7 @@ def build_report(ctx: PassContext, spec: HardwareSpec, opts: QuantizeOptions, se
         "latency": measurement.get("latency", {}),
         "calibration": {"method": opts.calibration, "samples": ctx.artifacts["feeds"].samples,
                         "held_back_feeds": len(ctx.artifacts["feeds"].held_back)},
-        "notes": ctx.artifacts.get("plan_notes", {}),
+        "notes": {**ctx.artifacts.get("plan_notes", {}), **_recurrent_notes(fp32)},
         "time_per_phase": {k: round(v, 4) for k, v in ctx.timings.items()},
         "seconds": round(seconds, 3),
     }
