@@ -333,16 +333,22 @@ class SuffixRunner:
                 raise ValueError(f"cut tensors exceed {cache_bytes} bytes")
             self.reference.append(tuple(values[o] for o in self.output_names))
             self.cache.append(values)
-        self._sessions: dict[str, tuple[object, list[str]]] = {}
+        # keys with the same nodes and internal fake-quants share one session (exposing the
+        # weights of all of them): a Conv's weight-only and activation suffixes usually coincide
+        self.signature = {key: (tuple(order), tuple(self.internal[key])) for key, order in self.suffix.items()}
+        self.group: dict[tuple, list[str]] = {}
+        for key, sig in self.signature.items():
+            self.group.setdefault(sig, []).append(key)
+        self._sessions: dict[tuple, tuple[object, list[str]]] = {}
         self._fq_cache: OrderedDict[object, np.ndarray] = OrderedDict()
         self._fq_bytes = 0
 
     def _build(self, key: str) -> tuple[object, list[str]]:
-        seg = self.segments[key[2:]]
+        members = [self.segments[k[2:]] for k in self.group[self.signature[key]]]
         order = self.suffix[key]
         produced = {o for i in order for o in self.nodes[i].output}
-        partner_cuts = [t for p in seg.partners for k in ("w", "a") for t in self.cuts.get(f"{k}:{p}", ())
-                        if t in produced]
+        partner_cuts = [t for seg in members for p in seg.partners for k in ("w", "a")
+                        for t in self.cuts.get(f"{k}:{p}", ()) if t in produced]
         outputs = list(dict.fromkeys([o for o in self.output_names if o in produced] + partner_cuts))
         used = {t for i in order for t in self.nodes[i].input}
         graph = self.model.graph
@@ -356,7 +362,7 @@ class SuffixRunner:
         )
         inner = {o for i in order for o in self.nodes[i].output} - set(outputs)
         new.value_info.extend(vi for vi in graph.value_info if vi.name in inner)
-        for w in seg.weights:
+        for w in dict.fromkeys(w for seg in members for w in seg.weights):
             for t in new.initializer:
                 if t.name == w:
                     new.input.append(onnx.helper.make_tensor_value_info(w, t.data_type, list(t.dims)))
@@ -404,9 +410,10 @@ class SuffixRunner:
 
     def session(self, key: str) -> tuple[object, list[str]]:
         """The cut session of ``key`` (``w:<layer>`` or ``a:<layer>``) and its output names."""
-        hit = self._sessions.get(key)
+        sig = self.signature[key]
+        hit = self._sessions.get(sig)
         if hit is None:
-            hit = self._sessions[key] = self._build(key)
+            hit = self._sessions[sig] = self._build(key)
         return hit
 
     def plan(self, segments: Sequence[str], acts: Mapping[str, object]) -> list[str] | None:
