@@ -19,10 +19,10 @@ Measured on a shared 2-CPU machine (load average ~9 from other jobs, so absolute
 | before (one Where fake-quant session, every weight an input) | digits_cnn | 328 | 9.9 | 33.1 | 38912 | 118.6 | 0.588 / 0.600 |
 | before | digits_transformer | 313 | 3.4 | 90.9 | 1095 | 3.50 | 0.988 / 0.988 |
 
-| after (cut sessions, 1×64 batch, baked plan models) | digits_cnn | 328 | 24.5 | 13.4 | 7365 | 22.5 | 0.612 / 0.600 |
-| after | digits_transformer | 327 | 10.2 | 32.2 | 653 | 2.00 | 0.988 / 0.988 |
+| after (cut sessions, 1×64 batch, baked plan models, no spinning) | digits_cnn | 328 | 63.9 | 5.1 | 3039 | 9.27 | 0.612 / 0.600 |
+| after | digits_transformer | 327 | 20.9 | 15.6 | 323 | 0.99 | 0.988 / 0.988 |
 
-(The "after" plain pass was 1.8 ms for the CNN, 49 ms for the transformer in that run; under the
+(The "after" plain pass was 1.7 ms for the CNN, 48 ms for the transformer in that run; under the
 load the median plain pass is several times its best, so "total / plain pass" overstates the
 cost, most for the CNN whose runs last about a millisecond.)
 
