@@ -310,12 +310,29 @@ def apply_layout(
                 b_attrs = {"axis": 0} if bias_scale.ndim == 1 else {}
                 b_dq = b.node("DequantizeLinear", [b_name, b_scale], f"{layer.bias}_dequantized", f"{layer.bias}_DequantizeLinear", **b_attrs)
                 node.input[2] = b_dq
+        elif layer.bias is not None and x_q is not None and node.op_type in _CHANNEL_INPUT_OPS:
+            # a float bias initializer beside a quantized input makes onnxruntime's
+            # WeightBiasQuantization requantize it to int32 at scale s_x·s_w, which overflows for
+            # 16-bit scales; an int32 DQ at a scale fitted to the bias itself keeps it exact
+            _exact_bias(b, view, node, layer.bias)
 
     graph.node.extend(b.new_nodes)
     _drop_unused_initializers(graph, initializers)
     toposort_nodes(graph)
     del graph.value_info[:]
     return RewriteResult(model=model, quantized_layers=summary, weight_bytes=weight_bytes)
+
+
+def _exact_bias(b: _Builder, view: GraphView, node: onnx.NodeProto, bias_name: str) -> None:
+    bias = view.weight_value(bias_name)
+    if bias is None or bias.ndim != 1 or bias.dtype != np.float32:
+        return
+    bound = float(np.max(np.abs(bias))) if bias.size else 0.0
+    scale = np.float32(max(bound, 1e-30) / (2**30))
+    codes = np.clip(np.rint(bias / scale), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+    b_name = b.initializer(f"{bias_name}_quantized", codes)
+    b_scale = b.initializer(f"{bias_name}_scale", np.asarray(scale, dtype=np.float32))
+    node.input[2] = b.node("DequantizeLinear", [b_name, b_scale], f"{bias_name}_dequantized", f"{bias_name}_DequantizeLinear")
 
 
 def _layer_ops(model: onnx.ModelProto, layout: Layout) -> set[str]:
