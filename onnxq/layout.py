@@ -166,10 +166,14 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
             if upstream.precision != quant.precision or upstream.symmetric != quant.symmetric:
                 # the op runs on its input's integers; consumers that need another precision
                 # get a DQ→Q conversion after it instead of a second grid inside the shared op
-                needs = consumer_need.get(target, {})
-                conversions = {c: p for c, p in needs.items() if p != upstream.precision}
-                tensors[target] = TensorQuant(target, upstream.precision, upstream.symmetric, upstream.range_of,
-                                              from_layer=quant.from_layer, conversions=conversions)
+                # the same holds for shared ops further down that already reuse this grid
+                followers = [t for t, q in tensors.items() if t == target or (q.range_of == target and t != target)]
+                for tensor in followers:
+                    old = tensors[tensor]
+                    needs = consumer_need.get(tensor, {})
+                    conversions = {c: p for c, p in needs.items() if p != upstream.precision}
+                    tensors[tensor] = TensorQuant(tensor, upstream.precision, upstream.symmetric, upstream.range_of,
+                                                  from_layer=old.from_layer, conversions=conversions)
                 changed = True
                 continue
             quant.range_of = upstream.range_of
