@@ -24,12 +24,12 @@ from typing import Any
 from onnxq.graph import GraphView
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import FP32, Candidate, bits
-from onnxq.rewrite import plan_summary, weight_axis
+from onnxq.rewrite import plan_summary
 from onnxq.search.candidates import SearchSpace, build_space
 from onnxq.search.ilp import Problem, Solution, solve
 from onnxq.spec.model import HardwareSpec
 
-__all__ = ["SearchPass", "layer_costs", "SENSITIVITY_SAMPLES", "FRONT_POINTS", "USE_PAIRS"]
+__all__ = ["SearchPass", "SENSITIVITY_SAMPLES", "FRONT_POINTS", "USE_PAIRS"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,27 +41,11 @@ FRONT_POINTS = 8
 USE_PAIRS = True
 
 
-def layer_costs(view: GraphView) -> list[Any]:
-    """The cost model's :class:`onnxq.cost.LayerCost` of every layer of ``view``."""
-    from onnxq.cost import LayerCost
-
-    rows = []
-    for layer in view.layers.values():
-        channels = 1
-        weight_elements = layer.weight.elements if layer.weight is not None else 0
-        if layer.weight is not None and len(layer.weight.shape) >= 2:
-            axis = weight_axis(layer.op_type, view.nodes[layer.name], len(layer.weight.shape))
-            channels = max(1, layer.weight.shape[axis])
-        rows.append(LayerCost(layer.name, layer.op_type, layer.macs, weight_elements, layer.input_elements,
-                              layer.output_elements, weight_channels=channels))
-    return rows
-
-
 class _Costs:
     """Per layer × candidate costs on the three budget axes, and the full-plan estimate."""
 
     def __init__(self, view: GraphView, spec: HardwareSpec) -> None:
-        from onnxq.cost import boundary_edges, estimate, weight_bytes
+        from onnxq.cost import boundary_edges, estimate, layer_costs, weight_bytes
 
         self.spec = spec
         self.layers = layer_costs(view)
