@@ -50,8 +50,16 @@ def layer_ops_for(spec: HardwareSpec) -> set[str]:
 
 
 def build_pipeline(options: QuantizeOptions, plan: Mapping[str, Candidate] | None = None) -> Pipeline:
-    from onnxq.passes import (CalibratePass, ExplicitPlanPass, LayoutPass, MeasurePass, PreparePass, RewritePass,
-                              UniformPlanPass, ValidatePass)
+    from onnxq.passes import (
+        CalibratePass,
+        ExplicitPlanPass,
+        LayoutPass,
+        MeasurePass,
+        PreparePass,
+        RewritePass,
+        UniformPlanPass,
+        ValidatePass,
+    )
 
     planner: Pass
     if options.mode == "uniform":

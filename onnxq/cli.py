@@ -111,7 +111,6 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from onnxq.graph import GraphView
     from onnxq.model import load_model
-
     from onnxq.subgraphs import ensure_unique_node_names, scope_views
 
     loaded = load_model(args.model)

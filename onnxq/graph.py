@@ -413,11 +413,11 @@ class GraphView:
                 frontier = reached
         for _, sources in self.residual_joins():
             ordered = sorted(sources, key=order.__getitem__)
-            for a, b in zip(ordered, ordered[1:]):
+            for a, b in zip(ordered, ordered[1:], strict=False):
                 add(a, b, "residual")
         for _, members in self.shared_input_groups():
             ordered = sorted(members, key=order.__getitem__)
-            for a, b in zip(ordered, ordered[1:]):
+            for a, b in zip(ordered, ordered[1:], strict=False):
                 add(a, b, "sibling")
         return sorted(((a, b, kind) for (a, b), kind in pairs.items()), key=lambda p: (order[p[0]], order[p[1]]))
 

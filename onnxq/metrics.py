@@ -36,15 +36,15 @@ def fidelity(metric: Metric, reference: Sequence[Sequence[np.ndarray]], candidat
     """Fidelity in [0, 1] (1 = identical to fp32) over batches of model outputs."""
     if metric is Metric.AGREEMENT:
         agree = total = 0
-        for ref, cand in zip(reference, candidate):
+        for ref, cand in zip(reference, candidate, strict=True):
             a, b = np.argmax(ref[0], axis=-1), np.argmax(cand[0], axis=-1)
             agree += int(np.sum(a == b))
             total += a.size
         return agree / max(total, 1)
     if metric is Metric.COSINE:
         sims = []
-        for ref, cand in zip(reference, candidate):
-            for r, c in zip(ref, cand):
+        for ref, cand in zip(reference, candidate, strict=True):
+            for r, c in zip(ref, cand, strict=True):
                 r2 = r.reshape(r.shape[0], -1).astype(np.float64) if r.ndim > 1 else r.reshape(1, -1).astype(np.float64)
                 c2 = c.reshape(r2.shape).astype(np.float64)
                 num = np.sum(r2 * c2, axis=1)
@@ -52,8 +52,8 @@ def fidelity(metric: Metric, reference: Sequence[Sequence[np.ndarray]], candidat
                 sims.extend(np.where(den > 0, num / np.maximum(den, 1e-30), 1.0).tolist())
         return float(np.mean(sims)) if sims else 1.0
     signal = noise = 0.0
-    for ref, cand in zip(reference, candidate):
-        for r, c in zip(ref, cand):
+    for ref, cand in zip(reference, candidate, strict=True):
+        for r, c in zip(ref, cand, strict=True):
             signal += float(np.sum(np.square(r.astype(np.float64))))
             noise += float(np.sum(np.square(r.astype(np.float64) - c.astype(np.float64))))
     if noise == 0:

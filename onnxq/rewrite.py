@@ -121,7 +121,7 @@ def toposort_nodes(graph: onnx.GraphProto) -> None:
                 for sub in attr.graphs:
                     needed |= outer_references(sub) & produced
         needs.append(needed)
-    pending = list(zip(graph.node, needs))
+    pending = list(zip(graph.node, needs, strict=True))
     ordered: list[onnx.NodeProto] = []
     while pending:
         progress = False

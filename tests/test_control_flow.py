@@ -109,7 +109,7 @@ def test_subgraph_layers_are_quantized(kind: str, build) -> None:  # type: ignor
                 assert not [i for i in attr.g.initializer if i.data_type == TensorProto.FLOAT and i.name.endswith(("_w1", "_w2"))]
     reference, candidate = make_session(model), make_session(quantized)
     for feed in feeds[:3]:
-        for ref, got in zip(reference.run(None, feed), candidate.run(None, feed)):
+        for ref, got in zip(reference.run(None, feed), candidate.run(None, feed), strict=True):
             scale = np.abs(ref).max()
             assert np.abs(ref - got).max() <= 0.1 * scale
 

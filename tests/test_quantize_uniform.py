@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 
 import onnxq.api
 from onnxq.runtime import make_session, optimized_op_types
-
-from conftest import run_cli
 
 FUSED = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 
