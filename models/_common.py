@@ -254,12 +254,14 @@ def _rename_initializers(graph: onnx.GraphProto) -> int:
 
     The TorchScript exporter gives BN-folded weights names like ``onnx::Conv_145``;
     this renames them ``<consumer node name>.<input slot name>`` (e.g.
-    ``/stem/conv/Conv.W``), which is what ``onnxq inspect`` users will read.
+    ``/stem/stem.0/Conv.W``, or ``/layers.0/attn/Unsqueeze.in1`` for a
+    non-weight input), which is what ``onnxq inspect`` users will read.
 
     Returns:
         The number of initializers renamed.
     """
-    slot_names = {0: "X", 1: "W", 2: "B"}
+    slot_names = {0: "X", 1: "W", 2: "B"}  # for the weighted ops; other ops get ``in<slot>``
+    weighted_ops = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
     graph_inputs = {i.name for i in graph.input}
     existing = {t.name for t in graph.initializer}
     consumers: dict[str, tuple[onnx.NodeProto, int]] = {}
@@ -271,7 +273,8 @@ def _rename_initializers(graph: onnx.GraphProto) -> int:
         if not init.name.startswith("onnx::") or init.name in graph_inputs or init.name not in consumers:
             continue
         node, slot = consumers[init.name]
-        new = f"{node.name}.{slot_names.get(slot, f'in{slot}')}"
+        suffix = slot_names.get(slot) if node.op_type in weighted_ops else None
+        new = f"{node.name}.{suffix or f'in{slot}'}"
         while new in existing or new in mapping.values():
             new += "_"
         mapping[init.name] = new
