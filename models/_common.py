@@ -16,15 +16,14 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx import numpy_helper
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
