@@ -18,7 +18,7 @@ from onnx import helper
 from onnxq.errors import PassError
 from onnxq.graph import GraphView, constant_value
 from onnxq.layout import Layout, TensorQuant, activation_symmetric
-from onnxq.numerics import QParams, qparams_from_range, quantize
+from onnxq.numerics import QParams, dequantize, qparams_from_range, quantize
 from onnxq.precision import Candidate, Precision, is_integer, numpy_dtype, onnx_dtype
 from onnxq.spec.model import Granularity, HardwareSpec
 
@@ -301,8 +301,12 @@ def apply_layout(
         if (layer.bias is not None and x_q is not None and node.op_type in _CHANNEL_INPUT_OPS
                 and candidate.weights == Precision.INT8 and x_q.precision in (Precision.UINT8, Precision.INT8)):
             bias = view.weight_value(layer.bias)
-            if bias is not None and bias.ndim == 1:
-                bias_scale = (np.asarray(x_q.scale, np.float64) * np.asarray(wq.scale, np.float64)).astype(np.float32)
+            bias_scale = (np.asarray(x_q.scale, np.float64) * np.asarray(wq.scale, np.float64)).astype(np.float32)
+            if not np.all(np.isfinite(bias_scale) & (bias_scale > 0)):
+                # degenerate activation ranges (e.g. calibration data near float limits): keep the
+                # bias exact instead of dividing by a zero or infinite scale
+                _exact_bias(b, view, node, layer.bias)
+            elif bias is not None and bias.ndim == 1:
                 bias_scale = np.broadcast_to(bias_scale, bias.shape).copy() if axis is not None else bias_scale
                 codes_b = np.clip(np.rint(bias / bias_scale), -(2**31) + 1, 2**31 - 1).astype(np.int32)
                 b_name = b.initializer(f"{layer.bias}_quantized", codes_b)
@@ -316,11 +320,57 @@ def apply_layout(
             # 16-bit scales; an int32 DQ at a scale fitted to the bias itself keeps it exact
             _exact_bias(b, view, node, layer.bias)
 
+    if any(is_integer(c.weights) for c in layout.plan.values()):
+        weight_bytes += _compress_constant_operands(b, view, nodes)
     graph.node.extend(b.new_nodes)
     _drop_unused_initializers(graph, initializers)
     toposort_nodes(graph)
     del graph.value_info[:]
     return RewriteResult(model=model, quantized_layers=summary, weight_bytes=weight_bytes)
+
+
+#: Elementwise ops whose large constant operands (attention biases, position tables, scales) are
+#: stored as int8 when the plan stores weights in integers.
+_COMPRESSIBLE_CONSUMERS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Concat"})
+_MIN_COMPRESSED_ELEMENTS = 1024
+_MAX_RELATIVE_RMS_ERROR = 0.005
+
+
+def _compress_constant_operands(b: _Builder, view: GraphView, nodes: Mapping[str, onnx.NodeProto]) -> int:
+    """Store large float constants that feed only elementwise ops as int8 + DequantizeLinear.
+
+    They are not layers (no integer kernel reads them), but they count toward the model's size: a
+    transformer's attention biases and position tables can be a third of it. A constant is
+    compressed only when per-tensor symmetric int8 keeps its relative RMS error under 0.5%.
+    """
+    saved = 0
+    for tensor, (location, entry) in sorted(view.constants.items()):
+        if location.value != "initializer" or tensor in view.graph_outputs:
+            continue
+        consumers = view.consumers.get(tensor, [])
+        if not consumers or any(nodes[c].op_type not in _COMPRESSIBLE_CONSUMERS for c in consumers if c in nodes):
+            continue
+        if any(c not in nodes for c in consumers):
+            continue
+        value = view.weight_value(tensor)
+        if value is None or value.dtype != np.float32 or value.size < _MIN_COMPRESSED_ELEMENTS:
+            continue
+        q = qparams_from_range(np.asarray(value.min()), np.asarray(value.max()), Precision.INT8, True, narrow=True)
+        codes = quantize(value, q)
+        rms = float(np.sqrt(np.mean(np.square(value.astype(np.float64)))))
+        error = float(np.sqrt(np.mean(np.square(dequantize(codes, q) - value))))
+        if rms == 0 or error > _MAX_RELATIVE_RMS_ERROR * rms:
+            continue
+        q_name = b.initializer(f"{tensor}_quantized", codes.astype(np.int8))
+        scale, zp = _qparam_initializers(b, tensor, q)
+        dq = b.node("DequantizeLinear", [q_name, scale, zp], f"{tensor}_dequantized", f"{tensor}_DequantizeLinear")
+        for consumer in consumers:
+            node = nodes[consumer]
+            for i, name in enumerate(node.input):
+                if name == tensor:
+                    node.input[i] = dq
+        saved += codes.size
+    return saved
 
 
 def _exact_bias(b: _Builder, view: GraphView, node: onnx.NodeProto, bias_name: str) -> None:
