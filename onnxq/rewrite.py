@@ -344,7 +344,7 @@ def _compress_constant_operands(b: _Builder, view: GraphView, nodes: Mapping[str
     compressed only when per-tensor symmetric int8 keeps its relative RMS error under 0.5%.
     """
     saved = 0
-    for tensor, (location, entry) in sorted(view.constants.items()):
+    for tensor, (location, _entry) in sorted(view.constants.items()):
         if location.value != "initializer" or tensor in view.graph_outputs:
             continue
         consumers = view.consumers.get(tensor, [])
