@@ -308,7 +308,10 @@ def apply_layout(
                 _exact_bias(b, view, node, layer.bias)
             elif bias is not None and bias.ndim == 1:
                 bias_scale = np.broadcast_to(bias_scale, bias.shape).copy() if axis is not None else bias_scale
-                codes_b = np.clip(np.rint(bias / bias_scale), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+                # int32 saturates where the bias dwarfs s_x·s_w (degenerate ranges); computed in
+                # float64 because float32 cannot hold the int32 bounds exactly
+                ratio = bias.astype(np.float64) / bias_scale.astype(np.float64)
+                codes_b = np.clip(np.rint(ratio), -(2**31) + 1, 2**31 - 1).astype(np.int32)
                 b_name = b.initializer(f"{layer.bias}_quantized", codes_b)
                 b_scale = b.initializer(f"{layer.bias}_scale", bias_scale)
                 b_attrs = {"axis": 0} if bias_scale.ndim == 1 else {}
