@@ -178,5 +178,12 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
                 continue
             quant.range_of = upstream.range_of
             changed = True
+    # a chain of shared-scale ops shares one grid: point every link at the chain's root
+    for quant in tensors.values():
+        root, seen = quant.range_of, {quant.tensor}
+        while root in tensors and tensors[root].range_of != root and root not in seen:
+            seen.add(root)
+            root = tensors[root].range_of
+        quant.range_of = root
     return Layout(plan=dict(effective), tensors=tensors, folded_relus=folded, float_layers=float_layers,
                   fp16_layers=fp16_layers)
