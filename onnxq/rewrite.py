@@ -22,7 +22,7 @@ from onnxq.numerics import QParams, dequantize, qparams_from_range, quantize
 from onnxq.precision import Candidate, Precision, is_integer, numpy_dtype, onnx_dtype
 from onnxq.spec.model import Granularity, HardwareSpec
 
-__all__ = ["RangeLike", "RewriteResult", "weight_axis", "apply_layout", "toposort_nodes"]
+__all__ = ["RangeLike", "RewriteResult", "weight_axis", "weight_qparams", "apply_layout", "toposort_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,32 @@ def weight_axis(op_type: str, node: onnx.NodeProto, rank: int) -> int:
     if op_type == "Gather":
         return 0
     return rank - 1  # MatMul: per output column
+
+
+def weight_qparams(
+    w: np.ndarray,
+    node: onnx.NodeProto,
+    candidate: Candidate,
+    spec: HardwareSpec,
+    *,
+    weight_ranges: Callable[[np.ndarray, int | None, Precision, bool], tuple[np.ndarray, np.ndarray]] | None = None,
+    per_channel_ok: bool = True,
+) -> QParams:
+    """The weight quantizer of a layer at ``candidate``: granularity, symmetry and narrow range
+    from the spec's weight rule, per-channel along the output-channel axis when allowed."""
+    rule = spec.weight_rule(node.op_type, candidate.weights)
+    symmetric = True if rule is None else rule.symmetric
+    narrow = False if rule is None else rule.narrow_range
+    per_channel = per_channel_ok and w.ndim >= 2 and (rule is None or rule.preferred_granularity == Granularity.PER_CHANNEL)
+    axis = weight_axis(node.op_type, node, w.ndim) if per_channel else None
+    if weight_ranges is not None:
+        lo, hi = weight_ranges(w, axis, candidate.weights, symmetric)
+    elif axis is None:
+        lo, hi = np.asarray(w.min()), np.asarray(w.max())
+    else:
+        reduce = tuple(i for i in range(w.ndim) if i != axis)
+        lo, hi = w.min(axis=reduce), w.max(axis=reduce)
+    return qparams_from_range(lo, hi, candidate.weights, symmetric, narrow=narrow, axis=axis)
 
 
 class _Builder:
@@ -276,19 +302,8 @@ def apply_layout(
         if w is None:
             continue
         w = w.astype(np.float32)
-        rule = spec.weight_rule(node.op_type, candidate.weights)
-        symmetric = True if rule is None else rule.symmetric
-        narrow = False if rule is None else rule.narrow_range
-        per_channel = per_channel_ok and w.ndim >= 2 and (rule is None or rule.preferred_granularity == Granularity.PER_CHANNEL)
-        axis = weight_axis(node.op_type, node, w.ndim) if per_channel else None
-        if weight_ranges is not None:
-            lo, hi = weight_ranges(w, axis, candidate.weights, symmetric)
-        elif axis is None:
-            lo, hi = np.asarray(w.min()), np.asarray(w.max())
-        else:
-            reduce = tuple(i for i in range(w.ndim) if i != axis)
-            lo, hi = w.min(axis=reduce), w.max(axis=reduce)
-        wq = qparams_from_range(lo, hi, candidate.weights, symmetric, narrow=narrow, axis=axis)
+        wq = weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges, per_channel_ok=per_channel_ok)
+        axis = wq.axis
         codes = quantize(w, wq).astype(numpy_dtype(candidate.weights))
         base = layer.weight.tensor
         q_name = b.initializer(f"{base}_quantized", codes, onnx_dtype(candidate.weights))

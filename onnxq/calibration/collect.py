@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -96,6 +97,7 @@ def collect_ranges(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     seed: int = 0,
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, TensorRange]:
     """Activation ranges of ``tensors`` on the calibration ``feeds``.
 
@@ -119,6 +121,9 @@ def collect_ranges(
         cache_dir: directory of the on-disk cache, ``None`` to disable it.
         progress: show a tqdm bar over the feeds.
         seed: seed of any randomised step (kept in the cache key; the methods are deterministic).
+        weights: ``lapq`` only: the quantized (dequantized) values of the weights the model will
+            carry, so the loss the clipping is tuned on includes the weight quantization noise
+            (LAPQ tunes activation ranges for the quantized network, not the fp32 one).
 
     Returns:
         ``{tensor: TensorRange}`` in the order of ``tensors``. A constant tensor ``c`` gets
@@ -151,6 +156,10 @@ def collect_ranges(
         "num_bins": int(num_bins) if m.needs_histogram else None,
         "percentile": float(percentile) if m is CalibrationMethod.PERCENTILE else None,
         "seed": int(seed) if m is CalibrationMethod.LAPQ else None,
+        "weights": (
+            {name: hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()[:16] for name, w in sorted(weights.items())}
+            if weights and m is CalibrationMethod.LAPQ else None
+        ),
     }
     if cache_dir is not None:
         key = _cache.cache_key(
@@ -173,7 +182,7 @@ def collect_ranges(
     if m is CalibrationMethod.LAPQ:
         from onnxq.calibration.lapq import lapq_ranges
 
-        ranges = lapq_ranges(model, feed_list, stats, precisions, symmetric, seed=seed)
+        ranges = lapq_ranges(model, feed_list, stats, precisions, symmetric, seed=seed, weights=weights)
     logger.info(
         "calibrated %d tensors with %s on %d feeds in %.2fs",
         len(tensors), m.value, len(feed_list), time.perf_counter() - start,

@@ -82,6 +82,7 @@ def lapq_ranges(
     maxfev: int | None = None,
     max_feeds: int = 4,
     loss: str = "mse",
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, TensorRange]:
     """LAPQ ranges of the tensors in ``stats`` (which must carry histograms).
 
@@ -95,6 +96,8 @@ def lapq_ranges(
             ``min(MAXFEV_PER_TENSOR * tensors, MAXFEV_CAP)``).
         max_feeds: feeds used by the loss.
         loss: ``"mse"`` or ``"kl"`` (see :func:`output_loss`).
+        weights: quantized weight values fed in place of the fp32 ones during the search (the
+            reference outputs stay fp32).
     """
     from onnxq.simulate import FakeQuantModel
 
@@ -114,7 +117,8 @@ def lapq_ranges(
         subset = [feeds[i] for i in sorted(rng.choice(len(feeds), max_feeds, replace=False))]
     else:
         subset = list(feeds)
-    sim = FakeQuantModel(model, names)
+    weights = dict(weights or {})
+    sim = FakeQuantModel(model, names, weight_tensors=sorted(weights))
     reference = [sim.run(f) for f in subset]
 
     def evaluate(lo: np.ndarray, hi: np.ndarray) -> float:
@@ -122,7 +126,7 @@ def lapq_ranges(
             t: qparams_from_range(lo[k], hi[k], precisions[t], symmetric[t])
             for k, t in enumerate(names)
         }
-        return output_loss([sim.run(f, params) for f in subset], reference, loss)
+        return output_loss([sim.run(f, params, weights or None) for f in subset], reference, loss)
 
     best_p, best_loss, lo0, hi0 = None, np.inf, None, None
     for p in P_VALUES:
