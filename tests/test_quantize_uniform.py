@@ -102,3 +102,15 @@ def test_deterministic_output(cnn_path: Path, tmp_path: Path) -> None:
                        "--quiet", "--no-cache").code == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse", pytest.param("lapq", marks=pytest.mark.slow)])
+def test_calibration_methods_give_valid_models(cnn_path: Path, method: str) -> None:
+    from onnxq.options import QuantizeOptions
+
+    options = QuantizeOptions(precision="int4/uint8", calibration=method, cache_dir="")
+    result = onnxq.api.quantize(str(cnn_path), str(cnn_path.with_name("digits_cnn.calib.npz")), "ort-cpu-x86", options=options)
+    onnx.checker.check_model(result.model, full_check=True)
+    accuracy = _accuracy(result.model, cnn_path.with_name("digits_cnn.eval.npz"))
+    assert accuracy >= _accuracy(str(cnn_path), cnn_path.with_name("digits_cnn.eval.npz")) - 0.03
+    assert result.report["calibration"]["method"] == method
