@@ -272,15 +272,21 @@ class SearchPass(Pass):
             lo, hi = 0, len(front) - 1
             measured[hi] = 0.0
             passing = hi
+        from tqdm import tqdm
+
+        bar = tqdm(total=max(1, math.ceil(math.log2(max(2, hi - lo + 1)))), desc="search (real evaluations)",
+                   unit="plan", disable=not options.progress, leave=False)
         while lo < hi:
             mid = (lo + hi) // 2
             drop = evaluator.measure(front[mid][0]).drop
+            bar.update(1)
             measured[mid] = drop
             if drop <= options.max_drop:
                 hi = mid
                 passing = mid
             else:
                 lo = mid + 1
+        bar.close()
         target_met = passing is not None
         chosen = passing if passing is not None else min(measured, key=lambda i: (measured[i], i))
         plan, loss, _ = front[chosen]
