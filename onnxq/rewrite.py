@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 _CHANNEL_INPUT_OPS = {"Conv", "ConvTranspose", "Gemm"}
 
 
-class RangeLike:
+class RangeLike(Protocol):
     """Anything with ``min`` and ``max`` attributes (``onnxq.calibration.TensorRange``)."""
 
     min: float
@@ -198,7 +199,7 @@ def apply_layout(
     per_channel_ok: bool = True,
 ) -> RewriteResult:
     """Rewrite ``model`` in place to carry the Q/DQ of ``layout``."""
-    view = GraphView(model, layer_ops=None or _layer_ops(model, layout))
+    view = GraphView(model, layer_ops=_layer_ops(model, layout))
     quantized = {n for n, c in layout.plan.items() if not c.is_float or n in layout.fp16_layers}
     _materialize_constant_weights(model, view, quantized)
     view = GraphView(model, layer_ops=_layer_ops(model, layout))
