@@ -430,8 +430,8 @@ class GraphView:
                 edges.append((name, other, elements))
         return edges
 
-    def summary_rows(self) -> list[Mapping[str, object]]:
-        rows = []
+    def summary_rows(self) -> list[dict[str, str | int]]:
+        rows: list[dict[str, str | int]] = []
         for layer in self.layers.values():
             rows.append({
                 "layer": layer.name,

@@ -105,7 +105,7 @@ def onnx_dtype(precision: Precision) -> int:
 
 def numpy_dtype(precision: Precision) -> np.dtype:
     """A numpy dtype that holds the values of an integer precision (4-bit ones widen to 8)."""
-    return {
+    table: dict[Precision, np.dtype] = {
         Precision.INT16: np.dtype(np.int16),
         Precision.UINT16: np.dtype(np.uint16),
         Precision.INT8: np.dtype(np.int8),
@@ -114,7 +114,8 @@ def numpy_dtype(precision: Precision) -> np.dtype:
         Precision.UINT4: np.dtype(np.uint8),
         Precision.FP16: np.dtype(np.float16),
         Precision.FP32: np.dtype(np.float32),
-    }[precision]
+    }
+    return table[precision]
 
 
 @dataclass(frozen=True, order=True)

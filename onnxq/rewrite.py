@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -111,7 +111,7 @@ class _Builder:
         self.graph.initializer.append(tensor)
         return name
 
-    def node(self, op_type: str, inputs: list[str], base_output: str, name: str, **attrs: object) -> str:
+    def node(self, op_type: str, inputs: list[str], base_output: str, name: str, **attrs: Any) -> str:
         output = self.unique(base_output)
         self.new_nodes.append(helper.make_node(op_type, inputs, [output], name=self.unique(name), **attrs))
         return output

@@ -19,10 +19,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+if TYPE_CHECKING:
+    from onnxq.graph import GraphView
 
 __all__ = ["Scope", "scopes", "find_graph", "outer_references", "wrap", "unwrap", "expose", "Wrapped"]
 
@@ -278,7 +282,7 @@ class ScopeView:
     scope: Scope
     wrapper: onnx.ModelProto
     wrapped: Wrapped
-    view: object  # onnxq.graph.GraphView (typed loosely to avoid an import cycle)
+    view: GraphView
 
 
 def scope_views(model: onnx.ModelProto, layer_ops: set[str] | frozenset[str]) -> list[ScopeView]:
