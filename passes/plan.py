@@ -14,7 +14,7 @@ from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import FP32, Candidate
 from onnxq.spec.model import HardwareSpec
 
-__all__ = ["UniformPlanPass", "ExplicitPlanPass", "PLAN_FORMAT", "read_plan", "plan_to_json", "check_plan", "all_layers"]
+__all__ = ["closest_candidate", "UniformPlanPass", "ExplicitPlanPass", "PLAN_FORMAT", "read_plan", "plan_to_json", "check_plan", "all_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,24 @@ def check_plan(plan: Mapping[str, Candidate], view: GraphView | Mapping[str, Lay
                             "give every layer an integer candidate")
 
 
+def closest_candidate(layer: Layer, candidate: Candidate, spec: HardwareSpec) -> Candidate | None:
+    """``candidate`` for ``layer`` if the spec allows it, else the closest allowed one (same
+    weight format, e.g. weight-only int8 for an embedding Gather; any integer one on an
+    integer-only target), else None (the layer stays float)."""
+    wanted = effective_candidate(layer.weight is not None, candidate)
+    if spec.allows(layer.op_type, wanted):
+        return wanted
+    if spec.allows(layer.op_type, candidate):
+        return candidate
+    allowed = [c for c in spec.candidates_for(layer.op_type) if not c.is_float]
+    same_weights = [c for c in allowed if c.weights == wanted.weights]
+    if same_weights:
+        return same_weights[0]
+    if spec.integer_only and allowed:
+        return allowed[0]
+    return None
+
+
 class UniformPlanPass(Pass):
     """Every layer takes the same candidate where the spec allows it; the rest stay float."""
 
@@ -88,22 +106,11 @@ class UniformPlanPass(Pass):
         plan: dict[str, Candidate] = {}
         kept: list[str] = []
         for name, layer in all_layers(ctx).items():
-            wanted = effective_candidate(layer.weight is not None, self.candidate)
-            if spec.allows(layer.op_type, wanted):
-                plan[name] = wanted
-            elif spec.allows(layer.op_type, self.candidate):
-                plan[name] = self.candidate
+            chosen = closest_candidate(layer, self.candidate, spec)
+            if chosen is None:
+                kept.append(name)
             else:
-                allowed = [c for c in spec.candidates_for(layer.op_type) if not c.is_float]
-                # closest allowed candidate: same weight format (e.g. weight-only int8 for an
-                # embedding Gather), else any integer one on an integer-only target
-                same_weights = [c for c in allowed if c.weights == wanted.weights]
-                if same_weights:
-                    plan[name] = same_weights[0]
-                elif spec.integer_only and allowed:
-                    plan[name] = allowed[0]
-                else:
-                    kept.append(name)
+                plan[name] = chosen
         if not plan:
             raise PlanError(f"no layer of this model can take {self.candidate} on spec {spec.name}",
                             "choose a precision the spec lists, e.g. int8/uint8 on ort-cpu-x86")

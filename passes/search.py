@@ -225,6 +225,8 @@ class SearchPass(Pass):
     def _front(self, problem: Problem) -> tuple[list[tuple[dict[str, Candidate], float, float]], float]:
         """Predicted Pareto front (plan, loss, cost) ordered by cost, and the solver time."""
         seconds = 0.0
+        if not problem.layers:
+            return [({}, 0.0, 0.0)], seconds  # nothing to decide in the main graph
         cheapest = solve(problem, minimize="cost")
         seconds += cheapest.seconds
         best = solve(problem, max_loss=0.0, minimize="cost") if problem.layers else cheapest
@@ -290,6 +292,7 @@ class SearchPass(Pass):
         target_met = passing is not None
         chosen = passing if passing is not None else min(measured, key=lambda i: (measured[i], i))
         plan, loss, _ = front[chosen]
+        plan = self._with_subgraph_layers(ctx, plan, evaluator, measured.get(chosen, 0.0))
         entries = [self._entry(p, l_, costs, measured.get(i)) for i, (p, l_, _) in enumerate(front)]
         ctx.artifacts["plan"] = dict(plan)
         ctx.artifacts["target_met"] = target_met
@@ -310,6 +313,33 @@ class SearchPass(Pass):
         logger.info("search: %d plans on the predicted front, %d real evaluations, chose #%d (drop %.4f)",
                     len(front), evaluator.evaluations, chosen, measured[chosen])
         ctx.artifacts["search"] = search
+
+    @staticmethod
+    def _with_subgraph_layers(ctx: PassContext, plan: dict[str, Candidate], evaluator: Any, drop: float) -> dict[str, Candidate]:
+        """Add the layers inside If/Loop/Scan bodies at the target's 8-bit candidate, kept only
+        if a real evaluation stays inside the range (the sensitivity analysis does not reach
+        into subgraphs; a model whose whole network sits in an If must not stay fp32)."""
+        from onnxq.passes.plan import closest_candidate
+
+        spec: HardwareSpec = ctx.artifacts["spec"]
+        scoped: dict[str, Candidate] = {}
+        for view in ctx.analysis("scope_views"):
+            for name, layer in view.view.layers.items():
+                choice = closest_candidate(layer, Candidate.parse("int8/uint8"), spec)
+                if choice is None:
+                    allowed = [c for c in spec.candidates_for(layer.op_type) if not c.is_float and c.weight_bits == 8]
+                    choice = allowed[0] if allowed else None
+                if choice is not None:
+                    scoped[name] = choice
+        if not scoped:
+            return plan
+        candidate = {**plan, **scoped}
+        measured = evaluator.measure(candidate).drop
+        if measured <= ctx.options.max_drop:
+            logger.info("quantized %d layers inside control-flow subgraphs (drop %.4f)", len(scoped), measured)
+            return candidate
+        logger.info("control-flow subgraph layers stay fp32: 8-bit there drops %.4f > %.4f", measured, ctx.options.max_drop)
+        return plan
 
     @staticmethod
     def _entry(plan: Mapping[str, Candidate], loss: float, costs: _Costs, drop: float | None) -> dict[str, Any]:

@@ -122,3 +122,13 @@ def test_inspect_lists_subgraph_layers(tmp_path) -> None:  # type: ignore[no-unt
     result = run_cli("inspect", str(path))
     assert result.code == 0, result.stderr
     assert "then_mm1" in result.stdout and "else_mm2" in result.stdout
+
+
+def test_search_quantizes_a_network_that_lives_inside_an_if() -> None:
+    """The default search mode: the layers of a model whose whole network sits in an If."""
+    result = onnxq.quantize(if_model(), _feeds("if"), "ort-cpu-x86", max_drop=0.02)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.target_met
+    assert result.report["layers"]["quantized"] == 4
+    assert result.report["metric"]["drop"] <= 0.02
+    assert "QuantizeLinear" in _subgraph_ops(result.model)
