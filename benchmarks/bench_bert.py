@@ -41,7 +41,6 @@ import faulthandler
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
