@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from onnxq.graph import GraphView
-from onnxq.precision import Candidate, Precision, is_integer
+from onnxq.precision import Candidate, Precision, bits, is_integer
 from onnxq.spec.model import HardwareSpec
 
 __all__ = ["TensorQuant", "Layout", "plan_layout", "effective_candidate", "activation_symmetric"]
@@ -81,15 +81,9 @@ class Layout:
         for quant in self.tensors.values():
             for precision in [quant.precision, *quant.conversions.values()]:
                 current = targets.get(quant.range_of)
-                if current is None or _bits(precision) < _bits(current):
+                if current is None or bits(precision) < bits(current):
                     targets[quant.range_of] = precision
         return targets
-
-
-def _bits(precision: Precision) -> int:
-    from onnxq.precision import bits
-
-    return bits(precision)
 
 
 def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSpec) -> Layout:
@@ -134,7 +128,7 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
                 if precision != main.precision:
                     main.conversions[consumer] = precision
             continue
-        ordered = sorted(needs.items(), key=lambda item: (_bits(item[1]), item[0]))
+        ordered = sorted(needs.items(), key=lambda item: (bits(item[1]), item[0]))
         main_precision = ordered[0][1]
         first_consumer = ordered[0][0]
         symmetric = activation_symmetric(spec, view.layers[first_consumer].op_type, main_precision)

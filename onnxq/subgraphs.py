@@ -17,7 +17,7 @@ treats every subgraph as a *scope*:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,9 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["Scope", "scopes", "find_graph", "outer_references", "wrap", "unwrap", "expose", "Wrapped"]
 
 logger = logging.getLogger(__name__)
-
-_CONTROL_FLOW = {"If", "Loop", "Scan"}
-
 
 @dataclass(frozen=True)
 class Scope:
@@ -264,15 +261,6 @@ def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> tuple[onnx.ModelPr
             exposed.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         mapping[tensor] = name
     return exposed, mapping
-
-
-def control_flow_nodes(model: onnx.ModelProto) -> list[str]:
-    return [n.name for n in model.graph.node if n.op_type in _CONTROL_FLOW]
-
-
-def rename_map_ranges(ranges: Mapping[str, object], mapping: Mapping[str, str]) -> dict[str, object]:
-    inverse = {exposed: original for original, exposed in mapping.items()}
-    return {inverse.get(name, name): value for name, value in ranges.items()}
 
 
 @dataclass(frozen=True)

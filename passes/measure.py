@@ -7,7 +7,6 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from onnxq.metrics import fidelity, resolve_metric
@@ -33,7 +32,7 @@ def measure_latency(session: ort.InferenceSession, feed: Mapping[str, np.ndarray
     return float(np.median(times))
 
 
-def _first_sample(feed: Mapping[str, np.ndarray], model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def _first_sample(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Batch-1 slice of a feed when the inputs are batched along axis 0."""
     sliced = {}
     for name, array in feed.items():
@@ -73,7 +72,7 @@ class MeasurePass(Pass):
         }
         if feeds:
             try:
-                sample = _first_sample(feeds[0], fp32_model)
+                sample = _first_sample(feeds[0])
                 fp32_latency = measure_latency(fp32_session, sample)
                 quantized_latency = measure_latency(session, sample)
                 measurement["latency"] = {
