@@ -86,6 +86,12 @@ class Layout:
         return targets
 
 
+def _gets_output_q(view: GraphView, tensor: str) -> bool:
+    """Whether a quantized layer's output ``tensor`` gets its Q (the final logits stay float:
+    nothing downstream to fuse with)."""
+    return not (tensor in view.graph_outputs and not view.consumers.get(tensor))
+
+
 def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSpec) -> Layout:
     """Decide the Q/DQ layout of ``plan`` on the graph of ``view``."""
     effective: dict[str, Candidate] = {}
@@ -113,12 +119,14 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
         symmetric = activation_symmetric(spec, layer.op_type, precision)
         consumers = view.consumers.get(output, [])
         if (len(consumers) == 1 and view.nodes[consumers[0]].op_type == "Relu" and not symmetric
-                and output not in view.graph_outputs):
+                and output not in view.graph_outputs
+                and _gets_output_q(view, view.nodes[consumers[0]].output[0])):
+            # the Relu is deleted and its clipping done by the Q: only where that Q exists
             relu = consumers[0]
             folded[name] = relu
             output = view.nodes[relu].output[0]
-        if output in view.graph_outputs and not view.consumers.get(output):
-            continue  # the final logits stay float: nothing downstream to fuse with
+        if not _gets_output_q(view, output):
+            continue
         tensors[output] = TensorQuant(output, precision, symmetric, output, from_layer=True)
 
     for tensor, needs in consumer_need.items():

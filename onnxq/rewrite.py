@@ -212,6 +212,10 @@ def apply_layout(
     # 1. fold Relus into the Q of the layer they follow
     for layer_name, relu_name in layout.folded_relus.items():
         layer_node, relu = nodes[layer_name], nodes[relu_name]
+        if relu.output[0] not in layout.tensors:
+            # the Q does the Relu's clipping; without one, deleting the Relu changes the model
+            raise PassError(f"layout folds {relu_name!r} into {layer_name!r} but quantizes no output there",
+                            "report this to onnxq: the layout must fold a Relu only into a Q")
         layer_node.output[0] = relu.output[0]
         graph.node.remove(relu)
         del nodes[relu_name]
