@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from onnxq.graph import GraphView
@@ -86,14 +87,21 @@ class Layout:
         return targets
 
 
-def _gets_output_q(view: GraphView, tensor: str) -> bool:
+def _gets_output_q(view: GraphView, tensor: str, keep_float: AbstractSet[str]) -> bool:
     """Whether a quantized layer's output ``tensor`` gets its Q (the final logits stay float:
     nothing downstream to fuse with)."""
+    if tensor in keep_float:
+        return False
     return not (tensor in view.graph_outputs and not view.consumers.get(tensor))
 
 
-def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSpec) -> Layout:
-    """Decide the Q/DQ layout of ``plan`` on the graph of ``view``."""
+def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSpec,
+                keep_float: AbstractSet[str] = frozenset()) -> Layout:
+    """Decide the Q/DQ layout of ``plan`` on the graph of ``view``.
+
+    ``keep_float`` names tensors that get no Q at all: calibration saw them take NaN/±Inf (an
+    attention mask's ``-inf``), which a quantizer would turn into finite values.
+    """
     effective: dict[str, Candidate] = {}
     for name, candidate in plan.items():
         layer = view.layers.get(name)
@@ -114,18 +122,19 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
         layer = view.layers[name]
         precision = candidate.activations
         for tensor in layer.activations:
-            consumer_need.setdefault(tensor, {})[name] = precision
+            if tensor not in keep_float:
+                consumer_need.setdefault(tensor, {})[name] = precision
         output = layer.output
         symmetric = activation_symmetric(spec, layer.op_type, precision)
         consumers = view.consumers.get(output, [])
         if (len(consumers) == 1 and view.nodes[consumers[0]].op_type == "Relu" and not symmetric
                 and output not in view.graph_outputs
-                and _gets_output_q(view, view.nodes[consumers[0]].output[0])):
+                and _gets_output_q(view, view.nodes[consumers[0]].output[0], keep_float)):
             # the Relu is deleted and its clipping done by the Q: only where that Q exists
             relu = consumers[0]
             folded[name] = relu
             output = view.nodes[relu].output[0]
-        if not _gets_output_q(view, output):
+        if not _gets_output_q(view, output, keep_float):
             continue
         tensors[output] = TensorQuant(output, precision, symmetric, output, from_layer=True)
 
@@ -161,7 +170,7 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
             quant = tensors[target]
             upstream = tensors.get(source)
             if upstream is None:
-                if source in view.constants or not view.is_float(source):
+                if source in view.constants or not view.is_float(source) or source in keep_float:
                     continue
                 upstream = TensorQuant(source, quant.precision, quant.symmetric, source)
                 tensors[source] = upstream

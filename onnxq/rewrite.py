@@ -380,11 +380,13 @@ def _compress_constant_operands(b: _Builder, view: GraphView, nodes: Mapping[str
         value = view.weight_value(tensor)
         if value is None or value.dtype != np.float32 or value.size < _MIN_COMPRESSED_ELEMENTS:
             continue
+        if not np.isfinite(value).all():
+            continue  # an attention mask's -inf has no place on an integer grid
         q = qparams_from_range(np.asarray(value.min()), np.asarray(value.max()), Precision.INT8, True, narrow=True)
         codes = quantize(value, q)
         rms = float(np.sqrt(np.mean(np.square(value.astype(np.float64)))))
-        error = float(np.sqrt(np.mean(np.square(dequantize(codes, q) - value))))
-        if rms == 0 or error > _MAX_RELATIVE_RMS_ERROR * rms:
+        error = float(np.sqrt(np.mean(np.square(dequantize(codes, q).astype(np.float64) - value))))
+        if not error <= _MAX_RELATIVE_RMS_ERROR * rms or rms == 0:  # written so that NaN refuses
             continue
         q_name = b.initializer(f"{tensor}_quantized", codes.astype(np.int8))
         scale, zp = _qparam_initializers(b, tensor, q)
@@ -428,8 +430,8 @@ def _quantize_constant_operands(b: _Builder, view: GraphView, node: onnx.NodePro
         if not tensor or tensor not in view.constants or (node.op_type == "Gather" and i == 1):
             continue
         value = view.weight_value(tensor)
-        if value is None or value.dtype.kind != "f":
-            continue
+        if value is None or value.dtype.kind != "f" or not np.isfinite(value).all():
+            continue  # a mask's -inf stays float (the layer's output then takes -inf: left float too)
         value = value.astype(np.float32)
         q = qparams_from_range(np.asarray(min(float(value.min()), 0.0)), np.asarray(max(float(value.max()), 0.0)),
                                precision, symmetric)

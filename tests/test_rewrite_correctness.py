@@ -58,3 +58,41 @@ def test_relu_that_ends_the_graph_is_kept() -> None:
     for ref, got in zip(_run(model, feeds), _run(quantized, feeds), strict=True):
         assert got.min() >= 0.0  # the Relu still clips
         assert _cosine(ref, got) > 0.999
+
+
+# ---------------------------------------------------------------- item 2: -inf constants and activations
+def _masked_attention() -> onnx.ModelProto:
+    """scores = x @ W + mask (causal, -inf above the diagonal); y = Softmax(scores)."""
+    rng = np.random.default_rng(2)
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.2, "w")
+    mask = np.triu(np.full((32, 64), -np.inf, dtype=np.float32), k=1)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["s"], name="mm"),
+             helper.make_node("Add", ["s", "mask"], ["masked"], name="add_mask"),
+             helper.make_node("Softmax", ["masked"], ["y"], name="softmax", axis=-1)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 64])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 64])],
+                  [w, numpy_helper.from_array(mask, "mask")])
+
+
+def _check_masked(model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> None:
+    above = np.triu(np.ones((32, 64), dtype=bool), k=1)
+    for ref, got in zip(_run(model, feeds), _run(quantized, feeds), strict=True):
+        assert np.isfinite(got).all()
+        assert np.abs(got[0][above]).max() < 1e-6  # masked positions still get no weight
+        assert np.abs(ref - got).max() < 0.05
+
+
+def test_minus_inf_mask_constant_is_never_compressed() -> None:
+    model = _masked_attention()
+    feeds = _feeds((1, 32, 64))
+    # only the MatMul is integer: the mask is a large float constant beside it (compression path)
+    quantized = onnxq.quantize(model, feeds, "ort-cpu-x86", plan={"mm": "int8/uint8"}).model
+    _check_masked(model, quantized, feeds)
+
+
+def test_minus_inf_mask_under_uniform_int8_stays_a_mask() -> None:
+    model = _masked_attention()
+    feeds = _feeds((1, 32, 64))
+    # the Add and the Softmax are integer layers too: the tensor that takes -inf must stay float
+    quantized = onnxq.quantize(model, feeds, "ort-cpu-x86", precision="int8/uint8").model
+    _check_masked(model, quantized, feeds)

@@ -25,7 +25,7 @@ __all__ = ["CACHE_FORMAT", "cache_key", "feeds_digest", "load", "model_digest", 
 logger = logging.getLogger(__name__)
 
 #: Format tag stored in every entry; bump it when the range algorithms change.
-CACHE_FORMAT = "onnxq-calibration/1"
+CACHE_FORMAT = "onnxq-calibration/2"
 
 
 def model_digest(model: onnx.ModelProto) -> str:
