@@ -12,11 +12,18 @@ import numpy as np
 
 from onnxq.precision import Precision, qrange
 
-__all__ = ["QParams", "MIN_SCALE", "qparams_from_range", "quantize", "dequantize", "fake_quantize"]
+__all__ = ["QParams", "MIN_SCALE", "INT32_BIAS_MAX", "qparams_from_range", "bias_safe_weight_scale", "quantize",
+           "dequantize", "fake_quantize"]
 
 #: Smallest scale onnxq writes: a constant or all-zero tensor gets this instead of 0, so the
 #: output model never divides by zero.
 MIN_SCALE = np.float32(1e-8)
+
+#: Largest int32 bias code (the grid is symmetric: the most negative value is not used).
+INT32_BIAS_MAX = 2**31 - 1
+
+#: Head room of :func:`bias_safe_weight_scale` (onnxruntime's quantizer uses the same).
+_BIAS_SCALE_MARGIN = 1.0001
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,29 @@ def qparams_from_range(
     scale = np.maximum(scale, float(MIN_SCALE)).astype(np.float32)
     return QParams(scale=scale, zero_point=zero.astype(np.int64), precision=precision, axis=axis,
                    narrow=narrow)
+
+
+def bias_safe_weight_scale(weight_scale: np.ndarray, input_scale: np.ndarray | float, bias: np.ndarray) -> np.ndarray:
+    """Weight scales raised where the int32 bias scale ``s_x·s_w`` is too small for the bias.
+
+    A channel whose weights are all zero (or tiny) gets a tiny ``s_w``; ``bias / (s_x·s_w)`` then
+    overflows int32 and the bias saturates. Like onnxruntime's quantizer (which adjusts weight
+    scales for int32 biases), the channel's ``s_w`` is raised just enough for its bias to fit;
+    its weights are then quantized on that coarser grid. Per-tensor scales (0-d) take the
+    largest ``|bias|``; per-channel ones are raised channel by channel.
+    """
+    scale = np.asarray(weight_scale, dtype=np.float64)
+    s_x = float(np.max(np.asarray(input_scale, dtype=np.float64)))
+    if not (np.isfinite(s_x) and s_x > 0) or bias.size == 0:
+        return np.asarray(weight_scale, dtype=np.float32)
+    magnitude = np.abs(bias.astype(np.float64))
+    if scale.ndim == 0:
+        magnitude = magnitude.max()
+    needed = _BIAS_SCALE_MARGIN * magnitude / INT32_BIAS_MAX / s_x
+    raised = np.maximum(scale, needed)
+    result = raised.astype(np.float32)
+    # float32 rounding must not undo the margin
+    return np.where(result < raised, np.nextafter(result, np.float32(np.inf)), result).astype(np.float32)
 
 
 def _broadcast(values: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarray:

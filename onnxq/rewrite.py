@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,7 +19,7 @@ from onnx import helper
 from onnxq.errors import PassError
 from onnxq.graph import GraphView, constant_value
 from onnxq.layout import Layout, TensorQuant, activation_symmetric
-from onnxq.numerics import QParams, dequantize, qparams_from_range, quantize
+from onnxq.numerics import QParams, bias_safe_weight_scale, dequantize, qparams_from_range, quantize
 from onnxq.precision import Candidate, Precision, is_integer, numpy_dtype, onnx_dtype
 from onnxq.spec.model import Granularity, HardwareSpec
 
@@ -308,6 +308,11 @@ def apply_layout(
             continue
         w = w.astype(np.float32)
         wq = weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges, per_channel_ok=per_channel_ok)
+        x_q = input_qparams.get((layer_name, layer.activations[0])) if layer.activations else None
+        if _int32_bias(layer.bias, x_q, node, candidate):
+            bias = view.weight_value(layer.bias or "")
+            if bias is not None and bias.ndim == 1 and np.isfinite(bias).all() and x_q is not None:
+                wq = replace(wq, scale=bias_safe_weight_scale(wq.scale, x_q.scale, bias))
         axis = wq.axis
         codes = quantize(w, wq).astype(numpy_dtype(candidate.weights))
         base = layer.weight.tensor
@@ -317,9 +322,7 @@ def apply_layout(
         dq = b.node("DequantizeLinear", [q_name, scale, zp], f"{base}_dequantized", f"{base}_DequantizeLinear", **attrs)
         node.input[list(node.input).index(layer.weight.tensor)] = dq
         weight_bytes += (codes.size * (4 if candidate.weights in (Precision.INT4, Precision.UINT4) else 8 * codes.itemsize)) // 8
-        x_q = input_qparams.get((layer_name, layer.activations[0])) if layer.activations else None
-        if (layer.bias is not None and x_q is not None and node.op_type in _CHANNEL_INPUT_OPS
-                and candidate.weights == Precision.INT8 and x_q.precision in (Precision.UINT8, Precision.INT8)):
+        if layer.bias is not None and x_q is not None and _int32_bias(layer.bias, x_q, node, candidate):
             bias = view.weight_value(layer.bias)
             bias_scale = (np.asarray(x_q.scale, np.float64) * np.asarray(wq.scale, np.float64)).astype(np.float32)
             if not np.all(np.isfinite(bias_scale) & (bias_scale > 0)):
@@ -398,6 +401,12 @@ def _compress_constant_operands(b: _Builder, view: GraphView, nodes: Mapping[str
                     node.input[i] = dq
         saved += codes.size
     return saved
+
+
+def _int32_bias(bias: str | None, x_q: QParams | None, node: onnx.NodeProto, candidate: Candidate) -> bool:
+    """Whether the layer's bias is stored as int32 at scale ``s_x·s_w`` (8-bit integer layers)."""
+    return (bias is not None and x_q is not None and node.op_type in _CHANNEL_INPUT_OPS
+            and candidate.weights == Precision.INT8 and x_q.precision in (Precision.UINT8, Precision.INT8))
 
 
 def _exact_bias(b: _Builder, view: GraphView, node: onnx.NodeProto, bias_name: str) -> None:

@@ -96,3 +96,21 @@ def test_minus_inf_mask_under_uniform_int8_stays_a_mask() -> None:
     # the Add and the Softmax are integer layers too: the tensor that takes -inf must stay float
     quantized = onnxq.quantize(model, feeds, "ort-cpu-x86", precision="int8/uint8").model
     _check_masked(model, quantized, feeds)
+
+
+# ---------------------------------------------------------------- item 3: an all-zero weight channel
+def test_bias_of_an_all_zero_weight_channel_fits_int32() -> None:
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3
+    w[0] = 0.0  # a pruned channel: its output is its bias
+    bias = np.array([2.0, 0.1, -0.2, 0.3], dtype=np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                   [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")])
+    feeds = _feeds((1, 3, 8, 8))
+    quantized = onnxq.quantize(model, feeds, "ort-cpu-x86", precision="int8/uint8").model
+    for exact in (True, False):
+        for ref, got in zip(_run(model, feeds), _run(quantized, feeds, exact=exact), strict=True):
+            assert np.abs(got[0, 0] - 2.0).max() < 1e-3
+            assert _cosine(ref, got) > 0.999
