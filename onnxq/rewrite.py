@@ -28,6 +28,8 @@ __all__ = ["RangeLike", "RewriteResult", "weight_axis", "weight_qparams", "apply
 logger = logging.getLogger(__name__)
 
 _CHANNEL_INPUT_OPS = {"Conv", "ConvTranspose", "Gemm"}
+#: Ops that read only their input's shape (any element type).
+_SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 
 class RangeLike(Protocol):
@@ -250,6 +252,11 @@ def apply_layout(
                                                 name=b.unique(f"{tensor}_DequantizeLinear")))
         for index, consumer in enumerate(sorted(set(consumers))):
             node = nodes[consumer]
+            if node.op_type in _SHAPE_ONLY_OPS:
+                # the integer codes have the tensor's shape: a DQ here would be computed for
+                # nothing and would keep onnxruntime from fusing the DQ's other consumers
+                node.input[:] = [quantized_name if name == tensor else name for name in node.input]
+                continue
             suffix = f"_{index}" if len(set(consumers)) > 1 else ""
             guard_axis = _float_guard_axis(view, node, layout, tensor)
             if guard_axis is not None:

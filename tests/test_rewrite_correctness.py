@@ -114,3 +114,29 @@ def test_bias_of_an_all_zero_weight_channel_fits_int32() -> None:
         for ref, got in zip(_run(model, feeds), _run(quantized, feeds, exact=exact), strict=True):
             assert np.abs(got[0, 0] - 2.0).max() < 1e-3
             assert _cosine(ref, got) > 0.999
+
+
+# ---------------------------------------------------------------- item 6 (Shape): no DQ computed for a Shape
+def _dq_feeding(model: onnx.ModelProto, op_types: set[str]) -> int:
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return sum(1 for n in model.graph.node if n.op_type in op_types
+               for t in n.input if t in producers and producers[t].op_type == "DequantizeLinear")
+
+
+def test_shape_reads_the_integer_codes_not_a_dq(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(4)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.3, "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.3, "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Shape", ["h"], ["h_shape"], name="shape"),
+             helper.make_node("MatMul", ["h", "w2"], ["g"], name="mm2"),
+             helper.make_node("Reshape", ["g", "h_shape"], ["y"], name="reshape")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])], [w1, w2])
+    feeds = _feeds((4, 16))
+    quantized = onnxq.quantize(model, feeds, "ort-cpu-x86", precision="int8/uint8").model
+    optimized = tmp_path / "optimized.onnx"
+    make_session(quantized, optimized_path=str(optimized))
+    assert _dq_feeding(onnx.load(str(optimized)), {"Shape", "Size"}) == 0
+    for ref, got in zip(_run(model, feeds), _run(quantized, feeds), strict=True):
+        assert _cosine(ref, got) > 0.999
