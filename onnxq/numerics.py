@@ -12,7 +12,7 @@ import numpy as np
 
 from onnxq.precision import Precision, qrange
 
-__all__ = ["QParams", "MIN_SCALE", "INT32_BIAS_MAX", "qparams_from_range", "bias_safe_weight_scale", "quantize",
+__all__ = ["QParams", "MIN_SCALE", "grid", "INT32_BIAS_MAX", "qparams_from_range", "bias_safe_weight_scale", "quantize",
            "dequantize", "fake_quantize"]
 
 #: Smallest scale onnxq writes: a constant or all-zero tensor gets this instead of 0, so the
@@ -35,14 +35,24 @@ class QParams:
     precision: Precision
     axis: int | None = None
     narrow: bool = False
+    reduce_range: bool = False
 
     @property
     def qmin(self) -> int:
-        return qrange(self.precision, self.narrow)[0]
+        return grid(self.precision, self.narrow, self.reduce_range)[0]
 
     @property
     def qmax(self) -> int:
-        return qrange(self.precision, self.narrow)[1]
+        return grid(self.precision, self.narrow, self.reduce_range)[1]
+
+
+def grid(precision: Precision, narrow: bool = False, reduce_range: bool = False) -> tuple[int, int]:
+    """The codes a quantizer uses: :func:`~onnxq.precision.qrange`, halved when ``reduce_range``
+    (``[-64, 63]`` for int8, ``[-63, 63]`` when also narrow)."""
+    qmin, qmax = qrange(precision)
+    if reduce_range:
+        qmin, qmax = qmin // 2, qmax // 2
+    return (qmin + 1 if narrow and qmin < 0 else qmin), qmax
 
 
 def qparams_from_range(
@@ -52,13 +62,14 @@ def qparams_from_range(
     symmetric: bool,
     narrow: bool = False,
     axis: int | None = None,
+    reduce_range: bool = False,
 ) -> QParams:
     """Scale and zero point that cover ``[rmin, rmax]`` (widened to include 0).
 
     Symmetric quantizers use ``max(|rmin|, |rmax|)`` and put zero at the grid's centre (0 for
     signed types, the middle for unsigned ones); asymmetric ones map ``rmin`` to ``qmin``.
     """
-    qmin, qmax = qrange(precision, narrow)
+    qmin, qmax = grid(precision, narrow, reduce_range)
     lo = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
     hi = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
     if symmetric:
@@ -75,7 +86,7 @@ def qparams_from_range(
         zero = np.clip(np.round(qmin - lo / safe), qmin, qmax)
     scale = np.maximum(scale, float(MIN_SCALE)).astype(np.float32)
     return QParams(scale=scale, zero_point=zero.astype(np.int64), precision=precision, axis=axis,
-                   narrow=narrow)
+                   narrow=narrow, reduce_range=reduce_range)
 
 
 def bias_safe_weight_scale(weight_scale: np.ndarray, input_scale: np.ndarray | float, bias: np.ndarray) -> np.ndarray:

@@ -74,6 +74,7 @@ def weight_qparams(
     rule = spec.weight_rule(node.op_type, candidate.weights)
     symmetric = True if rule is None else rule.symmetric
     narrow = False if rule is None else rule.narrow_range
+    reduce_range = False if rule is None else rule.reduce_range
     per_channel = per_channel_ok and w.ndim >= 2 and (rule is None or rule.preferred_granularity == Granularity.PER_CHANNEL)
     axis = weight_axis(node.op_type, node, w.ndim) if per_channel else None
     if weight_ranges is not None:
@@ -83,7 +84,7 @@ def weight_qparams(
     else:
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         lo, hi = w.min(axis=reduce), w.max(axis=reduce)
-    return qparams_from_range(lo, hi, candidate.weights, symmetric, narrow=narrow, axis=axis)
+    return qparams_from_range(lo, hi, candidate.weights, symmetric, narrow=narrow, axis=axis, reduce_range=reduce_range)
 
 
 class _Builder:

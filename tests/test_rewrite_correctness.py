@@ -140,3 +140,27 @@ def test_shape_reads_the_integer_codes_not_a_dq(tmp_path) -> None:  # type: igno
     assert _dq_feeding(onnx.load(str(optimized)), {"Shape", "Size"}) == 0
     for ref, got in zip(_run(model, feeds), _run(quantized, feeds), strict=True):
         assert _cosine(ref, got) > 0.999
+
+
+# ---------------------------------------------------------------- u8s8 kernels that saturate (x86 without VNNI)
+def test_int8_weights_stay_clear_of_u8s8_saturation() -> None:
+    # onnxruntime's u8s8 GEMM on AVX2 / AVX-512 without VNNI adds pairs of u8 x s8 products in
+    # int16: with inputs near the top of the uint8 grid and full-range weights of one sign the
+    # pairs overflow 2**15 and the fused model is wrong (this is what broke the If test)
+    w = np.full((16, 8), 0.5, dtype=np.float32)
+    w[:, 4:] = -0.5
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    w2 = np.eye(8, dtype=np.float32)
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+                   [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2")])
+    rng = np.random.default_rng(5)
+    sign = np.array([[1.0], [-1.0], [1.0], [-1.0]], dtype=np.float32)  # both signs: zero point mid-grid
+    feeds = [{"x": sign * (np.abs(rng.standard_normal((4, 16))).astype(np.float32) + 2.0)} for _ in range(6)]
+    quantized = onnxq.quantize(model, feeds, "ort-cpu-x86", precision="int8/uint8").model
+    codes = [numpy_helper.to_array(i) for i in quantized.graph.initializer if i.data_type == TensorProto.INT8 and i.dims]
+    assert codes and all(int(np.abs(c.astype(np.int64)).max()) <= 64 for c in codes)
+    for ref, got in zip(_run(model, feeds), _run(quantized, feeds, exact=False), strict=True):
+        assert np.abs(ref - got).max() <= 0.02 * np.abs(ref).max()

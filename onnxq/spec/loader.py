@@ -512,6 +512,7 @@ def _quantizer(raw: Mapping[str, Any]) -> QuantizerRule:
         granularities=tuple(Granularity(g) for g in raw.get("granularity", ["per_tensor"])),
         symmetric=bool(raw.get("symmetric", False)),
         narrow_range=bool(raw.get("narrow_range", False)),
+        reduce_range=bool(raw.get("reduce_range", False)),
         block_sizes=tuple(int(b) for b in raw.get("block_sizes", ())),
     )
 

@@ -73,6 +73,8 @@ class QuantizerRule:
         symmetric: True when the zero point must be the grid's centre (0 for signed types);
             False when any zero point is allowed.
         narrow_range: True when the most negative value of a signed grid is not used.
+        reduce_range: True when only half the grid is used (7 of 8 bits), because the target's
+            kernels would overflow on the full one.
         block_sizes: allowed block sizes for per-block quantization.
     """
 
@@ -80,6 +82,7 @@ class QuantizerRule:
     granularities: tuple[Granularity, ...] = (Granularity.PER_TENSOR,)
     symmetric: bool = False
     narrow_range: bool = False
+    reduce_range: bool = False
     block_sizes: tuple[int, ...] = ()
 
     @property
