@@ -87,12 +87,15 @@ class Layout:
         return targets
 
 
-def _gets_output_q(view: GraphView, tensor: str, keep_float: AbstractSet[str]) -> bool:
-    """Whether a quantized layer's output ``tensor`` gets its Q (the final logits stay float:
-    nothing downstream to fuse with)."""
+def _gets_output_q(view: GraphView, spec: HardwareSpec, tensor: str, keep_float: AbstractSet[str]) -> bool:
+    """Whether a quantized layer's output ``tensor`` gets its Q.
+
+    The final logits stay float where float runs (nothing downstream to fuse with); an
+    integer-only target computes them in integers too, and a DQ hands the float out.
+    """
     if tensor in keep_float:
         return False
-    return not (tensor in view.graph_outputs and not view.consumers.get(tensor))
+    return spec.integer_only or not (tensor in view.graph_outputs and not view.consumers.get(tensor))
 
 
 def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSpec,
@@ -129,12 +132,12 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
         consumers = view.consumers.get(output, [])
         if (len(consumers) == 1 and view.nodes[consumers[0]].op_type == "Relu" and not symmetric
                 and output not in view.graph_outputs
-                and _gets_output_q(view, view.nodes[consumers[0]].output[0], keep_float)):
+                and _gets_output_q(view, spec, view.nodes[consumers[0]].output[0], keep_float)):
             # the Relu is deleted and its clipping done by the Q: only where that Q exists
             relu = consumers[0]
             folded[name] = relu
             output = view.nodes[relu].output[0]
-        if not _gets_output_q(view, output, keep_float):
+        if not _gets_output_q(view, spec, output, keep_float):
             continue
         tensors[output] = TensorQuant(output, precision, symmetric, output, from_layer=True)
 
