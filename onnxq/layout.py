@@ -75,6 +75,9 @@ class Layout:
     folded_relus: dict[str, str]  # layer name → Relu node folded into its output Q
     float_layers: set[str]
     fp16_layers: set[str]
+    #: integer-only targets: compute nodes outside the plan (a bias Add, a LayerNorm) that run on
+    #: integers too, with the precision of their activations
+    integer_nodes: dict[str, Precision] = field(default_factory=dict)
 
     def calibration_targets(self) -> dict[str, Precision]:
         """Tensors whose ranges calibration must provide, with the finest bit width needed."""
@@ -141,6 +144,8 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
             continue
         tensors[output] = TensorQuant(output, precision, symmetric, output, from_layer=True)
 
+    integer_nodes = _integer_only_nodes(view, spec, set(int_layers), tensors, consumer_need, keep_float)
+
     for tensor, needs in consumer_need.items():
         if tensor in tensors:
             main = tensors[tensor]
@@ -151,7 +156,7 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
         ordered = sorted(needs.items(), key=lambda item: (bits(item[1]), item[0]))
         main_precision = ordered[0][1]
         first_consumer = ordered[0][0]
-        symmetric = activation_symmetric(spec, view.layers[first_consumer].op_type, main_precision)
+        symmetric = activation_symmetric(spec, view.nodes[first_consumer].op_type, main_precision)
         quant = TensorQuant(tensor, main_precision, symmetric, tensor)
         for consumer, precision in needs.items():
             if precision != main_precision:
@@ -165,6 +170,8 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
         for node in view.nodes.values():
             if node.op_type not in shared_ops or not node.input or not node.output:
                 continue
+            if node.op_type == "Concat":
+                continue  # its inputs take its output's grid (below)
             source, target = node.input[0], node.output[0]
             if target not in tensors or tensors[target].range_of != target:
                 continue
@@ -192,6 +199,7 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
                 continue
             quant.range_of = upstream.range_of
             changed = True
+    _share_concat_grids(view, spec, shared_ops, tensors, keep_float)
     # a chain of shared-scale ops shares one grid: point every link at the chain's root
     for quant in tensors.values():
         root, seen = quant.range_of, {quant.tensor}
@@ -200,4 +208,49 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
             root = tensors[root].range_of
         quant.range_of = root
     return Layout(plan=dict(effective), tensors=tensors, folded_relus=folded, float_layers=float_layers,
-                  fp16_layers=fp16_layers)
+                  fp16_layers=fp16_layers, integer_nodes=integer_nodes)
+
+
+def _share_concat_grids(view: GraphView, spec: HardwareSpec, shared_ops: AbstractSet[str],
+                        tensors: dict[str, TensorQuant], keep_float: AbstractSet[str]) -> None:
+    """A shared-scale Concat runs on its inputs' integers: every input takes the grid of the
+    output, whose calibrated range covers all of them (a constant input too, where nothing may
+    stay float)."""
+    if "Concat" not in shared_ops:
+        return
+    for node in view.nodes.values():
+        if node.op_type != "Concat" or not node.output or node.output[0] not in tensors:
+            continue
+        out = tensors[node.output[0]]
+        for tensor in node.input:
+            constant_ok = spec.integer_only or tensor not in view.constants
+            if tensor and tensor not in tensors and constant_ok and view.is_float(tensor) and tensor not in keep_float:
+                tensors[tensor] = TensorQuant(tensor, out.precision, out.symmetric, out.range_of)
+            quant = tensors.get(tensor)
+            if quant is not None and tensor != out.tensor and quant.precision == out.precision \
+                    and quant.symmetric == out.symmetric:
+                quant.range_of = out.range_of
+
+
+def _integer_only_nodes(view: GraphView, spec: HardwareSpec, planned: AbstractSet[str], tensors: dict[str, TensorQuant],
+                        consumer_need: dict[str, dict[str, Precision]], keep_float: AbstractSet[str]) -> dict[str, Precision]:
+    """On an integer-only target, the compute nodes the plan does not cover (not layers: a bias
+    Add, a LayerNorm, a Softmax) run on integers as well: their float inputs and outputs get Qs."""
+    if not spec.integer_only:
+        return {}
+    nodes: dict[str, Precision] = {}
+    for name, node in view.nodes.items():
+        if name in planned or node.op_type not in spec.ops or not node.output:
+            continue
+        precisions = [c.activations for c in spec.candidates_for(node.op_type) if is_integer(c.activations)]
+        if not precisions:
+            continue
+        nodes[name] = precision = precisions[0]
+        for tensor in node.input:
+            if tensor and tensor not in view.constants and view.is_float(tensor) and tensor not in keep_float:
+                consumer_need.setdefault(tensor, {})[name] = precision
+        output = node.output[0]
+        if view.is_float(output) and output not in tensors and _gets_output_q(view, spec, output, keep_float):
+            symmetric = activation_symmetric(spec, node.op_type, precision)
+            tensors[output] = TensorQuant(output, precision, symmetric, output, from_layer=True)
+    return nodes

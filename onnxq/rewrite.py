@@ -226,6 +226,7 @@ def apply_layout(
 
     # 2. activations
     input_qparams: dict[tuple[str, str], QParams] = {}  # (layer, tensor) → qparams seen by the layer
+    table_grids: dict[str, QParams] = {}  # integer Gather layer → the grid of its table and output
     for tensor in sorted(layout.tensors):
         quant = layout.tensors[tensor]
         consumers = list(view.consumers.get(tensor, []))
@@ -240,8 +241,14 @@ def apply_layout(
             source = b.unique(f"{tensor}_float")
             producer.output[list(producer.output).index(tensor)] = source
         q = _activation_qparams(quant, quant.precision, ranges, quant.symmetric)
-        scale, zp = _qparam_initializers(b, tensor, q)
         producer_name = view.producer.get(tensor, "")
+        table = _integer_lookup_table(view, layout, producer_name, quant.precision)
+        if table is not None:
+            # DQ(table) -> Gather -> Q runs on integers when both share one grid: the table's,
+            # which covers every row the lookup can return
+            q = qparams_from_range(np.asarray(table.min()), np.asarray(table.max()), quant.precision, quant.symmetric)
+            table_grids[producer_name] = q
+        scale, zp = _qparam_initializers(b, tensor, q)
         producer_plan = layout.plan.get(producer_name)
         if producer_plan is not None and not is_integer(producer_plan.activations) and producer_name not in layout.fp16_layers:
             # a weight-only layer (int8 table Gather, int4 weight-only MatMul) computes in float:
@@ -315,7 +322,8 @@ def apply_layout(
         if w is None:
             continue
         w = w.astype(np.float32)
-        wq = weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges, per_channel_ok=per_channel_ok)
+        wq = table_grids.get(layer_name) or weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges,
+                                                           per_channel_ok=per_channel_ok)
         x_q = input_qparams.get((layer_name, layer.activations[0])) if layer.activations else None
         if _int32_bias(layer.bias, x_q, node, candidate):
             bias = view.weight_value(layer.bias or "")
@@ -354,6 +362,8 @@ def apply_layout(
             # 16-bit scales; an int32 DQ at a scale fitted to the bias itself keeps it exact
             _exact_bias(b, view, node, layer.bias)
 
+    for name, precision in sorted(layout.integer_nodes.items()):
+        _quantize_constant_operands(b, view, nodes[name], precision, activation_symmetric(spec, nodes[name].op_type, precision))
     if any(is_integer(c.weights) for c in layout.plan.values()):
         weight_bytes += _compress_constant_operands(b, view, nodes)
     graph.node.extend(b.new_nodes)
@@ -411,6 +421,18 @@ def _compress_constant_operands(b: _Builder, view: GraphView, nodes: Mapping[str
     return saved
 
 
+def _integer_lookup_table(view: GraphView, layout: Layout, layer_name: str, precision: Precision) -> np.ndarray | None:
+    """The float table of a Gather layer planned with integer table and output of ``precision``."""
+    candidate = layout.plan.get(layer_name)
+    layer = view.layers.get(layer_name)
+    if candidate is None or layer is None or layer.op_type != "Gather" or layer.weight is None:
+        return None
+    if candidate.weights != precision or candidate.activations != precision:
+        return None
+    table = view.weight_value(layer.weight.tensor)
+    return None if table is None or table.dtype.kind != "f" or not np.isfinite(table).all() else table.astype(np.float32)
+
+
 def _int32_bias(bias: str | None, x_q: QParams | None, node: onnx.NodeProto, candidate: Candidate) -> bool:
     """Whether the layer's bias is stored as int32 at scale ``s_x·s_w`` (8-bit integer layers)."""
     return (bias is not None and x_q is not None and node.op_type in _CHANNEL_INPUT_OPS
@@ -461,7 +483,7 @@ def _quantize_constant_operands(b: _Builder, view: GraphView, node: onnx.NodePro
 
 def _reads_float(layout: Layout, spec: HardwareSpec, node: onnx.NodeProto) -> bool:
     """True when ``node`` computes in float32: a float-planned layer, or a spec op left out of the plan."""
-    if node.name in layout.fp16_layers:
+    if node.name in layout.fp16_layers or node.name in layout.integer_nodes:
         return False
     candidate = layout.plan.get(node.name)
     if candidate is None:

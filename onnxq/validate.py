@@ -410,9 +410,9 @@ class _Checker:
 
         shared = op in spec.shared_scale_ops
         moves_data = op in spec.layout_ops and rule is None
-        computes_on_floats = any(g.is_float(t) for t in [*node.input, *tail.output] if t)
-        if spec.integer_only and not moves_data and computes_on_floats:
-            # (shape arithmetic on int64 and bool masks is integer work already)
+        if spec.integer_only and not any(g.is_float(t) for t in [*node.input, *tail.output] if t):
+            return  # shape arithmetic on int64, bool masks: integer work already
+        if spec.integer_only and not moves_data:
             float_inputs = [e[1] for e in acts + weights if e[3] is None]
             problem = ""
             if float_inputs:

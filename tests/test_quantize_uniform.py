@@ -116,7 +116,8 @@ def test_calibration_methods_give_valid_models(cnn_path: Path, method: str) -> N
     assert result.report["calibration"]["method"] == method
 
 
-@pytest.mark.parametrize("stem", ["digits_cnn", pytest.param("digits_resnet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stem", ["digits_cnn", pytest.param("digits_resnet", marks=pytest.mark.slow),
+                                  pytest.param("digits_transformer", marks=pytest.mark.slow)])
 def test_integer_only_target_quantizes_the_logits_too(stem: str) -> None:
     # an integer-only target has no float fallback: the last layer's output is quantized as well
     # and a final DequantizeLinear hands out the float logits

@@ -164,3 +164,35 @@ def test_int8_weights_stay_clear_of_u8s8_saturation() -> None:
     assert codes and all(int(np.abs(c.astype(np.int64)).max()) <= 64 for c in codes)
     for ref, got in zip(_run(model, feeds), _run(quantized, feeds, exact=False), strict=True):
         assert np.abs(ref - got).max() <= 0.02 * np.abs(ref).max()
+
+
+# ---------------------------------------------------------------- item 12: integer-only targets
+def test_integer_only_target_runs_a_transformer_block_on_integers() -> None:
+    # embedding lookup, bias Add (a constant operand: not a layer), Concat with a constant-derived
+    # token, LayerNorm, Softmax and the logits: on edge-int-only nothing may stay float
+    from onnxq.spec import load_spec
+    from onnxq.validate import validate_model
+
+    rng = np.random.default_rng(6)
+    table = numpy_helper.from_array(rng.standard_normal((20, 16)).astype(np.float32), "table")
+    w = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.3, "w")
+    bias = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, "bias")
+    cls = numpy_helper.from_array(rng.standard_normal((1, 1, 16)).astype(np.float32), "cls")
+    gamma = numpy_helper.from_array(np.ones(16, np.float32) * 1.5, "gamma")
+    beta = numpy_helper.from_array(np.full(16, 0.1, np.float32), "beta")
+    head = numpy_helper.from_array(rng.standard_normal((16, 5)).astype(np.float32) * 0.3, "head")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+             helper.make_node("Concat", ["cls", "emb"], ["seq"], name="concat", axis=1),
+             helper.make_node("MatMul", ["seq", "w"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "bias"], ["hb"], name="bias_add"),
+             helper.make_node("LayerNormalization", ["hb", "gamma", "beta"], ["ln"], name="ln", axis=-1),
+             helper.make_node("Softmax", ["ln"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "head"], ["y"], name="logits")]
+    model = _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 9, 5])],
+                   [table, w, bias, cls, gamma, beta, head])
+    feeds = [{"ids": rng.integers(0, 20, (1, 8)).astype(np.int64)} for _ in range(8)]
+    quantized = onnxq.quantize(model, feeds, "edge-int-only", precision="int8/int8").model
+    assert validate_model(quantized, load_spec("edge-int-only")) == []
+    for ref, got in zip(_run(model, feeds), _run(quantized, feeds), strict=True):
+        assert _cosine(ref, got) > 0.99
