@@ -196,3 +196,21 @@ def test_integer_only_target_runs_a_transformer_block_on_integers() -> None:
     assert validate_model(quantized, load_spec("edge-int-only")) == []
     for ref, got in zip(_run(model, feeds), _run(quantized, feeds), strict=True):
         assert _cosine(ref, got) > 0.99
+
+
+def test_shared_scale_concat_covers_every_input() -> None:
+    # tensorrt-gpu runs Concat on one shared grid: it must cover the widest input, not only the first
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32) * scale, name)
+             for name, scale in (("w_small", 0.1), ("w_large", 5.0))]
+    inits.append(numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.3, "w_out"))
+    nodes = [helper.make_node("Conv", ["x", "w_small"], ["a"], name="small"),
+             helper.make_node("Conv", ["x", "w_large"], ["b"], name="large"),
+             helper.make_node("Concat", ["a", "b"], ["ab"], name="concat", axis=1),
+             helper.make_node("Conv", ["ab", "w_out"], ["y"], name="out")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    feeds = _feeds((1, 3, 8, 8))
+    quantized = onnxq.quantize(model, feeds, "tensorrt-gpu", precision="int8/int8").model
+    for ref, got in zip(_run(model, feeds), _run(quantized, feeds), strict=True):
+        assert _cosine(ref, got) > 0.999
