@@ -44,6 +44,7 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_activation_qparams",
     "dynamic_weight_layout",
+    "dynamic_weight_qmax",
     "emit_blockwise_weight",
     "emit_dynamic_layer",
     "fake_quantize_blockwise",
@@ -273,8 +274,14 @@ def dynamic_weight_layout(node: onnx.NodeProto, w: np.ndarray, bias: np.ndarray 
     return DynamicWeight(matrix.astype(np.float32), None, c)
 
 
-def _per_column_int8(matrix: np.ndarray, narrow: bool) -> tuple[np.ndarray, np.ndarray]:
-    qmin, qmax = qrange(Precision.INT8, narrow)
+def dynamic_weight_qmax(reduce_range: bool) -> int:
+    """Largest code of the symmetric int8 weights of a dynamic layer (7 bits with reduce_range)."""
+    return 63 if reduce_range else 127
+
+
+def _per_column_int8(matrix: np.ndarray, reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
+    qmax = dynamic_weight_qmax(reduce_range)
+    qmin = -qmax
     bound = np.abs(matrix.astype(np.float64)).max(axis=0)
     scale = np.maximum(bound / qmax, float(MIN_SCALE)).astype(np.float32)
     codes = np.clip(np.rint(matrix / scale), qmin, qmax).astype(np.int8)
@@ -287,12 +294,12 @@ def _bias_consumer(consumers: list[onnx.NodeProto], constants: set[str]) -> bool
 
 
 def emit_dynamic_layer(sink: NodeSink, node: onnx.NodeProto, weight: DynamicWeight, candidate: Candidate,
-                       consumers: list[onnx.NodeProto], constants: set[str], narrow: bool = True) -> int:
+                       consumers: list[onnx.NodeProto], constants: set[str], reduce_range: bool = False) -> int:
     """Rewrite MatMul/Gemm ``node`` (in place) into the dynamic int8 pattern onnxruntime fuses.
 
     ``node`` keeps its name; its input 0 is the activation, its output the layer's float output.
-    Weights are int8, symmetric per output column, with an explicit zero point (onnxruntime's
-    fusion needs it). ``consumers`` of the node's output and the graph's ``constants`` decide the
+    Weights are int8, symmetric per output column (``[-63, 63]`` with ``reduce_range``), with an
+    explicit zero point (onnxruntime's fusion needs it). ``consumers`` of the node's output and the graph's ``constants`` decide the
     form (see the module docstring).
 
     Returns:
@@ -303,7 +310,7 @@ def emit_dynamic_layer(sink: NodeSink, node: onnx.NodeProto, weight: DynamicWeig
                         "onnxruntime runs dynamic int8 as int8 weights with uint8 activations")
     base = node.name or node.output[0]
     x, output = node.input[0], node.output[0]
-    codes, scale = _per_column_int8(weight.matrix, narrow)
+    codes, scale = _per_column_int8(weight.matrix, reduce_range)
     columns = codes.shape[1]
     w_q = sink.initializer(f"{base}_weight_quantized", codes, onnx.TensorProto.INT8)
     w_scale = sink.initializer(f"{base}_weight_scale", scale)

@@ -405,8 +405,8 @@ def _fast_pattern(b: _Builder, view: GraphView, node: onnx.NodeProto, layer: Any
         weight = dynamic_weight_layout(node, w, None if bias is None else bias.astype(np.float32))
         consumers = [view.nodes[c] for c in view.consumers.get(node.output[0], []) if c in view.nodes]
         rule = spec.weight_rule(node.op_type, candidate.weights)
-        narrow = True if rule is None else rule.narrow_range or rule.symmetric
-        return emit_dynamic_layer(b, node, weight, candidate, consumers, set(view.constants), narrow)
+        reduce_range = rule is not None and rule.reduce_range
+        return emit_dynamic_layer(b, node, weight, candidate, consumers, set(view.constants), reduce_range)
     block = spec.weight_block_size(node.op_type, candidate)
     if not block:
         return None

@@ -551,6 +551,7 @@ def _quantizer(raw: Mapping[str, Any]) -> QuantizerRule:
         symmetric=bool(raw.get("symmetric", False)),
         narrow_range=bool(raw.get("narrow_range", False)),
         block_sizes=tuple(int(b) for b in raw.get("block_sizes", ())),
+        reduce_range=bool(raw.get("reduce_range", False)),
     )
 
 

@@ -79,6 +79,9 @@ class QuantizerRule:
             False when any zero point is allowed.
         narrow_range: True when the most negative value of a signed grid is not used.
         block_sizes: allowed block sizes for per-block quantization.
+        reduce_range: True when weights must use one bit less (int8 in [-64, 63]): x86 U8S8
+            kernels without VNNI sum pairs of products in int16 and saturate on full-range
+            weights (onnxruntime's ``reduce_range``).
     """
 
     precision: Precision
@@ -86,6 +89,7 @@ class QuantizerRule:
     symmetric: bool = False
     narrow_range: bool = False
     block_sizes: tuple[int, ...] = ()
+    reduce_range: bool = False
 
     @property
     def preferred_granularity(self) -> Granularity:
