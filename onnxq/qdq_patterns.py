@@ -48,6 +48,7 @@ __all__ = [
     "emit_blockwise_weight",
     "emit_dynamic_layer",
     "fake_quantize_blockwise",
+    "fake_quantize_dynamic_weight",
     "make_tensor",
     "pack_4bit",
     "quantize_blockwise",
@@ -286,6 +287,15 @@ def _per_column_int8(matrix: np.ndarray, reduce_range: bool) -> tuple[np.ndarray
     scale = np.maximum(bound / qmax, float(MIN_SCALE)).astype(np.float32)
     codes = np.clip(np.rint(matrix / scale), qmin, qmax).astype(np.int8)
     return codes, scale
+
+
+def fake_quantize_dynamic_weight(w: np.ndarray, axis: int, reduce_range: bool) -> np.ndarray:
+    """What a dynamic int8 layer computes with: ``w`` symmetric per slice along ``axis``, on the
+    same grid as :func:`emit_dynamic_layer` (float32)."""
+    moved = np.moveaxis(np.asarray(w, dtype=np.float32), axis, -1)
+    flat = moved.reshape(-1, moved.shape[-1])
+    codes, scale = _per_column_int8(flat, reduce_range)
+    return np.moveaxis((codes.astype(np.float32) * scale).reshape(moved.shape), -1, axis)
 
 
 def _bias_consumer(consumers: list[onnx.NodeProto], constants: set[str]) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -33,9 +34,10 @@ from onnxq.calibration.sweep import MAX_IR_VERSION, check_tensors, make_session
 from onnxq.calibration.types import TensorRange
 from onnxq.errors import CalibrationError
 from onnxq.numerics import QParams, qparams_from_range
-from onnxq.precision import Precision
+from onnxq.precision import Candidate, Precision
+from onnxq.spec.model import HardwareSpec
 
-__all__ = ["FakeQuantModel", "activation_qparams", "bake", "fake_quantize_array"]
+__all__ = ["FakeQuantModel", "WeightFormat", "activation_qparams", "bake", "fake_quantize_array", "weight_format"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,30 @@ def activation_qparams(
         )
         for name, r in ranges.items()
     }
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a layer's weight is quantized for one candidate (what sensitivity perturbs it with).
+
+    Candidates with the same weight precision can store the weight differently: ``int8/uint8``
+    per channel, ``int8b32/fp32`` in blocks of 32, ``int8/dyn-uint8`` on a 7-bit grid where the
+    spec asks for ``reduce_range``.
+    """
+
+    precision: Precision
+    block_size: int = 0
+    reduce_range: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.precision.value}{f'b{self.block_size}' if self.block_size else ''}{'r' if self.reduce_range else ''}"
+
+
+def weight_format(spec: HardwareSpec, op_type: str, candidate: Candidate) -> WeightFormat:
+    """The weight format the rewrite writes for ``candidate`` on an ``op_type`` layer."""
+    rule = spec.weight_rule(op_type, candidate.weights)
+    reduce_range = candidate.dynamic and rule is not None and rule.reduce_range
+    return WeightFormat(candidate.weights, spec.weight_block_size(op_type, candidate), reduce_range)
 
 
 def _input_name(tensor: str, param: str) -> str:
