@@ -197,13 +197,13 @@ def fake_quantize_blockwise(w: np.ndarray, precision: Precision, block_size: int
 def dynamic_activation_qparams(x: np.ndarray) -> tuple[np.float32, int]:
     """Scale and zero point ``DynamicQuantizeLinear`` computes for one call (uint8, asymmetric,
     range widened to include 0, zero point rounded half to even)."""
-    finite = np.asarray(x, dtype=np.float32)
-    lo = min(float(finite.min()), 0.0) if finite.size else 0.0
-    hi = max(float(finite.max()), 0.0) if finite.size else 0.0
-    scale = np.float32((hi - lo) / 255.0)
+    values = np.asarray(x, dtype=np.float32)
+    lo = np.minimum(values.min(), np.float32(0)) if values.size else np.float32(0)
+    hi = np.maximum(values.max(), np.float32(0)) if values.size else np.float32(0)
+    scale = np.float32((hi - lo) / np.float32(255))  # float32 throughout, as onnxruntime computes it
     if scale == 0:
         return np.float32(0.0), 0
-    zero = int(np.clip(np.rint(np.float32(0.0) - np.float32(lo) / scale), 0, 255))
+    zero = int(np.clip(np.rint(np.float32(0) - lo / scale), 0, 255))
     return scale, zero
 
 

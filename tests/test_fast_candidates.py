@@ -296,3 +296,61 @@ def test_cli_dynamic_int8_on_the_bundled_transformer(transformer_path: Path, tmp
     ops = optimized_ops(onnx.load(str(out)), tmp_path)
     assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] >= 10, ops
     assert ops["MatMulInteger"] == 0
+
+
+# ------------------------------------------------------------------------------------ sensitivity
+
+
+def _scaled_feeds(k: int) -> list[dict[str, np.ndarray]]:
+    """One sample 100x larger than the others: the calibrated range is set by it and wastes the
+    grid of every other sample; a per-call (batch-1) range fits each sample."""
+    rng = np.random.default_rng(5)
+    batches = [rng.standard_normal((8, k)).astype(np.float32) for _ in range(4)]
+    batches[1][3] *= 100
+    return [{"x": x} for x in batches]
+
+
+def test_sensitivity_simulates_dynamic_activations_per_call() -> None:
+    from onnxq.sensitivity.analyze import analyze
+
+    model = matmul_model(64, 32)
+    sens = analyze(model, _scaled_feeds(64), load_spec("ort-cpu-x86"),
+                   {"mm": ["int8/uint8", "int8/dyn-uint8"]}, pairs=False, loss="mse")
+    (layer,) = sens["layers"]
+    static, dynamic = layer["candidates"]["int8/uint8"], layer["candidates"]["int8/dyn-uint8"]
+    assert 0 < dynamic["activation"] < static["activation"] / 10
+
+
+def test_bake_dynamic_matches_the_rewritten_model() -> None:
+    """The sensitivity's per-call simulation (bake with DynamicQuant) is the written pattern."""
+    from onnxq.simulate import DynamicQuant, bake, fake_quantize_array
+
+    fp32 = matmul_model(64, 32)
+    written = quantize(fp32, feeds((8, 64)), "ort-cpu-x86", precision="int8/dyn-uint8").model
+    codes, w_scale = _dynamic_weight(written)
+    w_dq = (codes * w_scale).astype(np.float32)
+    per_call = bake(fp32, {"x": DynamicQuant(per_sample=False)}, {"W": w_dq})
+    per_sample = bake(fp32, {"x": DynamicQuant()}, {"W": w_dq})
+    for feed in _scaled_feeds(64):
+        x = feed["x"]
+        np.testing.assert_allclose(run(per_call, x, exact=True), run(written, x, exact=True), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fake_quantize_array(x, DynamicQuant(per_sample=False)) @ w_dq,
+                                   run(written, x, exact=True), rtol=1e-4, atol=1e-5)
+        # batch-1 calls: each row on its own grid, in the graph as in numpy, as the written model runs it
+        rows = np.concatenate([run(written, x[i:i + 1], exact=True) for i in range(len(x))])
+        np.testing.assert_allclose(run(per_sample, x, exact=True), rows, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fake_quantize_array(x, DynamicQuant()) @ w_dq, rows, rtol=1e-4, atol=1e-5)
+
+
+def test_sensitivity_perturbs_blockwise_weights_block_wise() -> None:
+    from onnxq.sensitivity.analyze import analyze
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((128, 32)) * 0.1).astype(np.float32)
+    w[:32] *= 50  # one block of rows far larger than the rest: per-column scales waste the others
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [numpy_helper.from_array(w, "W")],
+                   ["m", 128])
+    sens = analyze(model, feeds((8, 128)), load_spec("ort-cpu-x86"), {"mm": ["int8/fp32", "int8b32/fp32"]},
+                   pairs=False, loss="mse")
+    (layer,) = sens["layers"]
+    assert layer["candidates"]["int8b32/fp32"]["weight"] < layer["candidates"]["int8/fp32"]["weight"] / 4

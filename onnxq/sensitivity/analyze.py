@@ -171,11 +171,13 @@ class _Planner:
         self.quantizers = quantizers
         self.ranges = ranges
 
-    def activation_quants(self, layer: Layer, precision: Precision) -> list[ActivationQuant]:
+    def activation_quants(self, layer: Layer, precision: Precision, dynamic: bool = False) -> list[ActivationQuant]:
+        """The layer's input activations quantized at ``precision``: calibrated range, or each
+        call's own range when ``dynamic`` (``int8/dyn-uint8``)."""
         if not is_integer(precision):
             return []
         sym = activation_symmetric(self.spec, layer.op_type, precision)
-        return [ActivationQuant(t, precision, sym) for t in layer.activations if t in self.ranges]
+        return [ActivationQuant(t, precision, sym, dynamic) for t in layer.activations if t in self.ranges]
 
     def weight_perturbation(self, layer: Layer, fmt: WeightFormat, sign: float = 1.0) -> list[WeightPerturbation]:
         quantizer = self.quantizers.get((layer.name, fmt))
@@ -197,7 +199,7 @@ class _Planner:
                 if p.tensor not in seen_weights:  # a shared weight is quantized once
                     seen_weights.add(p.tensor)
                     weights.append(p)
-            for a in self.activation_quants(layer, candidate.activations):
+            for a in self.activation_quants(layer, candidate.activations, candidate.dynamic):
                 current = acts.get(a.tensor)
                 if current is None or bits(a.precision) < bits(current.precision):
                     acts[a.tensor] = a
@@ -541,9 +543,10 @@ def analyze(
                     add(("h", name, d, sign), Job((WeightPerturbation(layer.weight.tensor, sign, None, d, eps[name],
                                                                       seed * 1_000_003 + layer.index),),
                                                   segments=(name,)))
-        for p in dict.fromkeys(c.activations for c in chosen[name]):
-            for a in planner.activation_quants(layer, p):  # one term per tensor: shared ones once
-                add(("t", a.tensor, a.precision, a.symmetric), Job((), (a,), segments=(f"tensor:{a.tensor}",)))
+        for p, dynamic in dict.fromkeys((c.activations, c.dynamic) for c in chosen[name]):
+            for a in planner.activation_quants(layer, p, dynamic):  # one term per tensor: shared ones once
+                add(("t", a.tensor, a.precision, a.symmetric, a.dynamic),
+                    Job((), (a,), segments=(f"tensor:{a.tensor}",)))
 
     for a, b, _, ca, cb in pair_list:
         add(("single", a, ca), replace(planner.plan_job({a: ca}), segments=(a,)))
@@ -581,8 +584,8 @@ def analyze(
                     w_term = 0.5 * (measured(("w", name, fmt, +1)) + measured(("w", name, fmt, -1)))
                 elif trace is not None:
                     w_term = 0.5 * trace / weights_cache[name].size * noise_sq[(name, fmt)]
-            a_terms = {a.tensor: measured(("t", a.tensor, a.precision, a.symmetric))
-                       for a in planner.activation_quants(layer, c.activations)}
+            a_terms = {a.tensor: measured(("t", a.tensor, a.precision, a.symmetric, a.dynamic))
+                       for a in planner.activation_quants(layer, c.activations, c.dynamic)}
             a_term = float(sum(a_terms.values()))
             deltas[(name, c)] = w_term + a_term
             item: dict[str, Any] = {"delta": w_term + a_term, "weight": w_term, "activation": a_term}
