@@ -246,6 +246,16 @@ def test_validate_quantize_dynamic_output_needs_a_dynamic_candidate(tmp_path: Pa
     assert cli.code == 1 and "int8/dyn-uint8" in cli.stdout
 
 
+def test_validate_qdq_dynamic_form_needs_a_dynamic_candidate(tmp_path: Path) -> None:
+    model = quantize(matmul_model(64, 32), feeds((8, 64)), "ort-cpu-x86", precision="int8/dyn-uint8").model
+    assert any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node)
+    assert not any(n.op_type == "MatMulInteger" for n in model.graph.node)  # the plain Q/DQ form
+    violations = validate_model(model, load_spec(str(_spec_without_dynamic(tmp_path))))
+    assert [(v.node, v.found) for v in violations] == [("mm", "candidate int8/dyn-uint8")]
+    # hexagon-npu runs no per-call quantization at all
+    assert any("dyn-uint8" in v.found for v in validate_model(model, load_spec("hexagon-npu")))
+
+
 def test_validate_names_quantized_ops_it_does_not_know() -> None:
     inits = [numpy_helper.from_array(np.ones((4, 4), np.uint8), "B")] + [
         numpy_helper.from_array(np.asarray(v, dt), name) for name, v, dt in
