@@ -40,6 +40,12 @@ to price them:
   builds them from a GraphView for a search that prices layers independently (the ILP): layer
   to layer through integer-capable ops, and layer to/from the float ops around it.
 
+Dynamic int8 layers (``int8/dyn-uint8``) exchange float with their neighbours (they quantize their
+input per call, which their per-element cost prices) and compute at the uint8 rate; block-wise
+weight-only layers (``int4b32/fp32``, onnxruntime's MatMulNBits) compute at their candidate's
+rate and read packed weights with one scale per block, so the roofline's memory term makes them
+cheap for few rows and not for many.
+
 ``batch`` multiplies MACs, activation and boundary elements (the inputs are per sample);
 weights and fixed costs stay.
 """

@@ -20,7 +20,7 @@ from conftest import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.api import quantize
-from onnxq.cost import LayerCost, estimate
+from onnxq.cost import LayerCost, boundary, estimate
 from onnxq.errors import PlanError
 from onnxq.precision import Candidate, Precision
 from onnxq.qdq_patterns import dynamic_activation_qparams, fake_quantize_blockwise
@@ -235,6 +235,9 @@ def test_per_channel_int4_constants_are_packed_too() -> None:
     codes = [t for t in result.model.graph.initializer if t.data_type == TensorProto.INT4]
     assert codes and all(t.raw_data and not t.int32_data for t in codes)
     np.testing.assert_array_equal(numpy_helper.to_array(codes[0]).shape, (k, n))
+    # the rule prefers per_block, unusable beside uint8 activations: per-channel, not one scale
+    (scale,) = [t for t in result.model.graph.initializer if t.name == "W_scale"]
+    assert list(scale.dims) == [n]
 
 
 # ------------------------------------------------------------------------------------ validate
@@ -317,6 +320,9 @@ def test_cost_prices_fast_candidates_by_shape() -> None:
         layer = LayerCost("mm", "MatMul", rows * k * n, k * n, rows * k, rows * n, weight_channels=n)
         return estimate([layer], {"mm": candidate}, spec).latency_seconds / estimate([layer], {}, spec).latency_seconds
 
+    # a dynamic layer reads and writes float: no Q/DQ boundary with float neighbours
+    assert not boundary(dyn, Candidate.parse("fp32/fp32"))
+    assert boundary(dyn, Candidate.parse("int8/uint8"))
     assert ratio(48, 768, 768, dyn) < 0.7
     assert ratio(1, 2048, 2048, dyn) < 0.5
     assert ratio(1, 2048, 2048, int4) < 0.5
