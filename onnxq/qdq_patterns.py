@@ -33,7 +33,7 @@ import onnx.numpy_helper
 from onnx import helper
 
 from onnxq.errors import PassError
-from onnxq.numerics import MIN_SCALE
+from onnxq.numerics import MIN_SCALE, qparams_from_range, quantize
 from onnxq.precision import Candidate, Precision, bits, numpy_dtype, onnx_dtype, qrange
 
 __all__ = [
@@ -44,14 +44,13 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_activation_qparams",
     "dynamic_weight_layout",
-    "dynamic_weight_qmax",
     "emit_blockwise_weight",
     "emit_dynamic_layer",
     "fake_quantize_blockwise",
-    "fake_quantize_dynamic_weight",
     "make_tensor",
     "pack_4bit",
     "quantize_blockwise",
+    "reduced_range",
     "storage_bytes",
 ]
 
@@ -275,27 +274,22 @@ def dynamic_weight_layout(node: onnx.NodeProto, w: np.ndarray, bias: np.ndarray 
     return DynamicWeight(matrix.astype(np.float32), None, c)
 
 
-def dynamic_weight_qmax(reduce_range: bool) -> int:
-    """Largest code of the symmetric int8 weights of a dynamic layer (7 bits with reduce_range)."""
-    return 63 if reduce_range else 127
+#: 7-bit weights on the int8 grid: a symmetric range widened by this factor quantizes into
+#: ``[-63, 63]`` (onnxruntime's ``reduce_range``).
+REDUCED_RANGE_FACTOR = 127.0 / 63.0
+
+
+def reduced_range(lo: np.ndarray | float, hi: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """The symmetric int8 range whose scale puts ``[lo, hi]`` on 7 bits (``reduce_range``)."""
+    return (np.asarray(lo, dtype=np.float64) * REDUCED_RANGE_FACTOR,
+            np.asarray(hi, dtype=np.float64) * REDUCED_RANGE_FACTOR)
 
 
 def _per_column_int8(matrix: np.ndarray, reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
-    qmax = dynamic_weight_qmax(reduce_range)
-    qmin = -qmax
     bound = np.abs(matrix.astype(np.float64)).max(axis=0)
-    scale = np.maximum(bound / qmax, float(MIN_SCALE)).astype(np.float32)
-    codes = np.clip(np.rint(matrix / scale), qmin, qmax).astype(np.int8)
-    return codes, scale
-
-
-def fake_quantize_dynamic_weight(w: np.ndarray, axis: int, reduce_range: bool) -> np.ndarray:
-    """What a dynamic int8 layer computes with: ``w`` symmetric per slice along ``axis``, on the
-    same grid as :func:`emit_dynamic_layer` (float32)."""
-    moved = np.moveaxis(np.asarray(w, dtype=np.float32), axis, -1)
-    flat = moved.reshape(-1, moved.shape[-1])
-    codes, scale = _per_column_int8(flat, reduce_range)
-    return np.moveaxis((codes.astype(np.float32) * scale).reshape(moved.shape), -1, axis)
+    lo, hi = reduced_range(-bound, bound) if reduce_range else (-bound, bound)
+    q = qparams_from_range(lo, hi, Precision.INT8, True, narrow=True, axis=1)
+    return quantize(matrix, q).astype(np.int8), q.scale
 
 
 def _bias_consumer(consumers: list[onnx.NodeProto], constants: set[str]) -> bool:

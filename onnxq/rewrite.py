@@ -21,7 +21,13 @@ from onnxq.graph import GraphView, constant_value
 from onnxq.layout import Layout, TensorQuant, activation_symmetric
 from onnxq.numerics import QParams, dequantize, qparams_from_range, quantize
 from onnxq.precision import Candidate, Precision, is_integer, numpy_dtype, onnx_dtype
-from onnxq.qdq_patterns import dynamic_weight_layout, emit_blockwise_weight, emit_dynamic_layer, make_tensor
+from onnxq.qdq_patterns import (
+    dynamic_weight_layout,
+    emit_blockwise_weight,
+    emit_dynamic_layer,
+    make_tensor,
+    reduced_range,
+)
 from onnxq.spec.model import Granularity, HardwareSpec
 
 __all__ = ["RangeLike", "RewriteResult", "weight_axis", "weight_qparams", "apply_layout", "toposort_nodes"]
@@ -83,6 +89,8 @@ def weight_qparams(
     else:
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         lo, hi = w.min(axis=reduce), w.max(axis=reduce)
+    if rule is not None and rule.reduce_range and symmetric and candidate.weights == Precision.INT8:
+        lo, hi = reduced_range(lo, hi)  # 7-bit codes: U8S8 kernels without VNNI saturate otherwise
     return qparams_from_range(lo, hi, candidate.weights, symmetric, narrow=narrow, axis=axis)
 
 

@@ -86,16 +86,22 @@ class WeightFormat:
     precision: Precision
     block_size: int = 0
     reduce_range: bool = False
+    dynamic: bool = False
 
     def __str__(self) -> str:
-        return f"{self.precision.value}{f'b{self.block_size}' if self.block_size else ''}{'r' if self.reduce_range else ''}"
+        block = f"b{self.block_size}" if self.block_size else ""
+        return f"{self.precision.value}{block}{'r' if self.reduce_range else ''}{'d' if self.dynamic else ''}"
 
 
 def weight_format(spec: HardwareSpec, op_type: str, candidate: Candidate) -> WeightFormat:
-    """The weight format the rewrite writes for ``candidate`` on an ``op_type`` layer."""
+    """The weight format the rewrite writes for ``candidate`` on an ``op_type`` layer: block-wise
+    for weight-only block candidates, 7-bit int8 where the spec's quantizer says
+    ``reduce_range``, per column for dynamic layers (onnxq.qdq_patterns)."""
     rule = spec.weight_rule(op_type, candidate.weights)
-    reduce_range = candidate.dynamic and rule is not None and rule.reduce_range
-    return WeightFormat(candidate.weights, spec.weight_block_size(op_type, candidate), reduce_range)
+    block = spec.weight_block_size(op_type, candidate)
+    reduce_range = (rule is not None and rule.reduce_range and rule.symmetric and not block
+                    and candidate.weights == Precision.INT8)
+    return WeightFormat(candidate.weights, block, reduce_range, candidate.dynamic)
 
 
 @dataclass(frozen=True)

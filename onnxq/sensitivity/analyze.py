@@ -148,7 +148,7 @@ def _weight_quantizer(layer: Layer, node: onnx.NodeProto, fmt: WeightFormat, spe
                             and Granularity.PER_CHANNEL in rule.granularities)))
     axis = weight_axis(layer.op_type, node, rank) if per_channel else None
     method = "mse" if is_integer(precision) and bits(precision) <= 4 else "minmax"
-    if fmt.reduce_range:  # dynamic int8: always per channel, as the rewrite writes it
+    if fmt.dynamic:  # dynamic int8: always per column, as onnxq.qdq_patterns writes it
         axis = weight_axis(layer.op_type, node, rank) if rank >= 2 else None
     return WeightQuantizer(layer.weight.tensor, precision, axis, symmetric, narrow, method,
                            block_size=fmt.block_size, reduce_range=fmt.reduce_range)

@@ -24,7 +24,7 @@ from onnxq.calibration import weight_ranges
 from onnxq.calibration.sweep import MAX_IR_VERSION, make_session
 from onnxq.numerics import fake_quantize, qparams_from_range
 from onnxq.precision import Precision, is_integer
-from onnxq.qdq_patterns import fake_quantize_blockwise, fake_quantize_dynamic_weight
+from onnxq.qdq_patterns import fake_quantize_blockwise, reduced_range
 from onnxq.simulate import DynamicQuant, FakeQuantModel, bake, fake_quantize_array
 
 __all__ = [
@@ -173,9 +173,9 @@ def weight_noise(w: np.ndarray, quantizer: WeightQuantizer) -> np.ndarray:
     if quantizer.block_size:
         return (fake_quantize_blockwise(w, precision, quantizer.block_size, quantizer.symmetric,
                                         quantizer.narrow) - w).astype(np.float32)
-    if quantizer.reduce_range and quantizer.axis is not None:
-        return (fake_quantize_dynamic_weight(w, quantizer.axis, True) - w).astype(np.float32)
     lo, hi = weight_ranges(w, quantizer.axis, precision, quantizer.symmetric, method=quantizer.method)
+    if quantizer.reduce_range:
+        lo, hi = reduced_range(lo, hi)
     q = qparams_from_range(lo, hi, precision, quantizer.symmetric, narrow=quantizer.narrow, axis=quantizer.axis)
     return (fake_quantize(w, q) - w).astype(np.float32)
 
