@@ -31,9 +31,15 @@ SHARED_SCALE_DEFAULT = frozenset({
 
 
 def effective_candidate(layer_has_weight: bool, candidate: Candidate) -> Candidate:
-    """A weightless layer (Add, activation×activation MatMul) uses the activation side on both."""
+    """A weightless layer (Add, activation×activation MatMul) uses the activation side on both.
+
+    Dynamic and block-wise candidates describe a constant weight; a weightless layer planned
+    with one stays float (as onnxruntime's ``quantize_dynamic`` leaves attention MatMuls).
+    """
     if layer_has_weight:
         return candidate
+    if candidate.dynamic or candidate.block_size:
+        return Candidate(Precision.FP32, Precision.FP32)
     return Candidate(candidate.activations, candidate.activations)
 
 
@@ -123,8 +129,8 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
     consumer_need: dict[str, dict[str, Precision]] = {}
 
     for name, candidate in int_layers.items():
-        if not is_integer(candidate.activations):
-            continue  # weight-only quantization: activations stay float
+        if not candidate.static_activations:
+            continue  # weight-only or dynamic (quantized per call): no static Q on either side
         layer = view.layers[name]
         precision = candidate.activations
         for tensor in layer.activations:

@@ -21,6 +21,12 @@ from onnxq.graph import GraphView, constant_value
 from onnxq.layout import Layout, TensorQuant, activation_symmetric
 from onnxq.numerics import QParams, bias_safe_weight_scale, dequantize, qparams_from_range, quantize
 from onnxq.precision import Candidate, Precision, is_integer, numpy_dtype, onnx_dtype
+from onnxq.qdq_patterns import (
+    dynamic_weight_layout,
+    emit_blockwise_weight,
+    emit_dynamic_layer,
+    make_tensor,
+)
 from onnxq.spec.model import Granularity, HardwareSpec
 
 __all__ = ["RangeLike", "RewriteResult", "weight_axis", "weight_qparams", "apply_layout", "toposort_nodes"]
@@ -75,7 +81,8 @@ def weight_qparams(
     symmetric = True if rule is None else rule.symmetric
     narrow = False if rule is None else rule.narrow_range
     reduce_range = False if rule is None else rule.reduce_range
-    per_channel = per_channel_ok and w.ndim >= 2 and (rule is None or rule.preferred_granularity == Granularity.PER_CHANNEL)
+    per_channel = (per_channel_ok and w.ndim >= 2
+                   and spec.weight_granularity(node.op_type, candidate) == Granularity.PER_CHANNEL)
     axis = weight_axis(node.op_type, node, w.ndim) if per_channel else None
     if weight_ranges is not None:
         lo, hi = weight_ranges(w, axis, candidate.weights, symmetric)
@@ -107,11 +114,7 @@ class _Builder:
 
     def initializer(self, base: str, array: np.ndarray, dtype: int | None = None) -> str:
         name = self.unique(base)
-        if dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-            tensor = helper.make_tensor(name, dtype, list(array.shape), array.astype(np.int64).flatten().tolist())
-        else:
-            tensor = onnx.numpy_helper.from_array(np.require(array, requirements="C"), name)
-        self.graph.initializer.append(tensor)
+        self.graph.initializer.append(make_tensor(name, array, dtype))  # int4/uint4 packed
         return name
 
     def node(self, op_type: str, inputs: list[str], base_output: str, name: str, **attrs: Any) -> str:
@@ -322,6 +325,10 @@ def apply_layout(
         if w is None:
             continue
         w = w.astype(np.float32)
+        pattern_bytes = _fast_pattern(b, view, node, layer, w, candidate, spec)
+        if pattern_bytes is not None:
+            weight_bytes += pattern_bytes
+            continue
         wq = table_grids.get(layer_name) or weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges,
                                                            per_channel_ok=per_channel_ok)
         x_q = input_qparams.get((layer_name, layer.activations[0])) if layer.activations else None
@@ -437,6 +444,28 @@ def _int32_bias(bias: str | None, x_q: QParams | None, node: onnx.NodeProto, can
     """Whether the layer's bias is stored as int32 at scale ``s_x·s_w`` (8-bit integer layers)."""
     return (bias is not None and x_q is not None and node.op_type in _CHANNEL_INPUT_OPS
             and candidate.weights == Precision.INT8 and x_q.precision in (Precision.UINT8, Precision.INT8))
+
+
+def _fast_pattern(b: _Builder, view: GraphView, node: onnx.NodeProto, layer: Any, w: np.ndarray,
+                  candidate: Candidate, spec: HardwareSpec) -> int | None:
+    """Emit a dynamic int8 or block-wise weight-only layer (:mod:`onnxq.qdq_patterns`); the
+    stored bytes, or None when ``candidate`` is neither."""
+    if candidate.dynamic:
+        bias = view.weight_value(layer.bias) if layer.bias is not None else None
+        weight = dynamic_weight_layout(node, w, None if bias is None else bias.astype(np.float32))
+        consumers = [view.nodes[c] for c in view.consumers.get(node.output[0], []) if c in view.nodes]
+        rule = spec.weight_rule(node.op_type, candidate.weights)
+        reduce_range = rule is not None and rule.reduce_range
+        return emit_dynamic_layer(b, node, weight, candidate, consumers, set(view.constants), reduce_range)
+    block = spec.weight_block_size(node.op_type, candidate)
+    if not block:
+        return None
+    rule = spec.weight_rule(node.op_type, candidate.weights)
+    symmetric = True if rule is None else rule.symmetric
+    narrow = False if rule is None else rule.narrow_range
+    dq, size = emit_blockwise_weight(b, layer.weight.tensor, w, candidate.weights, block, symmetric, narrow)
+    node.input[list(node.input).index(layer.weight.tensor)] = dq
+    return size
 
 
 def _exact_bias(b: _Builder, view: GraphView, node: onnx.NodeProto, bias_name: str) -> None:

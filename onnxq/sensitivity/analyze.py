@@ -80,6 +80,7 @@ from onnxq.sensitivity.engine import (
     weight_noise,
 )
 from onnxq.sensitivity.executors import require_executor, run_jobs
+from onnxq.simulate import WeightFormat, weight_format
 from onnxq.spec.model import Granularity, HardwareSpec
 
 __all__ = ["SENSITIVITY_FORMAT", "METHODS", "analyze", "predicted_loss", "EVALUATION_COUNTER"]
@@ -132,18 +133,25 @@ def _most_aggressive(options: Sequence[Candidate]) -> Candidate:
     return min(options, key=lambda c: (bits(c.weights), bits(c.activations), options.index(c)))
 
 
-def _weight_quantizer(layer: Layer, node: onnx.NodeProto, precision: Precision, spec: HardwareSpec,
+def _weight_quantizer(layer: Layer, node: onnx.NodeProto, fmt: WeightFormat, spec: HardwareSpec,
                       per_channel_ok: bool) -> WeightQuantizer:
     assert layer.weight is not None
+    precision = fmt.precision
     rank = len(layer.weight.shape)
     rule = spec.weight_rule(layer.op_type, precision)
     symmetric = True if rule is None else rule.symmetric
     narrow = False if rule is None else rule.narrow_range
-    per_channel = (is_integer(precision) and per_channel_ok and rank >= 2
-                   and (rule is None or rule.preferred_granularity == Granularity.PER_CHANNEL))
+    # a preferred per_block that the format does not use falls back to per-channel, as in the rewrite
+    per_channel = (is_integer(precision) and per_channel_ok and rank >= 2 and not fmt.block_size
+                   and (rule is None or rule.preferred_granularity == Granularity.PER_CHANNEL
+                        or (rule.preferred_granularity == Granularity.PER_BLOCK
+                            and Granularity.PER_CHANNEL in rule.granularities)))
     axis = weight_axis(layer.op_type, node, rank) if per_channel else None
     method = "mse" if is_integer(precision) and bits(precision) <= 4 else "minmax"
-    return WeightQuantizer(layer.weight.tensor, precision, axis, symmetric, narrow, method)
+    if fmt.dynamic:  # dynamic int8: always per column, as onnxq.qdq_patterns writes it
+        axis = weight_axis(layer.op_type, node, rank) if rank >= 2 else None
+    return WeightQuantizer(layer.weight.tensor, precision, axis, symmetric, narrow, method,
+                           block_size=fmt.block_size, reduce_range=fmt.reduce_range)
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -156,21 +164,23 @@ def _opset(model: onnx.ModelProto) -> int:
 class _Planner:
     """Turns (layer, candidate) choices into :class:`Job` s."""
 
-    def __init__(self, view: GraphView, spec: HardwareSpec, quantizers: Mapping[tuple[str, Precision], WeightQuantizer],
+    def __init__(self, view: GraphView, spec: HardwareSpec, quantizers: Mapping[tuple[str, WeightFormat], WeightQuantizer],
                  ranges: Mapping[str, tuple[float, float]]) -> None:
         self.view = view
         self.spec = spec
         self.quantizers = quantizers
         self.ranges = ranges
 
-    def activation_quants(self, layer: Layer, precision: Precision) -> list[ActivationQuant]:
+    def activation_quants(self, layer: Layer, precision: Precision, dynamic: bool = False) -> list[ActivationQuant]:
+        """The layer's input activations quantized at ``precision``: calibrated range, or each
+        call's own range when ``dynamic`` (``int8/dyn-uint8``)."""
         if not is_integer(precision):
             return []
         sym = activation_symmetric(self.spec, layer.op_type, precision)
-        return [ActivationQuant(t, precision, sym) for t in layer.activations if t in self.ranges]
+        return [ActivationQuant(t, precision, sym, dynamic) for t in layer.activations if t in self.ranges]
 
-    def weight_perturbation(self, layer: Layer, precision: Precision, sign: float = 1.0) -> list[WeightPerturbation]:
-        quantizer = self.quantizers.get((layer.name, precision))
+    def weight_perturbation(self, layer: Layer, fmt: WeightFormat, sign: float = 1.0) -> list[WeightPerturbation]:
+        quantizer = self.quantizers.get((layer.name, fmt))
         if quantizer is None:
             return []
         return [WeightPerturbation(quantizer.tensor, sign, quantizer)]
@@ -185,11 +195,11 @@ class _Planner:
             if candidate is None or candidate == FP32:
                 continue
             layer = self.view.layers[name]
-            for p in self.weight_perturbation(layer, candidate.weights):
+            for p in self.weight_perturbation(layer, weight_format(self.spec, layer.op_type, candidate)):
                 if p.tensor not in seen_weights:  # a shared weight is quantized once
                     seen_weights.add(p.tensor)
                     weights.append(p)
-            for a in self.activation_quants(layer, candidate.activations):
+            for a in self.activation_quants(layer, candidate.activations, candidate.dynamic):
                 current = acts.get(a.tensor)
                 if current is None or bits(a.precision) < bits(current.precision):
                     acts[a.tensor] = a
@@ -450,7 +460,7 @@ def analyze(
 
     # -- the one session: every analysed weight exposed, every input activation fake-quantizable
     per_channel_ok = _opset(work) >= 13
-    quantizers: dict[tuple[str, Precision], WeightQuantizer] = {}
+    quantizers: dict[tuple[str, WeightFormat], WeightQuantizer] = {}
     weight_tensors: list[str] = []
     act_tensors: list[str] = []
     for name in layer_names:
@@ -458,9 +468,10 @@ def analyze(
         node = view.nodes[name]
         if layer.weight is not None:
             for c in chosen[name]:
-                if c.weights is not Precision.FP32 and (name, c.weights) not in quantizers:
-                    quantizers[(name, c.weights)] = _weight_quantizer(layer, node, c.weights, spec, per_channel_ok)
-            if any((name, c.weights) in quantizers for c in chosen[name]):
+                fmt = weight_format(spec, layer.op_type, c)
+                if c.weights is not Precision.FP32 and (name, fmt) not in quantizers:
+                    quantizers[(name, fmt)] = _weight_quantizer(layer, node, fmt, spec, per_channel_ok)
+            if any((name, weight_format(spec, layer.op_type, c)) in quantizers for c in chosen[name]):
                 weight_tensors.append(layer.weight.tensor)
         if any(is_integer(c.activations) for c in chosen[name]):
             act_tensors.extend(t for t in layer.activations if t not in act_tensors)
@@ -507,10 +518,11 @@ def analyze(
 
     weights_cache: dict[str, np.ndarray] = {}
     eps: dict[str, float] = {}
-    noise_sq: dict[tuple[str, Precision], float] = {}
+    noise_sq: dict[tuple[str, WeightFormat], float] = {}
     for name in layer_names:
         layer = view.layers[name]
-        wprecs = [p for p in dict.fromkeys(c.weights for c in chosen[name]) if (name, p) in quantizers]
+        wprecs = [p for p in dict.fromkeys(weight_format(spec, layer.op_type, c) for c in chosen[name])
+                  if (name, p) in quantizers]
         if method == "central":
             for p in wprecs:
                 q = quantizers[(name, p)]
@@ -523,7 +535,7 @@ def analyze(
             for p in wprecs:
                 noise = weight_noise(weights_cache[name], quantizers[(name, p)])
                 noise_sq[(name, p)] = float(np.sum(noise.astype(np.float64) ** 2))
-            coarsest = min(wprecs, key=lambda p: (bits(p), p.value))
+            coarsest = min(wprecs, key=lambda p: (bits(p.precision), str(p)))
             n = max(weights_cache[name].size, 1)
             eps[name] = max(float(np.sqrt(noise_sq[(name, coarsest)] / n)), 1e-6)
             for d in range(HUTCHINSON_DIRECTIONS):
@@ -531,9 +543,10 @@ def analyze(
                     add(("h", name, d, sign), Job((WeightPerturbation(layer.weight.tensor, sign, None, d, eps[name],
                                                                       seed * 1_000_003 + layer.index),),
                                                   segments=(name,)))
-        for p in dict.fromkeys(c.activations for c in chosen[name]):
-            for a in planner.activation_quants(layer, p):  # one term per tensor: shared ones once
-                add(("t", a.tensor, a.precision, a.symmetric), Job((), (a,), segments=(f"tensor:{a.tensor}",)))
+        for p, dynamic in dict.fromkeys((c.activations, c.dynamic) for c in chosen[name]):
+            for a in planner.activation_quants(layer, p, dynamic):  # one term per tensor: shared ones once
+                add(("t", a.tensor, a.precision, a.symmetric, a.dynamic),
+                    Job((), (a,), segments=(f"tensor:{a.tensor}",)))
 
     for a, b, _, ca, cb in pair_list:
         add(("single", a, ca), replace(planner.plan_job({a: ca}), segments=(a,)))
@@ -565,13 +578,14 @@ def analyze(
         entry: dict[str, Any] = {}
         for c in chosen[name]:
             w_term = 0.0
-            if (name, c.weights) in quantizers:
+            fmt = weight_format(spec, layer.op_type, c)
+            if (name, fmt) in quantizers:
                 if method == "central":
-                    w_term = 0.5 * (measured(("w", name, c.weights, +1)) + measured(("w", name, c.weights, -1)))
+                    w_term = 0.5 * (measured(("w", name, fmt, +1)) + measured(("w", name, fmt, -1)))
                 elif trace is not None:
-                    w_term = 0.5 * trace / weights_cache[name].size * noise_sq[(name, c.weights)]
-            a_terms = {a.tensor: measured(("t", a.tensor, a.precision, a.symmetric))
-                       for a in planner.activation_quants(layer, c.activations)}
+                    w_term = 0.5 * trace / weights_cache[name].size * noise_sq[(name, fmt)]
+            a_terms = {a.tensor: measured(("t", a.tensor, a.precision, a.symmetric, a.dynamic))
+                       for a in planner.activation_quants(layer, c.activations, c.dynamic)}
             a_term = float(sum(a_terms.values()))
             deltas[(name, c)] = w_term + a_term
             item: dict[str, Any] = {"delta": w_term + a_term, "weight": w_term, "activation": a_term}
