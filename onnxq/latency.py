@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.numpy_helper
+import onnx.shape_inference
 import onnxruntime as ort
 
 from onnxq.errors import ModelError, UsageError
@@ -90,13 +91,21 @@ class Timing:
 
 @dataclass(frozen=True)
 class LatencyRatio:
-    """Candidate latency relative to a reference, measured interleaved in one process."""
+    """Candidate latency relative to a reference, measured interleaved in one process.
+
+    ``ratio`` is the median of the per-round ratios, ``ratio_low``/``ratio_high`` their quartiles.
+    """
 
     ratio: float
+    ratio_low: float
+    ratio_high: float
     reference_ms: float
     candidate_ms: float
-    spread: float
     rounds: int
+
+    @property
+    def spread(self) -> float:
+        return self.ratio_high - self.ratio_low
 
 
 @dataclass(frozen=True)
@@ -162,10 +171,11 @@ def machine_id() -> str:
     return f"{platform.system()}-{platform.machine()}|{cpu}|{os.cpu_count()} cpus|onnxruntime {ort.__version__}"
 
 
-def _run_all(session: ort.InferenceSession, feeds: Sequence[Feed]) -> float:
+def _run_all(session: ort.InferenceSession, feeds: Sequence[Feed], repeats: int = 1) -> float:
     started = time.perf_counter()
-    for feed in feeds:
-        session.run(None, dict(feed))
+    for _ in range(repeats):
+        for feed in feeds:
+            session.run(None, dict(feed))
     return time.perf_counter() - started
 
 
@@ -178,11 +188,14 @@ def time_interleaved(
     min_rounds: int = 5,
     max_rounds: int = 50,
     warmup: int = 2,
+    min_round_seconds: float = 0.01,
 ) -> dict[str, Timing]:
     """Time every session on the same feeds, interleaved round by round.
 
-    A round runs each session once over all ``feeds``, in an order rotated every round; rounds
-    continue until ``max_rounds`` or until ``min_rounds`` are done and ``budget_seconds`` spent.
+    A round runs each session over all ``feeds``, repeated so that the reference's share of a
+    round lasts at least ``min_round_seconds`` (short runs are dominated by timer and scheduler
+    noise), in an order rotated every round; rounds continue until ``max_rounds`` or until
+    ``min_rounds`` are done and ``budget_seconds`` spent. Reported times are per pass over ``feeds``.
     """
     if reference not in sessions:
         raise UsageError(f"reference session {reference!r} is not among the sessions timed")
@@ -192,13 +205,15 @@ def time_interleaved(
     for name in names:
         for _ in range(warmup):
             _run_all(sessions[name], feeds)
+    one_pass = _run_all(sessions[reference], feeds)
+    repeats = max(1, int(np.ceil(min_round_seconds / max(one_pass, 1e-6))))
     times: dict[str, list[float]] = {name: [] for name in names}
     started = time.perf_counter()
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - started < budget_seconds):
         shift = rounds % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(_run_all(sessions[name], feeds))
+            times[name].append(_run_all(sessions[name], feeds, repeats) / repeats)
         rounds += 1
     base = np.array(times[reference])
     result = {}
@@ -242,8 +257,9 @@ def measure_latency(
     timings = time_interleaved(sessions, feeds, "reference", budget_seconds=budget_seconds,
                                min_rounds=min_rounds, max_rounds=max_rounds)
     measured = timings["candidate"]
-    return LatencyRatio(ratio=measured.ratio, reference_ms=timings["reference"].median_ms,
-                        candidate_ms=measured.median_ms, spread=measured.spread, rounds=measured.rounds)
+    return LatencyRatio(ratio=measured.ratio, ratio_low=measured.ratio_low, ratio_high=measured.ratio_high,
+                        reference_ms=timings["reference"].median_ms, candidate_ms=measured.median_ms,
+                        rounds=measured.rounds)
 
 
 # -- one-layer models --------------------------------------------------------------------------
@@ -295,6 +311,9 @@ def layer_model(model: onnx.ModelProto, view: GraphView, layer: str, inputs: Map
     graph = onnx.helper.make_graph([one], f"{layer}-alone", graph_inputs, [output], initializer=initializers)
     built = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
     built.ir_version = min(model.ir_version, 10) if model.ir_version else 10
+    inferred = onnx.shape_inference.infer_shapes(built)
+    if inferred.graph.output[0].type.tensor_type.HasField("shape"):
+        built.graph.output[0].CopyFrom(inferred.graph.output[0])
     return built
 
 
