@@ -50,6 +50,7 @@ __all__ = [
     "measure_latency",
     "capture_layer_inputs",
     "layer_model",
+    "region_builder",
     "build_latency_table",
 ]
 
@@ -315,6 +316,55 @@ def layer_model(model: onnx.ModelProto, view: GraphView, layer: str, inputs: Map
     if inferred.graph.output[0].type.tensor_type.HasField("shape"):
         built.graph.output[0].CopyFrom(inferred.graph.output[0])
     return built
+
+
+def region_builder(quantized: ModelSource) -> CandidateBuilder:
+    """A builder that cuts each layer's region out of an already quantized whole model.
+
+    The region of a layer is everything the quantized model computes the layer's output tensor
+    from the layer's own (float) input tensors: input Q/DQ or DynamicQuantizeLinear, weight DQ,
+    the integer kernel and its rescaling. A layer whose region does not start at those tensors
+    (the quantizer renamed or re-routed them) cannot be cut; the table then leaves it untimed.
+    """
+    proto = quantized if isinstance(quantized, onnx.ModelProto) else onnx.load(str(quantized))
+    graph = proto.graph
+    producers = {out: (index, node) for index, node in enumerate(graph.node) for out in node.output if out}
+    initializers = {init.name: init for init in graph.initializer}
+
+    def build(one_layer: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+        outputs = [value.name for value in one_layer.graph.output]
+        included: dict[int, onnx.NodeProto] = {}
+        used_inputs: set[str] = set()
+        used_initializers: set[str] = set()
+        frontier, seen = list(outputs), set()
+        while frontier:
+            tensor = frontier.pop()
+            if not tensor or tensor in seen:
+                continue
+            seen.add(tensor)
+            if tensor in inputs:
+                used_inputs.add(tensor)
+            elif tensor in initializers:
+                used_initializers.add(tensor)
+            elif tensor in producers:
+                index, node = producers[tensor]
+                if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                    raise ModelError(f"the region of {outputs[0]} holds a control-flow node ({node.name})")
+                included[index] = node
+                frontier.extend(node.input)
+            else:
+                raise ModelError(f"in the quantized model, {outputs[0]} is not computed from the layer's inputs "
+                                 f"({tensor} comes from outside the layer)")
+        graph_inputs = [onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(inputs[t].dtype),
+                                                           list(inputs[t].shape)) for t in sorted(used_inputs)]
+        region = onnx.helper.make_graph(
+            [included[i] for i in sorted(included)], "region", graph_inputs, list(one_layer.graph.output),
+            initializer=[initializers[name] for name in sorted(used_initializers)])
+        built = onnx.helper.make_model(region, opset_imports=list(proto.opset_import))
+        built.ir_version = min(proto.ir_version, 10) if proto.ir_version else 10
+        return built
+
+    return build
 
 
 # -- the table ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import onnx
 import onnx.numpy_helper
 import pytest
 from onnx import TensorProto, helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from onnxq.errors import UsageError
 from onnxq.graph import GraphView
@@ -21,6 +22,7 @@ from onnxq.latency import (
     capture_layer_inputs,
     layer_model,
     measure_latency,
+    region_builder,
     time_interleaved,
 )
 from onnxq.runtime import make_session, optimized_op_types
@@ -207,3 +209,26 @@ def test_measure_latency_rejects_no_feeds():
     model = matmul_relu_model(rows=4, width=64)
     with pytest.raises(UsageError):
         measure_latency(model, model, [])
+
+
+def test_a_quantized_whole_model_serves_as_a_candidate(tmp_path):
+    """onnxruntime's own quantize_dynamic output, cut per layer, is timed like a builder's model."""
+    source, quantized = tmp_path / "fp32.onnx", tmp_path / "dynamic.onnx"
+    model = embedding_encoder_model()
+    onnx.save(model, source)
+    quantize_dynamic(str(source), str(quantized), per_channel=True, weight_type=QuantType.QInt8)
+    feed = {"ids": np.arange(10, dtype=np.int64).reshape(1, 10)}
+    builder = region_builder(str(quantized))
+    view = GraphView(model)
+    inputs = capture_layer_inputs(model, view, ["fc1", "fc2"], feed)
+    region = builder(layer_model(model, view, "fc2", inputs), {"r": inputs["r"]})
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {n.op_type for n in region.graph.node}
+    expected = make_session(model).run(None, feed)[0]
+    got = make_session(region).run(None, {"r": inputs["r"]})[0]
+    assert float((expected * got).sum() / np.linalg.norm(expected) / np.linalg.norm(got)) > 0.999
+
+    table = build_latency_table(model, feed, {"ort-dynamic": builder}, budget_seconds=20, per_pair_seconds=0.05)
+    assert {e.layer for e in table.entries} == {"fc2"}
+    # quantize_dynamic also quantized the embedding's output, so fc1's float input no longer exists
+    # and the Gather's output is an integer tensor: those two layers cannot be cut and stay untimed
+    assert sorted(layer for layer, _, _ in table.untimed) == ["embed", "fc1"]
