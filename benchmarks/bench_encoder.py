@@ -47,17 +47,18 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxq.latency import machine_id, time_interleaved  # noqa: E402
+from onnxq.latency import LatencyTable, build_latency_table, machine_id, region_builder, time_interleaved  # noqa: E402
 
 MODEL_DIR = ROOT / "models" / ".cache" / "minilm"
 WORK_DIR = ROOT / "benchmarks" / ".cache" / "encoder"
-VARIANTS = ("ort-dynamic", "ort-static", "onnxq-max-drop", "onnxq-int8")
+VARIANTS = ("ort-dynamic", "ort-static", "onnxq-max-drop", "onnxq-max-drop-padded", "onnxq-int8")
 MEMORY_LIMIT = 20_000_000 * 1024  # the `ulimit -v 20000000` of the brief, for every worker
 TITLES = {
     "fp32": "fp32 (reference)",
     "ort-dynamic": "ORT quantize_dynamic (int8 per-channel weights, dynamic uint8 activations)",
     "ort-static": "ORT quantize_static (QDQ, uint8 act / int8 per-channel weights, MinMax)",
     "onnxq-max-drop": "onnxq quantize --max-drop 0.01 --spec ort-cpu-x86",
+    "onnxq-max-drop-padded": "same, calibration padded to one length (workaround)",
     "onnxq-int8": "onnxq quantize --precision int8/uint8 --spec ort-cpu-x86",
 }
 
@@ -100,12 +101,25 @@ def worker(variant: str, model: Path, out: Path) -> int:
     return 0
 
 
+def padded_calibration(model: Path, out: Path) -> Path:
+    """The calibration sentences as one .npz padded to the longest (attention_mask marks the padding)."""
+    feeds = calib_feeds(model.parent / "minilm.calib")
+    width = max(feed["input_ids"].shape[1] for feed in feeds)
+    stacked = {key: np.zeros((len(feeds), width), np.int64) for key in ("input_ids", "attention_mask")}
+    for i, feed in enumerate(feeds):
+        for key in stacked:
+            stacked[key][i, : feed[key].shape[1]] = feed[key][0]
+    np.savez(out, **stacked)
+    return out
+
+
 def command(variant: str, model: Path, out: Path, report: Path) -> list[str]:
     if variant.startswith("ort-"):
-        return [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", str(model),
-                "--output", str(out)]
-    mode = ["--max-drop", "0.01"] if variant == "onnxq-max-drop" else ["--precision", "int8/uint8"]
-    return [sys.executable, "-m", "onnxq", "quantize", str(model), "-o", str(out), "--spec", "ort-cpu-x86",
+        return ["python", "benchmarks/bench_encoder.py", "--worker", variant, "--model", str(model), "--output", str(out)]
+    mode = ["--precision", "int8/uint8"] if variant == "onnxq-int8" else ["--max-drop", "0.01"]
+    if variant == "onnxq-max-drop-padded":
+        mode += ["--calib", str(out.parent / "calib_padded.npz")]
+    return ["python", "-m", "onnxq", "quantize", str(model), "-o", str(out), "--spec", "ort-cpu-x86",
             *mode, "--report", str(report), "--no-cache"]
 
 
@@ -121,7 +135,8 @@ def run_variant(variant: str, model: Path, work: Path, timeout: float) -> dict[s
     print(f"[{time.strftime('%H:%M:%S')}] {variant} ...", flush=True)
     started = time.perf_counter()
     with open(log, "w") as log_file:
-        proc = subprocess.Popen(command(variant, model, out, report), stdout=log_file, stderr=subprocess.STDOUT,
+        argv = command(variant, model, out, report)
+        proc = subprocess.Popen([sys.executable, *argv[1:]], stdout=log_file, stderr=subprocess.STDOUT,
                                 cwd=str(ROOT), env=env, preexec_fn=limit_memory)
         timed_out = threading.Event()
 
@@ -216,6 +231,45 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.stem}.onnx.data"))
 
 
+def layer_table(paths: dict[str, Path], test: dict[str, np.ndarray], budget: float, threads: int) -> LatencyTable:
+    """Per-layer latency of every quantized model's layers, cut out of it (onnxq.latency), at batch 1."""
+    lengths = test["lengths"][test["task_rows"]]
+    row = int(np.argsort(lengths)[len(lengths) // 2])  # a sentence of median length
+    feed = {"input_ids": test["input_ids"][row:row + 1, :lengths[row]],
+            "attention_mask": test["attention_mask"][row:row + 1, :lengths[row]]}
+    builders = {name: region_builder(path) for name, path in paths.items() if name != "fp32"}
+    return build_latency_table(paths["fp32"], feed, builders, budget_seconds=budget, per_pair_seconds=0.3,
+                               threads=threads)
+
+
+def render_layer_table(table: LatencyTable, names: list[str]) -> list[str]:
+    layers = list(dict.fromkeys(entry.layer for entry in table.entries))
+    by_key = {(entry.layer, entry.candidate): entry for entry in table.entries}
+    lines = ["", "## Per-layer latency (onnxq.latency), batch 1", "",
+             f"{table.summary()}. Each layer alone (a one-node fp32 model with its real weight, fed its real input "
+             "at the deploy shape of a median-length sentence) against the same layer's region cut out of each "
+             "quantized model (input Q/DQ or DynamicQuantizeLinear, weight DQ, kernel, rescale), interleaved; "
+             "ratio to fp32 (IQR). A dash: the region could not be cut (the quantizer re-routed the layer's "
+             "input, e.g. a quantized Gather output) or the budget ran out.", "",
+             "| layer | shape in | fp32 µs | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for layer in layers:
+        entries = [by_key.get((layer, name)) for name in names]
+        first = next(e for e in entries if e)
+        cells = [f"{e.ratio:.2f} ({e.spread:.2f})" if e else "–" for e in entries]
+        lines.append(f"| {layer} | {first.shapes} | {first.fp32_ms * 1e3:.0f} | " + " | ".join(cells) + " |")
+    totals = []
+    for name in names:
+        timed = [e for e in table.entries if e.candidate == name]
+        if timed:
+            totals.append(f"{name}: {sum(e.candidate_ms for e in timed) / sum(e.fp32_ms for e in timed):.2f} "
+                          f"over {len(timed)} layers")
+    lines += ["", "Sum of the timed layers' candidate time over their fp32 time: " + "; ".join(totals) + "."]
+    reasons = sorted({reason.split(":")[0] for _, _, reason in table.untimed})
+    if reasons:
+        lines.append(f"Untimed pairs: {len(table.untimed)} ({', '.join(reasons)}).")
+    return lines
+
+
 # -- report ------------------------------------------------------------------------------------------
 
 def versions() -> str:
@@ -245,7 +299,7 @@ def fmt_ratio(timing: Any) -> str:
 
 def render(rows: dict[str, dict[str, Any]], metrics: dict[str, dict[str, float]], lat1: dict[str, Any],
            lat32: dict[str, Any], sizes: dict[str, int], meta: dict[str, Any], args: argparse.Namespace,
-           started: str) -> str:
+           started: str, table: LatencyTable | None) -> str:
     lines = [
         "# Real-weights sentence encoder (all-MiniLM-L6-v2): onnxq vs onnxruntime's quantizers", "",
         f"Generated by `ulimit -v 20000000; python benchmarks/bench_encoder.py` (after `python models/export_minilm.py`) "
@@ -293,6 +347,8 @@ def render(rows: dict[str, dict[str, Any]], metrics: dict[str, dict[str, float]]
     for name in args.variants:
         row = rows[name]
         lines.append(f"- **{name}**: `{row['command']}`. {onnxq_note(row)}")
+    if table is not None:
+        lines += render_layer_table(table, [name for name in args.variants if name in metrics])
     failures = [name for name in args.variants if "failure" in rows[name]]
     if failures:
         lines += ["", "## Failures", ""]
@@ -309,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per quantizer before it is killed")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for latency (0: onnxruntime default)")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of interleaved timing per batch size")
+    parser.add_argument("--layer-budget", type=float, default=120.0,
+                        help="seconds for the per-layer latency table (0: skip it)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "ENCODER.md", help="markdown report")
     parser.add_argument("--worker", choices=["ort-dynamic", "ort-static"], help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
@@ -319,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.model} not found: run `python models/export_minilm.py` first")
     started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    padded_calibration(args.model, args.workdir / "calib_padded.npz")
     rows = {name: run_variant(name, args.model, args.workdir, args.timeout) for name in args.variants}
     paths = {"fp32": args.model, **{name: row["model"] for name, row in rows.items() if "model" in row}}
     sessions = {name: session(path, args.threads) for name, path in paths.items()}
@@ -332,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                              min_rounds=7, max_rounds=200)
     sizes = {name: file_bytes(path) for name, path in paths.items()}
     meta = json.loads((args.model.parent / "minilm.json").read_text())
-    text = render(rows, metrics, lat1, lat32, sizes, meta, args, started)
+    table = layer_table(paths, test, args.layer_budget, args.threads) if args.layer_budget > 0 else None
+    text = render(rows, metrics, lat1, lat32, sizes, meta, args, started, table)
     args.out.write_text(text)
     (args.workdir / "results.json").write_text(json.dumps({
         "metrics": metrics, "sizes": sizes,

@@ -280,8 +280,12 @@ def capture_layer_inputs(model: onnx.ModelProto, view: GraphView, layers: Sequen
     probe.CopyFrom(model)
     existing = {value.name for value in probe.graph.output}
     extra = [t for t in wanted if t not in existing and t not in graph_inputs]
+    dtypes = dict(view.dtypes)
+    if any(not dtypes.get(t) for t in extra):
+        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+        dtypes.update({value.name: value.type.tensor_type.elem_type for value in inferred})
     for tensor in extra:
-        probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, view.dtypes.get(tensor) or onnx.TensorProto.FLOAT, None))
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, dtypes.get(tensor) or onnx.TensorProto.FLOAT, None))
     names = [value.name for value in probe.graph.output]
     outputs = dict(zip(names, make_session(probe).run(names, dict(feed)), strict=True))
     values = {t: np.asarray(feed[t]) for t in wanted if t in graph_inputs}
@@ -374,6 +378,20 @@ def _shapes_text(inputs: Mapping[str, np.ndarray], tensors: Sequence[str]) -> st
     return ";".join("x".join(str(d) for d in inputs[t].shape) for t in tensors)
 
 
+def _deploy_work(view: GraphView, layer: str, inputs: Mapping[str, np.ndarray]) -> int:
+    """Multiply-accumulates (or copied elements) of ``layer`` at the captured deploy shapes."""
+    node = view.nodes[layer]
+    weight = view.layers[layer].weight
+    first = inputs.get(_node_inputs(view, layer)[0]) if _node_inputs(view, layer) else None
+    elements = int(first.size) if first is not None else 0
+    if node.op_type == "Gather":
+        return elements * int(weight.shape[-1]) if weight and weight.shape else elements
+    if weight is not None and weight.shape:
+        return elements * int(np.prod(weight.shape)) // max(1, int(weight.shape[0]))
+    other = inputs.get(node.input[1]) if len(node.input) > 1 else None
+    return elements * (int(other.shape[-1]) if other is not None and other.ndim else 1)
+
+
 def _cache_path(cache_dir: Path, machine: str, model_sha: str) -> Path:
     machine_hash = hashlib.sha256(machine.encode()).hexdigest()[:12]
     return cache_dir / f"latency-{machine_hash}-{model_sha[:16]}.json"
@@ -427,7 +445,8 @@ def build_latency_table(
         model: the fp32 model (proto or path).
         feed: one deploy-shape feed of the whole model (batch size and sequence length as deployed).
         builders: candidate word -> builder of that candidate's one-layer model.
-        layers: the layers to time (default: every layer of the graph view), largest MACs first.
+        layers: the layers to time, in this order (default: every layer of the graph view, the most
+            work at the deploy shape first, so that a short budget covers the layers that matter).
         budget_seconds: wall-clock budget for building sessions and timing; cache hits are free.
             Pairs not reached are listed in ``untimed``.
         per_pair_seconds: timing budget of one pair (after at least 5 interleaved rounds).
@@ -439,10 +458,12 @@ def build_latency_table(
     model_sha = model_sha256(proto)
     machine = machine_id()
     view = GraphView(proto, layer_ops)
-    names = list(layers) if layers is not None else sorted(view.layers, key=lambda n: (-view.layers[n].macs, n))
+    names = list(layers) if layers is not None else list(view.layers)
     cache_path = _cache_path(Path(cache_dir), machine, model_sha) if cache_dir is not None else None
     cached = _read_cache(cache_path, machine, model_sha) if cache_path else {}
     inputs = capture_layer_inputs(proto, view, names, feed) if budget_seconds > 0 or cached else {}
+    if layers is None and inputs:
+        names.sort(key=lambda name: (-_deploy_work(view, name, inputs), name))
     entries: list[LayerLatency] = []
     untimed: list[tuple[str, str, str]] = []
     fresh: dict[str, dict[str, float]] = {}
