@@ -418,8 +418,15 @@ def _entry_key(layer: str, shapes: str, candidate: str, threads: int) -> str:
     return f"{layer}|{shapes}|{candidate}|threads={threads}"
 
 
-def _time_layer(fp32: onnx.ModelProto, built: onnx.ModelProto, feed: Feed, budget: float,
+def _reason(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:200]
+
+
+def _time_layer(fp32: onnx.ModelProto, builder: CandidateBuilder, feed: Feed, budget: float,
                 threads: int) -> dict[str, float]:
+    """Build the candidate's one-layer model and time it interleaved with the fp32 one."""
+    built = builder(fp32, feed)
     sessions = {"fp32": make_session(fp32, threads=threads), "candidate": make_session(built, threads=threads)}
     timings = time_interleaved(sessions, [feed], "fp32", budget_seconds=budget, min_rounds=5, max_rounds=200)
     measured = timings["candidate"]
@@ -444,7 +451,9 @@ def build_latency_table(
     Args:
         model: the fp32 model (proto or path).
         feed: one deploy-shape feed of the whole model (batch size and sequence length as deployed).
-        builders: candidate word -> builder of that candidate's one-layer model.
+        builders: candidate word -> builder of that candidate's one-layer model (a callback, or
+            ``region_builder(quantized_model)``). Cache entries are keyed by the word: a caller whose
+            emission of a candidate changes must change the word (or the cache folder).
         layers: the layers to time, in this order (default: every layer of the graph view, the most
             work at the deploy shape first, so that a short budget covers the layers that matter).
         budget_seconds: wall-clock budget for building sessions and timing; cache hits are free.
@@ -481,13 +490,11 @@ def build_latency_table(
                     continue
                 try:
                     one_layer = one_layer or layer_model(proto, view, layer, inputs)
-                    layer_feed = {t: inputs[t] for t in tensors}
-                    built = builders[candidate](one_layer, layer_feed)
-                    values = _time_layer(one_layer, built, layer_feed, min(per_pair_seconds, remaining), threads)
+                    values = _time_layer(one_layer, builders[candidate], {t: inputs[t] for t in tensors},
+                                         min(per_pair_seconds, remaining), threads)
                 except Exception as error:  # a builder or a session failing leaves the pair to the cost model
-                    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-                    logger.debug("latency table: %s %s not timed: %s", layer, candidate, reason)
-                    untimed.append((layer, candidate, reason[:200]))
+                    untimed.append((layer, candidate, _reason(error)))
+                    logger.debug("latency table: %s %s not timed: %s", layer, candidate, untimed[-1][2])
                     continue
                 fresh[key] = values
             entries.append(LayerLatency(layer=layer, candidate=candidate, shapes=shapes,
