@@ -48,6 +48,7 @@ __all__ = [
     "machine_id",
     "time_interleaved",
     "measure_latency",
+    "deploy_feeds",
     "capture_layer_inputs",
     "layer_model",
     "region_builder",
@@ -228,6 +229,39 @@ def time_interleaved(
             rounds=rounds,
         )
     return result
+
+
+def deploy_feeds(feeds: Sequence[Feed], batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Feeds at the deploy batch size, made from calibration feeds (stacked or one sample each).
+
+    Samples are taken in order along axis 0 and grouped ``batch_size`` at a time; samples of
+    different lengths (ragged text) are zero-padded at the end of each axis to the longest in
+    their group, which is what padding token ids and attention masks look like. A last group
+    shorter than ``batch_size`` is dropped unless it is the only one. Scalars pass through.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, not {batch_size}")
+    samples: list[dict[str, np.ndarray]] = []
+    for feed in feeds:
+        arrays = {name: np.asarray(value) for name, value in feed.items()}
+        count = min((a.shape[0] for a in arrays.values() if a.ndim), default=1)
+        samples += [{n: a[i:i + 1] if a.ndim else a for n, a in arrays.items()} for i in range(count)]
+    groups = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    if len(groups) > 1 and len(groups[-1]) < batch_size:
+        groups.pop()
+    return [{name: _stack_padded([sample[name] for sample in group]) for name in group[0]} for group in groups]
+
+
+def _stack_padded(arrays: list[np.ndarray]) -> np.ndarray:
+    if arrays[0].ndim == 0:
+        return arrays[0]
+    width = np.max([a.shape for a in arrays], axis=0)
+    out = np.zeros((sum(a.shape[0] for a in arrays), *width[1:]), dtype=arrays[0].dtype)
+    row = 0
+    for array in arrays:
+        out[(slice(row, row + array.shape[0]), *(slice(0, d) for d in array.shape[1:]))] = array
+        row += array.shape[0]
+    return out
 
 
 def _session(model: ModelSource, threads: int) -> ort.InferenceSession:

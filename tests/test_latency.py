@@ -20,6 +20,7 @@ from onnxq.graph import GraphView
 from onnxq.latency import (
     build_latency_table,
     capture_layer_inputs,
+    deploy_feeds,
     layer_model,
     measure_latency,
     region_builder,
@@ -232,3 +233,18 @@ def test_a_quantized_whole_model_serves_as_a_candidate(tmp_path):
     # quantize_dynamic also quantized the embedding's output, so fc1's float input no longer exists
     # and the Gather's output is an integer tensor: those two layers cannot be cut and stay untimed
     assert sorted(layer for layer, _, _ in table.untimed) == ["embed", "fc1"]
+
+
+def test_deploy_feeds_pad_ragged_text_to_the_batch():
+    ragged = [{"ids": np.full((1, n), n, np.int64), "mask": np.ones((1, n), np.int64)} for n in (5, 7, 6)]
+    single = deploy_feeds(ragged, 1)
+    assert [f["ids"].shape for f in single] == [(1, 5), (1, 7), (1, 6)]
+    (pair,) = deploy_feeds(ragged, 2)  # the short last group is dropped
+    assert pair["ids"].shape == (2, 7) and pair["mask"].sum(1).tolist() == [5, 7]
+    assert pair["ids"][0].tolist() == [5] * 5 + [0, 0]
+    stacked = deploy_feeds([{"x": np.arange(12, dtype=np.float32).reshape(6, 2)}], 4)
+    assert len(stacked) == 1 and stacked[0]["x"].tolist() == np.arange(8).reshape(4, 2).tolist()
+    # a padded batch runs where the model's axes are dynamic
+    model = embedding_encoder_model()
+    (batch,) = deploy_feeds([{"ids": np.arange(n, dtype=np.int64)[None]} for n in (3, 4)], 2)
+    assert make_session(model).run(None, batch)[0].shape == (2, 4, 16)
