@@ -356,21 +356,37 @@ def layer_model(model: onnx.ModelProto, view: GraphView, layer: str, inputs: Map
     return built
 
 
+def _quantized_output(quantizer: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> onnx.ValueInfoProto:
+    """The value info of a QuantizeLinear output: the zero point's type (uint8 without one)."""
+    zero_point = initializers.get(quantizer.input[2]) if len(quantizer.input) > 2 else None
+    dtype = zero_point.data_type if zero_point is not None else onnx.TensorProto.UINT8
+    return onnx.helper.make_tensor_value_info(quantizer.output[0], dtype, None)
+
+
 def region_builder(quantized: ModelSource) -> CandidateBuilder:
     """A builder that cuts each layer's region out of an already quantized whole model.
 
     The region of a layer is everything the quantized model computes the layer's output tensor
     from the layer's own (float) input tensors: input Q/DQ or DynamicQuantizeLinear, weight DQ,
-    the integer kernel and its rescaling. A layer whose region does not start at those tensors
+    the integer kernel and its rescaling, and the QuantizeLinear on its output when there is one
+    (its cost is the layer's: the next layer reads the quantized tensor). A layer whose region does not start at those tensors
     (the quantizer renamed or re-routed them) cannot be cut; the table then leaves it untimed.
     """
     proto = quantized if isinstance(quantized, onnx.ModelProto) else onnx.load(str(quantized))
     graph = proto.graph
     producers = {out: (index, node) for index, node in enumerate(graph.node) for out in node.output if out}
     initializers = {init.name: init for init in graph.initializer}
+    output_quantizers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input:
+            output_quantizers.setdefault(node.input[0], []).append(node)
 
     def build(one_layer: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-        outputs = [value.name for value in one_layer.graph.output]
+        # a Q on the layer's output belongs to its region: onnxruntime fuses int8 kernels (QLinearConv,
+        # QLinearMatMul, Gather on int8 data) only when the output is quantized
+        layer_output = one_layer.graph.output[0].name
+        quantizers = output_quantizers.get(layer_output, [])
+        outputs = [q.output[0] for q in quantizers] or [layer_output]
         included: dict[int, onnx.NodeProto] = {}
         used_inputs: set[str] = set()
         used_initializers: set[str] = set()
@@ -395,8 +411,9 @@ def region_builder(quantized: ModelSource) -> CandidateBuilder:
                                  f"({tensor} comes from outside the layer)")
         graph_inputs = [onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(inputs[t].dtype),
                                                            list(inputs[t].shape)) for t in sorted(used_inputs)]
+        graph_outputs = [_quantized_output(q, initializers) for q in quantizers] or list(one_layer.graph.output)
         region = onnx.helper.make_graph(
-            [included[i] for i in sorted(included)], "region", graph_inputs, list(one_layer.graph.output),
+            [included[i] for i in sorted(included)], "region", graph_inputs, graph_outputs,
             initializer=[initializers[name] for name in sorted(used_initializers)])
         built = onnx.helper.make_model(region, opset_imports=list(proto.opset_import))
         built.ir_version = min(proto.ir_version, 10) if proto.ir_version else 10

@@ -13,7 +13,7 @@ import onnx
 import onnx.numpy_helper
 import pytest
 from onnx import TensorProto, helper
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from onnxq.errors import UsageError
 from onnxq.graph import GraphView
@@ -248,3 +248,28 @@ def test_deploy_feeds_pad_ragged_text_to_the_batch():
     model = embedding_encoder_model()
     (batch,) = deploy_feeds([{"ids": np.arange(n, dtype=np.int64)[None]} for n in (3, 4)], 2)
     assert make_session(model).run(None, batch)[0].shape == (2, 4, 16)
+
+
+class _Reader:
+    """Calibration feeds for onnxruntime's quantize_static."""
+
+    def __init__(self) -> None:
+        self.feeds = iter([{"ids": np.arange(i, i + 10, dtype=np.int64)[None]} for i in range(8)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
+
+
+def test_a_region_keeps_the_quantize_on_its_output(tmp_path):
+    """DQ(table) → Gather → Q runs as a Gather on int8 data; without its Q the table would be
+    dequantized whole on every call, so the region must carry the Q to time what the model runs."""
+    source, quantized = tmp_path / "fp32.onnx", tmp_path / "static.onnx"
+    model = embedding_encoder_model()
+    onnx.save(model, source)
+    quantize_static(str(source), str(quantized), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    view = GraphView(model)
+    inputs = capture_layer_inputs(model, view, ["embed"], {"ids": np.arange(10, dtype=np.int64)[None]})
+    region = region_builder(str(quantized))(layer_model(model, view, "embed", inputs), {"ids": inputs["ids"]})
+    assert [n.op_type for n in region.graph.node] == ["DequantizeLinear", "Gather", "QuantizeLinear"]
+    assert optimized_op_types(region, str(tmp_path / "optimized.onnx")) == ["Gather"]
