@@ -264,6 +264,11 @@ def render_layer_table(table: LatencyTable, names: list[str]) -> list[str]:
             totals.append(f"{name}: {sum(e.candidate_ms for e in timed) / sum(e.fp32_ms for e in timed):.2f} "
                           f"over {len(timed)} layers")
     lines += ["", "Sum of the timed layers' candidate time over their fp32 time: " + "; ".join(totals) + "."]
+    slow = [e for e in table.entries if e.ratio > 3.0]
+    if slow:
+        worst = sorted(slow, key=lambda e: -(e.candidate_ms - e.fp32_ms))[:6]
+        lines.append("Layers a candidate makes more than 3× slower than fp32 (largest extra time first): " + "; ".join(
+            f"{e.layer} under {e.candidate}: {e.ratio:.0f}× (+{(e.candidate_ms - e.fp32_ms):.2f} ms)" for e in worst) + ".")
     reasons = sorted({reason.split(":")[0] for _, _, reason in table.untimed})
     if reasons:
         lines.append(f"Untimed pairs: {len(table.untimed)} ({', '.join(reasons)}).")
