@@ -8,10 +8,11 @@ those ratios as the spread.
 
 The per-layer table times each layer alone: a one-node model holding the layer's real weight,
 fed with the layer's real inputs at the deploy shape (captured by running the fp32 model on a
-deploy feed), against the same one-node model quantized by a caller-supplied builder for each
-candidate. Entries are cached on disk per machine, model hash, layer, shapes and candidate; the
-table is built largest layers first within a time budget, and the pairs left untimed are listed
-so that callers fall back to the cost model for them.
+deploy feed), against the same layer at each candidate, given either as a callback that builds
+the candidate from the one-node model or as a quantized whole model whose region for the layer
+is cut out (``region_builder``). Entries are cached on disk per machine, model hash, layer,
+shapes and candidate; the table is built most work first within a time budget, and the pairs
+left untimed are listed so that callers fall back to the cost model for them.
 """
 
 from __future__ import annotations
@@ -369,8 +370,9 @@ def region_builder(quantized: ModelSource) -> CandidateBuilder:
     The region of a layer is everything the quantized model computes the layer's output tensor
     from the layer's own (float) input tensors: input Q/DQ or DynamicQuantizeLinear, weight DQ,
     the integer kernel and its rescaling, and the QuantizeLinear on its output when there is one
-    (its cost is the layer's: the next layer reads the quantized tensor). A layer whose region does not start at those tensors
-    (the quantizer renamed or re-routed them) cannot be cut; the table then leaves it untimed.
+    (its cost is the layer's: the next layer reads the quantized tensor). A layer whose region
+    does not start at those tensors (the quantizer renamed or re-routed them) cannot be cut; the
+    table then leaves it untimed.
     """
     proto = quantized if isinstance(quantized, onnx.ModelProto) else onnx.load(str(quantized))
     graph = proto.graph
