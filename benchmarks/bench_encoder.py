@@ -248,7 +248,7 @@ def render_layer_table(table: LatencyTable, names: list[str]) -> list[str]:
     lines = ["", "## Per-layer latency (onnxq.latency), batch 1", "",
              f"{table.summary()}. Each layer alone (a one-node fp32 model with its real weight, fed its real input "
              "at the deploy shape of a median-length sentence) against the same layer's region cut out of each "
-             "quantized model (input Q/DQ or DynamicQuantizeLinear, weight DQ, kernel, rescale), interleaved; "
+             "quantized model (input Q/DQ or DynamicQuantizeLinear, weight DQ, kernel, rescale, and the Q on its output if any), interleaved; "
              "ratio to fp32 (IQR). A dash: the region could not be cut (the quantizer re-routed the layer's "
              "input, e.g. a quantized Gather output) or the budget ran out.", "",
              "| layer | shape in | fp32 µs | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
