@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per quantizer before it is killed")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for latency (0: onnxruntime default)")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of interleaved timing per batch size")
-    parser.add_argument("--layer-budget", type=float, default=120.0,
+    parser.add_argument("--layer-budget", type=float, default=150.0,
                         help="seconds for the per-layer latency table (0: skip it)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "ENCODER.md", help="markdown report")
     parser.add_argument("--worker", choices=["ort-dynamic", "ort-static"], help=argparse.SUPPRESS)
