@@ -4,7 +4,8 @@ Usage (from the repository root; the model comes from ``models/export_minilm.py`
 
     python models/export_minilm.py            # once: writes models/.cache/minilm/
     ulimit -v 20000000; python benchmarks/bench_encoder.py [--out benchmarks/ENCODER.md]
-        [--variants ort-dynamic ort-static onnxq-max-drop onnxq-int8] [--timeout 900] [--threads 1]
+        [--variants ort-dynamic ort-static onnxq-max-drop onnxq-max-drop-padded onnxq-int8]
+        [--timeout 900] [--threads 1] [--budget 20] [--layer-budget 150]
 
 1. Quantizes ``minilm.onnx`` once per variant, each in its own subprocess (wall time, peak RSS
    from ``os.wait4``, a hard timeout; a failure is recorded with its text and the run goes on):
@@ -15,6 +16,8 @@ Usage (from the repository root; the model comes from ``models/export_minilm.py`
      MinMax) on the calibration feeds;
    * ``onnxq-max-drop``: ``onnxq quantize --spec ort-cpu-x86 --max-drop 0.01`` (CLI,
      ``PYTHONPATH`` at the repository root);
+   * ``onnxq-max-drop-padded``: the same with the calibration sentences padded into one ``.npz``
+     (a workaround while ragged feeds fail in the search);
    * ``onnxq-int8``: ``onnxq quantize --spec ort-cpu-x86 --precision int8/uint8``.
 
    The calibration feeds are ``minilm.calib/`` (one ``.npz`` per sentence, each at its own length).
@@ -23,6 +26,9 @@ Usage (from the repository root; the model comes from ``models/export_minilm.py`
    retrieval of 120 written paraphrases among them; the cosine of its embeddings to fp32), file size, and latency interleaved with fp32 (``onnxq.latency``): batch 1
    over 16 sentences at their real lengths, and batch 32 padded to the longest of 32 sentences.
    Latency is reported as the median per-round ratio to fp32 with its interquartile range.
+3. The per-layer latency table (``onnxq.latency.build_latency_table``) at batch 1 for a sentence of
+   median length: every layer alone in fp32 against its region cut out of each quantized model
+   (``region_builder``), within ``--layer-budget`` seconds.
 """
 
 from __future__ import annotations
