@@ -2,6 +2,11 @@
 
 Conventions (also written into the JSON under ``"conventions"``):
 
+* The model analysed is the one the rewrite will produce: upgraded to the opset the prepare
+  pass gives a plan of the analysed candidates (so weights are per-channel exactly when the
+  rewrite writes them so), activation ranges calibrated with ``--calibration``, layers inside
+  ``If``/``Loop``/``Scan`` bodies analysed like main-graph ones (rows carry their ``"scope"``;
+  :mod:`onnxq.sensitivity.scoped`).
 * The loss ``L`` is label-free, against the fp32 outputs on the calibration feeds: the mean
   over samples of KL(softmax(fp32) ‖ softmax(quantized)) for 2-D logit outputs (``kl``), the
   mean squared error otherwise (``mse``). ``L(0)`` (nothing quantized) is 0 up to rounding and
@@ -15,12 +20,16 @@ Conventions (also written into the JSON under ``"conventions"``):
     clipping at ≤ 4 bits — the same quantizer as the rewrite pass). The gradient of ``L`` at the
     fp32 weights is 0, and central differences cancel the odd terms anyway.
   - weight term, ``hutchinson`` (HAWQ-V2): ``½ · Tr(H)/n · ‖ΔW‖²`` with ``Tr(H)`` estimated from
-    Rademacher directions ``v``: ``vᵀHv ≈ (L(W+εv) + L(W−εv) − 2L(W)) / ε²``; ``ε`` is the RMS of
+    Rademacher directions ``v``: ``vᵀHv ≈ (L(W+εv) + L(W−εv) − 2L(W)) / ε²``, whose mean over
+    directions is already ``Tr(H)`` (``E[vᵀHv] = Tr(H)``, reported as ``hessian_trace``); ``ε`` is the RMS of
     the layer's coarsest integer weight noise, so the curvature is probed at the scale that
     matters. One trace per layer serves all its weight precisions.
-  - activation term: ``L(x̃) − L(0)`` with the layer's float input activations fake-quantized at
-    the candidate's activation precision (calibrated min/max ranges, symmetric as the spec
-    says). Float activation precisions (fp16…) add 0.
+  - activation term: the sum over the tensors the layer's Q/DQ quantize — its float inputs and,
+    where the layout puts a Q on its output (:func:`onnxq.layout.plan_layout`: a float or
+    integer consumer, after a folded Relu), that output — of ``L(x̃) − L(0)`` with the tensor
+    fake-quantized at the candidate's activation precision (calibrated ranges, symmetric as the
+    spec says; ``activation_terms``). A tensor two layers of a plan share counts once. Float
+    activation precisions (fp16…) add 0.
 * ``cross`` of a dependent pair ``(a, b)`` at candidates ``(c_a, c_b)``: ``L(a+b) − L(a) − L(b) +
   L(0)``, all four measured for real (weights quantized, activations fake-quantized). One
   candidate pair per dependent pair is measured: each layer's most aggressive candidate (fewest
@@ -31,11 +40,14 @@ Conventions (also written into the JSON under ``"conventions"``):
   "measured"``): the cross term of two weight noises is the bilinear ``ΔW_aᵀ H_ab ΔW_b``, and a
   layer's noise size scales as ``sqrt(δ)`` since ``δ ≈ ½ ΔWᵀHΔW``. So the JSON keeps the DESIGN
   rule (a pair entry counts when a plan gives both layers its candidates) and every consumer of
-  the pairs (the search's ILP) sees the scaled terms.
+  the pairs (the search's ILP) sees the scaled terms. Every entry is bounded as a positive
+  semi-definite form allows, ``|cross| ≤ 2 sqrt(δa δb)``, and never below what would make the
+  pair's predicted loss negative (:func:`bounded_cross`; ``raw_cross`` keeps the unbounded value).
 * The predicted loss of a plan is the sum of its layers' deltas plus the cross terms of the
   pairs whose two layers both take the pair's candidates (:func:`predicted_loss`).
 * The loss is measured on the first ``max_samples`` (64) samples, concatenated into batches of
-  up to 256 when the batch dimension is dynamic.
+  up to 256 when the batch dimension is dynamic — only feeds of the same shape are batched
+  together (one feed per sentence, each of its own length, gives one batch per length).
 
 How evaluations run (:mod:`onnxq.sensitivity.engine`): one fp32 run caches, per feed, every
 tensor where a layer's suffix of the graph is cut off; a single-layer evaluation then runs only
@@ -43,7 +55,8 @@ the nodes downstream of that layer, with the layer's weight as the session's one
 and its input activations fake-quantized in numpy (no fake-quant nodes in the graph); a pair
 chains its two layers' cut sessions. Validation plans run in a model built for the plan. When
 the cut tensors would not fit :data:`CUT_CACHE_BYTES`, or the model has control flow, every
-evaluation goes through one :class:`~onnxq.simulate.FakeQuantModel` session instead.
+evaluation goes through one :class:`~onnxq.simulate.FakeQuantModel` session instead. Jobs that
+touch a layer inside a subgraph run in a model baked for the job (:mod:`onnxq.sensitivity.scoped`).
 * When one activation tensor feeds layers at different precisions (a plan, a pair), the
   simulation quantizes it once at the lowest bit width among them.
 """
@@ -790,14 +803,17 @@ def analyze(
         "layers": layers_json,
         "pairs": pairs_json,
         "evaluations": len(jobs) + 1,
-        "options": {k: v for k, v in options_key.items() if k in ("method", "radius", "pairs", "random_plans", "seed")},
+        "options": {k: v for k, v in options_key.items() if k in ("method", "radius", "pairs", "random_plans", "seed",
+                                                                    "calibration")},
         "conventions": ("delta = predicted loss increase when only that layer takes the candidate: "
                         "weight term 1/2 dWᵀH dW (central: 1/2(L(W+dW)+L(W-dW)-2L(W)); hutchinson: "
-                        "1/2 Tr(H)/n |dW|²) + measured loss change with the layer's input activations "
+                        "1/2 Tr(H)/n |dW|², Tr(H) = mean of v'Hv) + measured loss change with each tensor "
+                        "the layer's Q/DQ quantize (inputs, and its output where the layout puts a Q) "
                         "fake-quantized; cross = L(a+b) - L(a) - L(b) + L(0) measured at the pair's "
                         "most aggressive candidates (scaling 'measured') and, for every other candidate "
                         "combination, scaled as cross* sqrt(delta_a(c) delta_b(d) / (delta_a* delta_b*)) "
-                        "(scaling 'sqrt-delta', the second-order form of dW_a'H_ab dW_b); predicted loss "
+                        "(scaling 'sqrt-delta', the second-order form of dW_a'H_ab dW_b), bounded by "
+                        "|cross| <= 2 sqrt(delta_a delta_b) and a non-negative pair prediction; predicted loss "
                         "of a plan = sum of deltas + matching crosses"),
     }
     if plans:
