@@ -21,6 +21,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from onnxq.graph import GraphView
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import FP32, Candidate, bits
@@ -153,7 +155,7 @@ def _search_space(views: Sequence[GraphView], spec: HardwareSpec, costs: _Costs,
     return SearchSpace(layers=layers, ties=tuple(ties), forbidden=tuple(forbidden))
 
 
-def _sensitivity_feeds(feeds: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def _sensitivity_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """The first calibration feeds, up to :data:`SENSITIVITY_SAMPLES` samples (a feed of
     scalars counts as one sample)."""
     chosen, samples = [], 0

@@ -498,6 +498,13 @@ def _signature(feed: Mapping[str, np.ndarray]) -> tuple:
     return tuple((k, np.asarray(v).dtype.str, np.shape(v)[1:]) for k, v in sorted(feed.items()))
 
 
+def _pair_free(sens: Mapping[str, Any], a: str, b: str) -> Callable[[Candidate, Candidate], float]:
+    """The predicted loss of ``{a: c, b: d}`` without pair terms, as a function of ``(c, d)``."""
+    def predict(c: Candidate, d: Candidate) -> float:
+        return predicted_loss(sens, {a: c, b: d})
+    return predict
+
+
 def _rebatch(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
              max_samples: int | None) -> list[dict[str, np.ndarray]]:
     """The first ``max_samples`` samples, in batches of up to :data:`MAX_BATCH` when possible.
@@ -531,7 +538,7 @@ def _rebatch(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     groups: dict[tuple, list[dict[str, np.ndarray]]] = {}
     for feed in kept:
         groups.setdefault(_signature(feed), []).append(feed)
-    out = []
+    out: list[dict[str, np.ndarray]] = []
     for members in groups.values():
         merged = {k: np.concatenate([np.asarray(f[k]) for f in members]) for k in members[0]}
         count = len(next(iter(merged.values())))
@@ -660,9 +667,9 @@ def analyze(
         if home[name] != MAIN_SCOPE:
             continue
         layer = view.layers[name]
-        w = (layer.weight.tensor,) if layer.weight is not None and layer.weight.tensor in weight_tensors else ()
-        acts = dict.fromkeys(a.tensor for c in chosen[name] for a in planner.activation_quants(name, c.activations))
-        segments.append(Segment(name, w, tuple(acts), tuple(dict.fromkeys(partners[name]))))
+        seg_weights = (layer.weight.tensor,) if layer.weight is not None and layer.weight.tensor in weight_tensors else ()
+        seg_acts = dict.fromkeys(q.tensor for c in chosen[name] for q in planner.activation_quants(name, c.activations))
+        segments.append(Segment(name, seg_weights, tuple(seg_acts), tuple(dict.fromkeys(partners[name]))))
     segments.extend(Segment(f"tensor:{t}", (), (t,)) for t in act_tensors)
     context = EvalContext(
         model_bytes=work.SerializeToString(), feeds=tuple(feed_list), activation_tensors=tuple(act_tensors),
@@ -694,20 +701,20 @@ def analyze(
         layer = planner.layer(name)
         scope = home[name]
         if layer.weight is not None and scope != MAIN_SCOPE:
-            w = views[scope].weight_value(layer.weight.tensor)
-            if w is not None:
-                scoped_weights[(scope, layer.weight.tensor)] = w.astype(np.float32)
+            value = views[scope].weight_value(layer.weight.tensor)
+            if value is not None:
+                scoped_weights[(scope, layer.weight.tensor)] = value.astype(np.float32)
         wprecs = [p for p in dict.fromkeys(c.weights for c in chosen[name]) if (name, p) in quantizers]
         if method == "central":
             for p in wprecs:
                 q = quantizers[(name, p)]
-                for sign in (+1, -1):
-                    add(("w", name, p, sign), planner.job({scope: ([WeightPerturbation(q.tensor, float(sign), q)], [])},
+                for sign in (1.0, -1.0):
+                    add(("w", name, p, sign), planner.job({scope: ([WeightPerturbation(q.tensor, sign, q)], [])},
                                                           (name,)))
         elif wprecs and layer.weight is not None:
-            w = views[scope].weight_value(layer.weight.tensor)
-            assert w is not None
-            weights_cache[name] = w.astype(np.float32)
+            value = views[scope].weight_value(layer.weight.tensor)
+            assert value is not None
+            weights_cache[name] = value.astype(np.float32)
             for p in wprecs:
                 noise = weight_noise(weights_cache[name], quantizers[(name, p)])
                 noise_sq[(name, p)] = float(np.sum(noise.astype(np.float64) ** 2))
@@ -720,9 +727,9 @@ def analyze(
                                                       seed * 1_000_003 + layer.index)
                     add(("h", name, d, sign), planner.job({scope: ([perturbation], [])}, (name,)))
         for p in dict.fromkeys(c.activations for c in chosen[name]):
-            for a in planner.activation_quants(name, p):  # one term per tensor: shared ones once
-                add(("t", scope, a.tensor, a.precision, a.symmetric),
-                    planner.job({scope: ([], [a])}, (f"tensor:{a.tensor}",)))
+            for quant in planner.activation_quants(name, p):  # one term per tensor: shared ones once
+                add(("t", scope, quant.tensor, quant.precision, quant.symmetric),
+                    planner.job({scope: ([], [quant])}, (f"tensor:{quant.tensor}",)))
 
     for a, b, _, ca, cb in pair_list:
         add(("single", a, ca), planner.plan_job({a: ca}, (a,)))
@@ -764,8 +771,8 @@ def analyze(
                     w_term = 0.5 * (measured(("w", name, c.weights, +1)) + measured(("w", name, c.weights, -1)))
                 elif trace is not None:
                     w_term = 0.5 * trace / weights_cache[name].size * noise_sq[(name, c.weights)]
-            a_terms = {planner.term_name(name, a.tensor): measured(("t", scope, a.tensor, a.precision, a.symmetric))
-                       for a in planner.activation_quants(name, c.activations)}
+            a_terms = {planner.term_name(name, q.tensor): measured(("t", scope, q.tensor, q.precision, q.symmetric))
+                       for q in planner.activation_quants(name, c.activations)}
             a_term = float(sum(a_terms.values()))
             deltas[(name, c)] = w_term + a_term
             item: dict[str, Any] = {"delta": w_term + a_term, "weight": w_term, "activation": a_term}
@@ -790,8 +797,7 @@ def analyze(
         shared = (predicted_loss(alone, {a: ca}) + predicted_loss(alone, {b: cb})
                   - predicted_loss(alone, {a: ca, b: cb}))
         cross = measured(("pair", a, b)) - measured(("single", a, ca)) - measured(("single", b, cb)) + shared
-        pairs_json.extend(_expand_pair(a, b, kind, ca, cb, cross, chosen, deltas,
-                                       lambda c, d, a=a, b=b: predicted_loss(alone, {a: c, b: d})))
+        pairs_json.extend(_expand_pair(a, b, kind, ca, cb, cross, chosen, deltas, _pair_free(alone, a, b)))
 
     result: dict[str, Any] = {
         "format": SENSITIVITY_FORMAT,
