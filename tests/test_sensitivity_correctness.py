@@ -358,6 +358,26 @@ def test_layers_inside_an_if_get_per_layer_precisions() -> None:
     assert not is_integer(inside["mm2"].activations)  # its uint8 input grid would erase its input
 
 
+@pytest.mark.parametrize("kind", ["loop", "scan"])
+def test_layers_inside_loop_and_scan_bodies_are_analysed(kind: str) -> None:
+    from test_control_flow import loop_model, scan_model  # noqa: PLC0415 - the control-flow test graphs
+
+    rng = np.random.default_rng(14)
+    if kind == "loop":
+        model, feeds = loop_model(), [{"x": rng.normal(size=(8, 16)).astype(np.float32)} for _ in range(4)]
+    else:
+        model = scan_model()
+        feeds = [{"s0": rng.normal(size=(8, 16)).astype(np.float32),
+                  "xs": rng.normal(size=(4, 8, 16)).astype(np.float32)} for _ in range(4)]
+    ensure_unique_node_names(model)
+    sens = analyze(model, feeds, load_spec("ort-cpu-x86"), pairs=False)
+    rows = [row for row in sens["layers"] if row.get("scope")]
+    assert len(rows) >= 2
+    for row in rows:  # every integer candidate of a layer inside the body perturbs the outputs
+        integer = [e["delta"] for c, e in row["candidates"].items() if not Candidate.parse(c).is_float]
+        assert integer and min(integer) > 0, row
+
+
 # -- item 12: an integer-only target's front spans its candidates ---------------------------------------
 
 def _mlp() -> onnx.ModelProto:
