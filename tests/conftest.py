@@ -151,3 +151,24 @@ def transformer_path() -> Path:
     if not path.exists():
         pytest.skip("bundled transformer missing")
     return path
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    """A CLI output shared by the session: the model and its JSON and HTML reports (copy before changing)."""
+
+    model: Path
+    report: Path
+    html: Path
+
+
+@pytest.fixture(scope="session")
+def cnn_int8_cli(tmp_path_factory: pytest.TempPathFactory, cnn_path: Path) -> QuantizedModel:
+    """The bundled CNN quantized once per session by ``onnxq quantize --precision int8/uint8``."""
+    folder = tmp_path_factory.mktemp("cnn-int8")
+    artifact = QuantizedModel(folder / "cnn.int8.onnx", folder / "report.json", folder / "report.html")
+    result = run_cli("quantize", str(cnn_path), "-o", str(artifact.model), "--spec", "ort-cpu-x86", "--precision",
+                     "int8/uint8", "--report", str(artifact.report), "--report-html", str(artifact.html), "--quiet",
+                     "--no-cache")
+    assert result.code == 0, result.stderr
+    return artifact

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import struct
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
 
 import pytest
+from conftest import QuantizedModel
 
 from onnxq.report_html import precision_colour, render_html
 
@@ -21,18 +22,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
-def cli_html(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Quantize the bundled CNN through the CLI with --report-html (and --report)."""
-    import json
-
-    out = tmp_path_factory.mktemp("html")
-    html_path, report_path = out / "report.html", out / "report.json"
-    cmd = [sys.executable, "-m", "onnxq", "quantize", str(CNN), "-o", str(out / "q.onnx"), "--spec", "ort-cpu-x86",
-           "--precision", "int8/uint8", "--report", str(report_path), "--report-html", str(html_path), "--quiet",
-           "--no-cache"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return html_path, json.loads(report_path.read_text())
+def cli_html(cnn_int8_cli: QuantizedModel) -> tuple[Path, dict]:
+    """The bundled CNN quantized through the CLI with --report-html (and --report), once per session."""
+    return cnn_int8_cli.html, json.loads(cnn_int8_cli.report.read_text())
 
 
 def _synthetic_report() -> dict:
