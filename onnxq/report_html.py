@@ -188,7 +188,7 @@ def _nice_step(span: float, count: int) -> float:
     return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
 
 
-def _axis_range(values: Sequence[float], count: int = 5) -> tuple[float, float, list[float]]:
+def _axis_range(values: Sequence[float], count: int = 5, integer: bool = False) -> tuple[float, float, list[float]]:
     """Axis limits padded by 5% of the span (so no point sits on the frame) and the ticks inside them."""
     lo, hi = min(values), max(values)
     if hi - lo <= 1e-12 * max(1.0, abs(hi)):
@@ -196,7 +196,7 @@ def _axis_range(values: Sequence[float], count: int = 5) -> tuple[float, float, 
         lo, hi = lo - pad, hi + pad
     pad = 0.05 * (hi - lo)
     lo, hi = lo - pad, hi + pad
-    step = _nice_step(hi - lo, count)
+    step = max(1.0, _nice_step(hi - lo, count)) if integer else _nice_step(hi - lo, count)
     first = math.ceil(lo / step)
     ticks = [k * step for k in range(first, math.floor(hi / step) + 1)]
     return lo, hi, ticks
@@ -307,7 +307,7 @@ def _svg_bars(title: str, labels: Sequence[str], values: Sequence[float], colour
     colours = list(colours) if colours else ["#4878a8"] * len(values)
     row, left, width = 18, 280, 420
     top, height = 28, 18 * len(labels) + 28 + 46
-    _, hi, ticks = _axis_range([0.0, *[max(0.0, v) for v in values]])
+    _, hi, ticks = _axis_range([0.0, *[max(0.0, v) for v in values]], integer=all(float(v).is_integer() for v in values))
     ticks = [t for t in ticks if t >= 0]
     scale = width / (hi or 1.0)
     bottom = top + row * len(labels)
