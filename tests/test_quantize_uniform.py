@@ -94,6 +94,7 @@ def test_api_accepts_proto_and_iterable(cnn_path: Path) -> None:
     assert any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
 
 
+@pytest.mark.slow  # test_robustness.py::test_determinism[minmax] runs the same command twice and compares bytes
 def test_deterministic_output(cnn_path: Path, tmp_path: Path) -> None:
     outs = []
     for i in range(2):

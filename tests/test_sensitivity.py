@@ -229,6 +229,7 @@ def test_transformer_int4_more_sensitive(spec) -> None:  # type: ignore[no-untyp
     assert weighted and worse >= 0.8 * len(weighted)
 
 
+@pytest.mark.slow  # starts a ray cluster (~30 s); test_workers_give_the_same_numbers covers parallel executors
 def test_ray_executor_matches_local(cnn, spec) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("ray")
     feeds = _feeds(CNN, 16, 16)
