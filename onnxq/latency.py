@@ -38,6 +38,7 @@ from onnxq.errors import ModelError, UsageError
 from onnxq.graph import DEFAULT_LAYER_OPS, GraphView, constant_tensors, constant_value
 from onnxq.model import atomic_write_text, model_sha256
 from onnxq.runtime import make_session
+from onnxq.spec.model import RuntimeTarget
 
 __all__ = [
     "TABLE_FORMAT",
@@ -47,6 +48,7 @@ __all__ = [
     "LayerLatency",
     "LatencyTable",
     "machine_id",
+    "runs_here",
     "time_interleaved",
     "measure_latency",
     "deploy_feeds",
@@ -161,6 +163,15 @@ class LatencyTable:
 
 
 @cache
+def runs_here(runtime: RuntimeTarget | None) -> bool:
+    """Whether the target ``runtime`` is this machine: onnxruntime with that execution provider
+    available, on one of the listed architectures. Latency is then measured, not estimated."""
+    if runtime is None or runtime.engine != "onnxruntime":
+        return False
+    return (runtime.execution_provider in ort.get_available_providers()
+            and platform.machine().lower() in runtime.machines)
+
+
 def machine_id() -> str:
     """What a measured latency depends on besides the model: CPU, platform and onnxruntime."""
     cpu = platform.processor() or "?"

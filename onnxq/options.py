@@ -37,6 +37,8 @@ class QuantizeOptions:
     progress: bool = field(default_factory=lambda: sys.stderr.isatty())
     cache_dir: str | None = None
     batch_size: int = 16
+    objective: str = "latency"
+    deploy_batch: int = 1
 
     @property
     def mode(self) -> str:

@@ -8,6 +8,14 @@ each relative to fp32, weighed equally), orders its plans
 by cost, and bisects over them with real onnxruntime evaluations (:mod:`onnxq.evaluate`) for
 the cheapest plan whose measured drop is at most X: a logarithmic number of evaluations.
 
+Every plan built there is also weighed as the user will run it: bytes of its written model and,
+when the target's runtime is this machine (``spec.runtime``, :func:`onnxq.latency.runs_here`),
+latency measured in real onnxruntime sessions interleaved with fp32 at the deploy batch
+(``--deploy-batch``). A few more plans between the bisection's answer and fp32 are measured
+the same way, and :mod:`onnxq.search.objective` picks the one to write for ``--objective``
+(latency first, then size, by default) with fp32 as a contender: a model slower than fp32 is
+never written as the latency-optimal answer.
+
 The search never edits the model: it produces ``ctx.artifacts["plan"]`` and reports how it got
 there in ``search``, ``pareto_front`` and ``cost``. When the target cannot be met it still
 returns the best plan found, with ``target_met = False`` and a ``shortfall`` sentence.
@@ -23,12 +31,16 @@ from typing import Any
 
 import numpy as np
 
+from onnxq.evaluate import PlanEvaluator
 from onnxq.graph import GraphView
+from onnxq.latency import LatencyRatio, deploy_feeds, measure_latency, runs_here
+from onnxq.model import byte_size
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import FP32, Candidate, bits
 from onnxq.rewrite import plan_summary
 from onnxq.search.candidates import SearchSpace, build_space
 from onnxq.search.ilp import Problem, Solution, solve
+from onnxq.search.objective import Choice, MeasuredPlan, Objective, choose
 from onnxq.sensitivity import analyze, bounded_cross
 from onnxq.spec.model import HardwareSpec
 
@@ -42,6 +54,60 @@ SENSITIVITY_SAMPLES = 32
 FRONT_POINTS = 8
 #: Use the sensitivity pair cross terms in the predicted loss (benchmarks turn it off to compare).
 USE_PAIRS = True
+#: Plans measured beyond the bisection, spread between its answer and fp32 (latency may order
+#: them differently from the cost model).
+EXTRA_MEASURED_PLANS = 2
+#: Deploy-shape feeds timed per latency measurement, and the time budget of one measurement.
+LATENCY_FEEDS = 4
+LATENCY_BUDGET_SECONDS = 1.5
+#: The predicted-cost axis the front is built on, per objective.
+OBJECTIVE_AXIS = {Objective.LATENCY: "latency", Objective.SIZE: "size", Objective.BALANCED: "balanced"}
+
+
+class _PlanMeter:
+    """Builds plans' models once and measures them: drop, written size and, on a present target,
+    latency interleaved with fp32 at the deploy batch."""
+
+    def __init__(self, ctx: PassContext, evaluator: PlanEvaluator) -> None:
+        self.evaluator = evaluator
+        self.max_drop = ctx.options.max_drop
+        self.fp32_model = ctx.artifacts["fp32_model"]
+        self.fp32_bytes = max(1, byte_size(self.fp32_model))
+        spec: HardwareSpec = ctx.artifacts["spec"]
+        self.timed = runs_here(spec.runtime)
+        self.batch = int(getattr(ctx.options, "deploy_batch", 1) or 1)
+        self.feeds = deploy_feeds(list(ctx.artifacts["feeds"].held_back), self.batch)[:LATENCY_FEEDS] if self.timed else []
+        self.timed = self.timed and bool(self.feeds)
+        self.results: dict[int, MeasuredPlan] = {}
+        self.latency: dict[int, LatencyRatio] = {}
+
+    def fp32(self, index: int) -> MeasuredPlan:
+        result = MeasuredPlan(index, 0.0, 1.0, 1.0 if self.timed else None, 0.0, is_fp32=True)
+        self.results[index] = result
+        return result
+
+    def measure(self, index: int, plan: Mapping[str, Candidate]) -> MeasuredPlan:
+        if index in self.results:
+            return self.results[index]
+        if all(c == FP32 for c in plan.values()):
+            return self.fp32(index)
+        model = self.evaluator.build(plan)
+        drop = self.evaluator.measure_model(model).drop
+        ratio: float | None = None
+        spread = 0.0
+        if self.timed and drop <= self.max_drop:  # latency only matters inside the range
+            try:
+                latency = measure_latency(model, self.fp32_model, self.feeds, budget_seconds=LATENCY_BUDGET_SECONDS)
+            except Exception as error:  # noqa: BLE001 - a plan that ran above must not fail on timing
+                logger.warning("latency of plan #%d not measured: %s", index, error)
+            else:
+                self.latency[index] = latency
+                ratio, spread = latency.ratio, latency.spread
+        result = MeasuredPlan(index, drop, byte_size(model) / self.fp32_bytes, ratio, spread)
+        self.results[index] = result
+        logger.info("plan #%d: drop %.5f, size %.1f%% of fp32%s", index, drop, 100 * result.size_ratio,
+                    "" if ratio is None else f", latency {ratio:.2f}x fp32 (batch {self.batch})")
+        return result
 
 
 class _Costs:
@@ -224,7 +290,8 @@ class SearchPass(Pass):
         views: list[GraphView] = [ctx.analysis("graph_view"), *(sv.view for sv in ctx.analysis("scope_views"))]
         costs = _Costs(views, spec)
         mode = options.mode
-        axis = "balanced" if mode == "max-drop" else "latency"
+        objective = Objective(getattr(options, "objective", Objective.LATENCY.value))
+        axis = OBJECTIVE_AXIS[objective] if mode == "max-drop" else "latency"
         if options.target_size_mb is not None:
             axis = "size"
         elif options.target_bits is not None:
@@ -270,8 +337,6 @@ class SearchPass(Pass):
             shortfall = (f"no plan the spec allows meets the {unit} target of {describe(budget)}: the cheapest plan reaches "
                          f"{describe(cheapest.cost + fixed)}, {describe(cheapest.cost + fixed - budget)} over it")
         plan = dict(solution.plan or {})
-        from onnxq.evaluate import PlanEvaluator
-
         evaluator = PlanEvaluator(ctx)
         measured = evaluator.measure(plan)
         estimate = costs.estimate(plan)
@@ -295,68 +360,100 @@ class SearchPass(Pass):
     # -- accuracy range ---------------------------------------------------------------------
 
     def _max_drop(self, ctx: PassContext, problem: Problem, costs: _Costs, fixed: float) -> None:
-        from onnxq.evaluate import PlanEvaluator
-
         options = ctx.options
+        spec: HardwareSpec = ctx.artifacts["spec"]
+        objective = Objective(getattr(options, "objective", Objective.LATENCY.value))
         front, solver_seconds = predicted_front(problem)
-        fp32_plan: dict[str, Candidate] = {}
-        if not ctx.artifacts["spec"].integer_only:
-            front.append((fp32_plan, 0.0, float("inf")))  # measured drop 0 by definition
+        if not spec.integer_only:
+            front.append(({}, 0.0, float("inf")))  # fp32: measured drop 0 by definition
         evaluator = PlanEvaluator(ctx)
-        measured: dict[int, float] = {}
-        if ctx.artifacts["spec"].integer_only:
-            lo, hi = 0, len(front) - 1
-            measured[hi] = evaluator.measure(front[hi][0]).drop
-            passing = hi if measured[hi] <= options.max_drop else None
-        else:
-            lo, hi = 0, len(front) - 1
-            measured[hi] = 0.0
-            passing = hi
-        from tqdm import tqdm
-
-        bar = tqdm(total=max(1, math.ceil(math.log2(max(2, hi - lo + 1)))), desc="search (real evaluations)",
-                   unit="plan", disable=not options.progress, leave=False)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            drop = evaluator.measure(front[mid][0]).drop
-            bar.update(1)
-            measured[mid] = drop
-            if drop <= options.max_drop:
-                hi = mid
-                passing = mid
-            else:
-                lo = mid + 1
-        bar.close()
-        target_met = passing is not None
-        chosen = passing if passing is not None else min(measured, key=lambda i: (measured[i], i))
+        meter = _PlanMeter(ctx, evaluator)
+        passing = self._bisect(front, meter, options.max_drop, options.progress, spec.integer_only)
+        self._measure_extra(front, meter, passing)
+        choice = choose(list(meter.results.values()), options.max_drop, objective)
+        target_met = choice is not None
+        if choice is None:
+            chosen = min(meter.results, key=lambda i: (meter.results[i].drop, i))
+            choice = Choice(meter.results[chosen])
+        chosen = choice.plan.index
         plan, loss, _ = front[chosen]
-        entries = [self._entry(p, l_, costs, measured.get(i)) for i, (p, l_, _) in enumerate(front)]
+        entries = [self._entry(p, l_, costs, meter.results.get(i)) for i, (p, l_, _) in enumerate(front)]
         ctx.artifacts["plan"] = dict(plan)
         ctx.artifacts["target_met"] = target_met
         ctx.artifacts["pareto_front"] = entries
         ctx.artifacts["cost"] = {"fp32": costs.estimate({}), "chosen": costs.estimate(plan),
-                                 "placeholder_cost_model": bool(ctx.artifacts["spec"].cost.placeholder)}
+                                 "placeholder_cost_model": bool(spec.cost.placeholder)}
+        drop = meter.results[chosen].drop
         search: dict[str, Any] = {
-            "mode": "max-drop", "max_drop": options.max_drop, "evaluations": evaluator.evaluations,
-            "plans_considered": len(front), "chosen_index": chosen, "predicted_loss": loss,
-            "measured_drop": measured[chosen], "metric": evaluator.metric_name or options.metric,
+            "mode": "max-drop", "max_drop": options.max_drop, "objective": objective.value,
+            "evaluations": evaluator.evaluations, "plans_considered": len(front), "chosen_index": chosen,
+            "predicted_loss": loss, "measured_drop": drop, "metric": evaluator.metric_name or options.metric,
+            "latency_measured": meter.timed, "deploy_batch": meter.batch,
             "solver_seconds": round(solver_seconds, 4),
             "sensitivity_evaluations": ctx.artifacts["sensitivity"].get("evaluations"),
         }
+        if choice.notice:
+            search["notice"] = choice.notice
+            logger.warning("%s", choice.notice)
         if not target_met:
             search["shortfall"] = (f"no plan met --max-drop {options.max_drop}: the best measured drop is "
-                                   f"{measured[chosen]:.4f}, {measured[chosen] - options.max_drop:.4f} over the range")
+                                   f"{drop:.4f}, {drop - options.max_drop:.4f} over the range")
             logger.warning("target not met: %s", search["shortfall"])
         logger.info("search: %d plans on the predicted front, %d real evaluations, chose #%d (drop %.4f)",
-                    len(front), evaluator.evaluations, chosen, measured[chosen])
+                    len(front), evaluator.evaluations, chosen, drop)
         ctx.artifacts["search"] = search
 
     @staticmethod
-    def _entry(plan: Mapping[str, Candidate], loss: float, costs: _Costs, drop: float | None) -> dict[str, Any]:
+    def _bisect(front: Sequence[tuple[dict[str, Candidate], float, float]], meter: _PlanMeter, max_drop: float,
+                progress: bool, integer_only: bool) -> int | None:
+        """The cheapest plan of the front whose measured drop is inside the range (log₂ of the
+        front in real evaluations; fp32, last, passes by definition unless integer-only)."""
+        from tqdm import tqdm
+
+        lo, hi = 0, len(front) - 1
+        last = meter.measure(hi, front[hi][0]) if integer_only else meter.fp32(hi)
+        passing = hi if last.drop <= max_drop else None
+        bar = tqdm(total=max(1, math.ceil(math.log2(max(2, hi - lo + 1)))), desc="search (real evaluations)",
+                   unit="plan", disable=not progress, leave=False)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            result = meter.measure(mid, front[mid][0])
+            bar.update(1)
+            if result.drop <= max_drop:
+                hi = passing = mid
+            else:
+                lo = mid + 1
+        bar.close()
+        return passing
+
+    @staticmethod
+    def _measure_extra(front: Sequence[tuple[dict[str, Candidate], float, float]], meter: _PlanMeter,
+                       passing: int | None) -> None:
+        """Measure a few more plans between the bisection's answer and the end of the front:
+        the cost model ordered them, the machine may not agree."""
+        if passing is None or not meter.timed:
+            return
+        unmeasured = [i for i in range(passing + 1, len(front)) if i not in meter.results]
+        if not unmeasured:
+            return
+        picks = sorted({unmeasured[round(k * (len(unmeasured) - 1) / max(1, EXTRA_MEASURED_PLANS - 1))]
+                        for k in range(min(EXTRA_MEASURED_PLANS, len(unmeasured)))})
+        for index in picks:
+            meter.measure(index, front[index][0])
+
+    @staticmethod
+    def _entry(plan: Mapping[str, Candidate], loss: float, costs: _Costs,
+               measured: MeasuredPlan | float | None) -> dict[str, Any]:
         estimate = costs.estimate(plan)
         balanced = estimate["latency_seconds"] / costs.fp32_latency + estimate["size_bytes"] / max(1.0, costs.estimate({})["size_bytes"])
         entry: dict[str, Any] = {"cost": round(balanced, 6), **estimate, "predicted_loss": loss,
                                  "plan": plan_summary({k: v for k, v in plan.items() if v != FP32})}
-        if drop is not None:
-            entry["measured_drop"] = drop
+        if isinstance(measured, MeasuredPlan):
+            entry["measured_drop"] = measured.drop
+            entry["measured_size_ratio"] = round(measured.size_ratio, 4)
+            if measured.latency_ratio is not None:
+                entry["measured_latency_ratio"] = round(measured.latency_ratio, 4)
+                entry["measured_latency_spread"] = round(measured.latency_spread, 4)
+        elif measured is not None:
+            entry["measured_drop"] = measured
         return entry

@@ -53,6 +53,7 @@ from onnxq.spec.model import (
     HardwareSpec,
     OpRule,
     QuantizerRule,
+    RuntimeTarget,
 )
 
 __all__ = [
@@ -621,7 +622,15 @@ def _build(data: Mapping[str, Any], source: str) -> HardwareSpec:
         layout_ops=frozenset(layout) if layout is not None else DEFAULT_LAYOUT_OPS,
         max_opset=int(data["max_opset"]) if "max_opset" in data else None,
         source=source,
+        runtime=_runtime(data.get("runtime")),
     )
+
+
+def _runtime(raw: Mapping[str, Any] | None) -> RuntimeTarget | None:
+    if raw is None:
+        return None
+    return RuntimeTarget(engine=str(raw["engine"]), execution_provider=str(raw["execution_provider"]),
+                         machines=tuple(str(m).lower() for m in raw["machines"]))
 
 
 def load_spec(name_or_path: str | os.PathLike[str]) -> HardwareSpec:

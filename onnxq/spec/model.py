@@ -24,6 +24,7 @@ __all__ = [
     "HardwareSpec",
     "OpRule",
     "QuantizerRule",
+    "RuntimeTarget",
 ]
 
 
@@ -210,6 +211,16 @@ class CostParams:
 
 
 @dataclass(frozen=True)
+class RuntimeTarget:
+    """A target that is a runtime onnxq can start: onnxruntime with one execution provider on
+    the listed machine architectures (``platform.machine()``, lower case)."""
+
+    engine: str
+    execution_provider: str
+    machines: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class HardwareSpec:
     """A hardware target: what it runs, in which formats, and at what cost.
 
@@ -229,6 +240,8 @@ class HardwareSpec:
         layout_ops: ops that only move data (never counted as compute).
         max_opset: the highest ai.onnx opset the target accepts (None: no limit known).
         source: where the spec was loaded from (built-in name or file path).
+        runtime: the runtime the target is, when onnxq can run it itself (see
+            :class:`RuntimeTarget`); None for targets that only a cost model describes.
     """
 
     name: str
@@ -244,6 +257,7 @@ class HardwareSpec:
     layout_ops: frozenset[str] = DEFAULT_LAYOUT_OPS
     max_opset: int | None = None
     source: str = ""
+    runtime: RuntimeTarget | None = None
 
     def candidates_for(self, op_type: str) -> tuple[Candidate, ...]:
         """Allowed candidates of an op type; ``(fp32/fp32,)`` or ``()`` when it is not listed."""
