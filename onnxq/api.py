@@ -143,7 +143,7 @@ def quantize(
     pipeline = build_pipeline(opts, explicit_plan)
     pipeline.run(ctx)
     report = build_report(ctx, hw, opts, time.perf_counter() - started, str(pipeline))
-    return QuantizeResult(model=ctx.model, report=report, target_met=bool(ctx.artifacts.get("target_met", True)))
+    return QuantizeResult(model=ctx.model, report=report, target_met=report["target_met"])
 
 
 def _recurrent_notes(model: onnx.ModelProto) -> dict[str, str]:
@@ -196,4 +196,9 @@ def build_report(ctx: PassContext, spec: HardwareSpec, opts: QuantizeOptions, se
     for key in ("search", "cost", "pareto_front"):
         if key in ctx.artifacts:
             report[key] = ctx.artifacts[key]
+    # the search's verdict on its predictions, then the checks on the written model (passes/measure.py)
+    shortfalls = [s for s in (ctx.artifacts.get("search", {}).get("shortfall"),) if s] + ctx.artifacts.get("shortfalls", [])
+    report["target_met"] = bool(ctx.artifacts.get("target_met", True)) and not shortfalls
+    if shortfalls:
+        report["shortfall"] = "; ".join(shortfalls)
     return report

@@ -1,7 +1,8 @@
 """The ``onnxq`` command line (DESIGN.md fixes the commands, options and exit codes).
 
 Exit codes: 0 success; 1 target not met (best model still written) or validation violations;
-2 bad input or usage. Errors are one line on stderr unless ``--debug``.
+2 bad input or usage; 141 (128 + SIGPIPE, the shell's code for ``yes | head``) when the reader
+of stdout went away, with nothing printed. Errors are one line on stderr unless ``--debug``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +22,9 @@ from onnxq.errors import OnnxqError, UsageError
 __all__ = ["main"]
 
 logger = logging.getLogger("onnxq")
+
+#: Exit code when stdout's reader closed the pipe early: 128 + SIGPIPE, as a shell reports it.
+EXIT_READER_GONE = 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -269,8 +274,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     elif not args.quiet:
         _print_summary(report, str(out), str(report_path) if report_path else None)
     if not result.target_met:
-        search = report.get("search", {})
-        print(f"onnxq: target not met: {search.get('shortfall', 'see the report')}; the best model found was written to {out}",
+        print(f"onnxq: target not met: {report.get('shortfall', 'see the report')}; the best model found was written to {out}",
               file=sys.stderr)
         return 1
     return 0
@@ -304,6 +308,23 @@ _COMMANDS = {
 }
 
 
+def _reader_gone() -> int:
+    """The reader of stdout went away (``onnxq validate M --spec S | head``): stop quietly.
+
+    What's left to print goes to /dev/null (else the interpreter's exit flush fails again), and
+    the exit code is the shell's for a process ended by SIGPIPE, as coreutils tools do, so
+    ``set -o pipefail`` scripts see what they see for ``yes | head``.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout has no descriptor (an in-process caller's buffer)
+        logger.debug("stdout has no file descriptor to redirect")
+    finally:
+        os.close(devnull)
+    return EXIT_READER_GONE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -317,8 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sensitivity":
             from onnxq.sensitivity.cli import run_sensitivity_command
 
-            return run_sensitivity_command(args)
-        return _COMMANDS[args.command](args)
+            code = run_sensitivity_command(args)
+        else:
+            code = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except OnnxqError as error:
         if debug:
             raise
