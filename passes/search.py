@@ -148,10 +148,11 @@ class SearchPass(Pass):
         axis_cost = {name: {c: costs.axis(name, c, axis) for c in spec.all_candidates() + (FP32,)
                             if name in costs.by_name}
                      for name in view.layers}
-        full = build_space(view, spec)
+        keep_float = ctx.artifacts.get("keep_float", frozenset())
+        full = build_space(view, spec, keep_float=keep_float)
         pruned = {name: {c: axis_cost[name].get(c) or costs.axis(name, c, axis) for c in cands}
                   for name, cands in full.layers.items()}
-        space = build_space(view, spec, cost=pruned)
+        space = build_space(view, spec, cost=pruned, keep_float=keep_float)
         started = time.perf_counter()
         feeds = list(ctx.artifacts["feeds"].calibration)
         chosen_feeds, samples = [], 0
@@ -325,6 +326,8 @@ class SearchPass(Pass):
         scoped: dict[str, Candidate] = {}
         for view in ctx.analysis("scope_views"):
             for name, layer in view.view.layers.items():
+                if name in ctx.artifacts.get("keep_float", ()):
+                    continue
                 choice = closest_candidate(layer, Candidate.parse("int8/uint8"), spec)
                 if choice is None:
                     allowed = [c for c in spec.candidates_for(layer.op_type) if not c.is_float and c.weight_bits == 8]

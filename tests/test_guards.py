@@ -22,6 +22,7 @@ from conftest import ROOT, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.api import quantize
+from onnxq.cli import main
 from onnxq.data import batch_axes, load_feeds
 from onnxq.metrics import Metric, fidelity, nonfinite_feeds
 from onnxq.options import QuantizeOptions
@@ -250,3 +251,73 @@ def test_closed_pipe_through_a_shell(wide_model: Path) -> None:
     assert proc.stderr == "", proc.stderr
     assert len(proc.stdout.splitlines()) == 2
     assert proc.returncode == 141
+
+
+# ------------------------------------------------------------------ help text and --exclude (issue 12 item 6)
+
+@pytest.mark.parametrize("command", ["quantize", "sensitivity", "validate", "inspect", "specs", "spec-check"])
+def test_every_option_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    body = lines[next(i for i, line in enumerate(lines) if line.endswith("arguments:") or line == "options:"):]
+    missing = []
+    for i, line in enumerate(body):
+        if not line.startswith("  ") or line.startswith("   "):
+            continue  # a section header or a continuation of a help text
+        invocation, _, text = line.strip().partition("  ")
+        follows = body[i + 1] if i + 1 < len(body) else ""
+        if not text.strip() and not follows.startswith(" " * 8):
+            missing.append(invocation)
+    assert not missing, f"{command}: no help text for {missing}"
+
+
+def _conv_gemm() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Conv", ["x", "Wc"], ["c"], name="stem/conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "Wd"], ["d"], name="body/conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["d"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "Wg"], ["y"], name="head/fc", transB=1)]
+    weights = {"Wc": rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "Wd": rng.normal(size=(4, 4, 3, 3)).astype(np.float32),
+               "Wg": rng.normal(size=(3, 64)).astype(np.float32)}
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], weights, opset=13)
+    return model, {"x": rng.normal(size=(32, 1, 4, 4)).astype(np.float32)}
+
+
+def _quantized_layers(model: onnx.ModelProto) -> set[str]:
+    """Layers whose weight is read through a DequantizeLinear in the written model."""
+    dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in dq_outputs}
+
+
+@pytest.mark.parametrize(("exclude", "kept"), [(["head/fc"], {"head/fc"}), (["re:.*/conv"], {"stem/conv", "body/conv"}),
+                                               (["op:Gemm", "stem/conv"], {"head/fc", "stem/conv"})])
+def test_exclude_keeps_layers_float_uniform(exclude: list[str], kept: set[str]) -> None:
+    model, calib = _conv_gemm()
+    result = quantize(model, calib, "ort-cpu-x86", precision="int8/uint8", exclude=exclude, options=OPTIONS)
+    assert _quantized_layers(result.model) == {"stem/conv", "body/conv", "head/fc"} - kept
+    assert not kept & set(result.report["plan"]["layers"])
+
+
+def test_exclude_wins_over_an_explicit_plan_and_in_the_search() -> None:
+    model, calib = _conv_gemm()
+    plan = {"stem/conv": "int8/uint8", "body/conv": "int8/uint8", "head/fc": "int8/uint8"}
+    explicit = quantize(model, calib, "ort-cpu-x86", plan=plan, exclude=["body/conv"], options=OPTIONS)
+    assert _quantized_layers(explicit.model) == {"stem/conv", "head/fc"}
+    searched = quantize(model, calib, "ort-cpu-x86", max_drop=0.5, exclude=["op:Conv"], options=OPTIONS)
+    assert not {"stem/conv", "body/conv"} & _quantized_layers(searched.model)
+    assert {"stem/conv", "body/conv"}.isdisjoint(searched.report["plan"]["layers"])
+
+
+def test_exclude_from_the_cli_and_its_errors(tmp_path: Path) -> None:
+    model, calib = _conv_gemm()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **calib)
+    base = ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--spec", "ort-cpu-x86", "--calib",
+            str(tmp_path / "c.npz"), "--precision", "int8/uint8", "--quiet", "--no-cache"]
+    assert main([*base, "--exclude", "op:Gemm", "--exclude", "re:stem/.*"]) == 0
+    assert _quantized_layers(onnx.load(tmp_path / "q.onnx")) == {"body/conv"}
+    for bad in ("nope", "re:(", "op:"):
+        assert main([*base, "--exclude", bad]) == 2
