@@ -379,6 +379,7 @@ def test_int8_with_dead_weight_channels_stays_close_to_fp32_many(case: Case) -> 
 
 
 @pytest.mark.slow
+@RELU_AT_OUTPUT
 @SLOW
 @given(graphs())
 def test_int16_stays_closer_to_fp32_many(case: Case) -> None:
