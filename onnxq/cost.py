@@ -40,6 +40,12 @@ to price them:
   builds them from a GraphView for a search that prices layers independently (the ILP): layer
   to layer through integer-capable ops, and layer to/from the float ops around it.
 
+Dynamic int8 layers (``int8/dyn-uint8``) exchange float with their neighbours (they quantize their
+input per call, which their per-element cost prices) and compute at the uint8 rate; block-wise
+weight-only layers (``int4b32/fp32``, onnxruntime's MatMulNBits) compute at their candidate's
+rate and read packed weights with one scale per block, so the roofline's memory term makes them
+cheap for few rows and not for many.
+
 ``batch`` multiplies MACs, activation and boundary elements (the inputs are per sample);
 weights and fixed costs stay.
 """
@@ -152,8 +158,9 @@ class Boundary:
 
 
 def _domain(candidate: Candidate) -> Precision:
-    """The format of the activations a layer exchanges with its neighbours."""
-    return candidate.activations
+    """The format of the activations a layer exchanges with its neighbours (a dynamic layer
+    quantizes its float input itself and writes float)."""
+    return Precision.FP32 if candidate.dynamic else candidate.activations
 
 
 def boundary(producer: Candidate, consumer: Candidate) -> bool:
@@ -172,15 +179,16 @@ def weight_bytes(layer: LayerCost, candidate: Candidate, spec: HardwareSpec) -> 
     if not is_integer(precision) and precision != Precision.FP8E4M3:
         return data
     rule = spec.weight_rule(layer.op_type, precision)
-    granularity = rule.preferred_granularity if rule is not None else Granularity.PER_TENSOR
+    granularity = spec.weight_granularity(layer.op_type, candidate) if rule is not None else Granularity.PER_TENSOR
     if granularity == Granularity.PER_CHANNEL:
         groups = max(1, layer.weight_channels)
     elif granularity == Granularity.PER_BLOCK:
-        block = rule.block_sizes[0] if rule is not None and rule.block_sizes else _DEFAULT_BLOCK
-        groups = math.ceil(n / block)
+        groups = math.ceil(n / (spec.weight_block_size(layer.op_type, candidate) or _DEFAULT_BLOCK))
     else:
         groups = 1
-    zero_point_bytes = math.ceil(groups * w_bits / 8)
+    # symmetric block-wise weights are written without zero points (onnxq.qdq_patterns)
+    symmetric_blocks = granularity == Granularity.PER_BLOCK and rule is not None and rule.symmetric
+    zero_point_bytes = 0 if symmetric_blocks else math.ceil(groups * w_bits / 8)
     return data + groups * _SCALE_BYTES + zero_point_bytes
 
 
@@ -199,7 +207,8 @@ def _layer_seconds(layer: LayerCost, candidate: Candidate, spec: HardwareSpec, b
     macs = layer.macs * batch
     elements = (layer.input_elements + layer.output_elements) * batch
     compute = macs / cost.throughput(candidate) if macs > 0 else 0.0
-    act_bytes = bits(candidate.activations) / 8
+    # a dynamic layer reads and writes float; quantizing its input per call is in its per-element cost
+    act_bytes = (32 if candidate.dynamic else bits(candidate.activations)) / 8
     moved = weight_bytes(layer, candidate, spec) + elements * act_bytes
     memory = moved / cost.bytes_per_second
     fixed = cost.op_overhead_seconds + cost.candidate_value(cost.candidate_overhead_seconds, candidate)
@@ -217,7 +226,7 @@ def _elements(view: GraphView, tensor: str) -> int:
 
 
 def _integer_layers(plan: Mapping[str, Candidate]) -> set[str]:
-    return {name for name, c in plan.items() if is_integer(c.activations)}
+    return {name for name, c in plan.items() if c.static_activations}
 
 
 def boundaries(view: GraphView, plan: Mapping[str, Candidate | str], spec: HardwareSpec) -> tuple[Boundary, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from onnxq.graph import GraphView
@@ -30,9 +31,15 @@ SHARED_SCALE_DEFAULT = frozenset({
 
 
 def effective_candidate(layer_has_weight: bool, candidate: Candidate) -> Candidate:
-    """A weightless layer (Add, activation×activation MatMul) uses the activation side on both."""
+    """A weightless layer (Add, activation×activation MatMul) uses the activation side on both.
+
+    Dynamic and block-wise candidates describe a constant weight; a weightless layer planned
+    with one stays float (as onnxruntime's ``quantize_dynamic`` leaves attention MatMuls).
+    """
     if layer_has_weight:
         return candidate
+    if candidate.dynamic or candidate.block_size:
+        return Candidate(Precision.FP32, Precision.FP32)
     return Candidate(candidate.activations, candidate.activations)
 
 
@@ -74,6 +81,9 @@ class Layout:
     folded_relus: dict[str, str]  # layer name → Relu node folded into its output Q
     float_layers: set[str]
     fp16_layers: set[str]
+    #: integer-only targets: compute nodes outside the plan (a bias Add, a LayerNorm) that run on
+    #: integers too, with the precision of their activations
+    integer_nodes: dict[str, Precision] = field(default_factory=dict)
 
     def calibration_targets(self) -> dict[str, Precision]:
         """Tensors whose ranges calibration must provide, with the finest bit width needed."""
@@ -86,8 +96,24 @@ class Layout:
         return targets
 
 
-def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSpec) -> Layout:
-    """Decide the Q/DQ layout of ``plan`` on the graph of ``view``."""
+def _gets_output_q(view: GraphView, spec: HardwareSpec, tensor: str, keep_float: AbstractSet[str]) -> bool:
+    """Whether a quantized layer's output ``tensor`` gets its Q.
+
+    The final logits stay float where float runs (nothing downstream to fuse with); an
+    integer-only target computes them in integers too, and a DQ hands the float out.
+    """
+    if tensor in keep_float:
+        return False
+    return spec.integer_only or not (tensor in view.graph_outputs and not view.consumers.get(tensor))
+
+
+def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSpec,
+                keep_float: AbstractSet[str] = frozenset()) -> Layout:
+    """Decide the Q/DQ layout of ``plan`` on the graph of ``view``.
+
+    ``keep_float`` names tensors that get no Q at all: calibration saw them take NaN/±Inf (an
+    attention mask's ``-inf``), which a quantizer would turn into finite values.
+    """
     effective: dict[str, Candidate] = {}
     for name, candidate in plan.items():
         layer = view.layers.get(name)
@@ -103,23 +129,28 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
     consumer_need: dict[str, dict[str, Precision]] = {}
 
     for name, candidate in int_layers.items():
-        if not is_integer(candidate.activations):
-            continue  # weight-only quantization: activations stay float
+        if not candidate.static_activations:
+            continue  # weight-only or dynamic (quantized per call): no static Q on either side
         layer = view.layers[name]
         precision = candidate.activations
         for tensor in layer.activations:
-            consumer_need.setdefault(tensor, {})[name] = precision
+            if tensor not in keep_float:
+                consumer_need.setdefault(tensor, {})[name] = precision
         output = layer.output
         symmetric = activation_symmetric(spec, layer.op_type, precision)
         consumers = view.consumers.get(output, [])
         if (len(consumers) == 1 and view.nodes[consumers[0]].op_type == "Relu" and not symmetric
-                and output not in view.graph_outputs):
+                and output not in view.graph_outputs
+                and _gets_output_q(view, spec, view.nodes[consumers[0]].output[0], keep_float)):
+            # the Relu is deleted and its clipping done by the Q: only where that Q exists
             relu = consumers[0]
             folded[name] = relu
             output = view.nodes[relu].output[0]
-        if output in view.graph_outputs and not view.consumers.get(output):
-            continue  # the final logits stay float: nothing downstream to fuse with
+        if not _gets_output_q(view, spec, output, keep_float):
+            continue
         tensors[output] = TensorQuant(output, precision, symmetric, output, from_layer=True)
+
+    integer_nodes = _integer_only_nodes(view, spec, set(int_layers), tensors, consumer_need, keep_float)
 
     for tensor, needs in consumer_need.items():
         if tensor in tensors:
@@ -131,7 +162,7 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
         ordered = sorted(needs.items(), key=lambda item: (bits(item[1]), item[0]))
         main_precision = ordered[0][1]
         first_consumer = ordered[0][0]
-        symmetric = activation_symmetric(spec, view.layers[first_consumer].op_type, main_precision)
+        symmetric = activation_symmetric(spec, view.nodes[first_consumer].op_type, main_precision)
         quant = TensorQuant(tensor, main_precision, symmetric, tensor)
         for consumer, precision in needs.items():
             if precision != main_precision:
@@ -145,6 +176,8 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
         for node in view.nodes.values():
             if node.op_type not in shared_ops or not node.input or not node.output:
                 continue
+            if node.op_type == "Concat":
+                continue  # its inputs take its output's grid (below)
             source, target = node.input[0], node.output[0]
             if target not in tensors or tensors[target].range_of != target:
                 continue
@@ -153,7 +186,7 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
             quant = tensors[target]
             upstream = tensors.get(source)
             if upstream is None:
-                if source in view.constants or not view.is_float(source):
+                if source in view.constants or not view.is_float(source) or source in keep_float:
                     continue
                 upstream = TensorQuant(source, quant.precision, quant.symmetric, source)
                 tensors[source] = upstream
@@ -172,6 +205,7 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
                 continue
             quant.range_of = upstream.range_of
             changed = True
+    _share_concat_grids(view, spec, shared_ops, tensors, keep_float)
     # a chain of shared-scale ops shares one grid: point every link at the chain's root
     for quant in tensors.values():
         root, seen = quant.range_of, {quant.tensor}
@@ -180,4 +214,49 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
             root = tensors[root].range_of
         quant.range_of = root
     return Layout(plan=dict(effective), tensors=tensors, folded_relus=folded, float_layers=float_layers,
-                  fp16_layers=fp16_layers)
+                  fp16_layers=fp16_layers, integer_nodes=integer_nodes)
+
+
+def _share_concat_grids(view: GraphView, spec: HardwareSpec, shared_ops: AbstractSet[str],
+                        tensors: dict[str, TensorQuant], keep_float: AbstractSet[str]) -> None:
+    """A shared-scale Concat runs on its inputs' integers: every input takes the grid of the
+    output, whose calibrated range covers all of them (a constant input too, where nothing may
+    stay float)."""
+    if "Concat" not in shared_ops:
+        return
+    for node in view.nodes.values():
+        if node.op_type != "Concat" or not node.output or node.output[0] not in tensors:
+            continue
+        out = tensors[node.output[0]]
+        for tensor in node.input:
+            constant_ok = spec.integer_only or tensor not in view.constants
+            if tensor and tensor not in tensors and constant_ok and view.is_float(tensor) and tensor not in keep_float:
+                tensors[tensor] = TensorQuant(tensor, out.precision, out.symmetric, out.range_of)
+            quant = tensors.get(tensor)
+            if quant is not None and tensor != out.tensor and quant.precision == out.precision \
+                    and quant.symmetric == out.symmetric:
+                quant.range_of = out.range_of
+
+
+def _integer_only_nodes(view: GraphView, spec: HardwareSpec, planned: AbstractSet[str], tensors: dict[str, TensorQuant],
+                        consumer_need: dict[str, dict[str, Precision]], keep_float: AbstractSet[str]) -> dict[str, Precision]:
+    """On an integer-only target, the compute nodes the plan does not cover (not layers: a bias
+    Add, a LayerNorm, a Softmax) run on integers as well: their float inputs and outputs get Qs."""
+    if not spec.integer_only:
+        return {}
+    nodes: dict[str, Precision] = {}
+    for name, node in view.nodes.items():
+        if name in planned or node.op_type not in spec.ops or not node.output:
+            continue
+        precisions = [c.activations for c in spec.candidates_for(node.op_type) if is_integer(c.activations)]
+        if not precisions:
+            continue
+        nodes[name] = precision = precisions[0]
+        for tensor in node.input:
+            if tensor and tensor not in view.constants and view.is_float(tensor) and tensor not in keep_float:
+                consumer_need.setdefault(tensor, {})[name] = precision
+        output = node.output[0]
+        if view.is_float(output) and output not in tensors and _gets_output_q(view, spec, output, keep_float):
+            symmetric = activation_symmetric(spec, node.op_type, precision)
+            tensors[output] = TensorQuant(output, precision, symmetric, output, from_layer=True)
+    return nodes

@@ -12,11 +12,18 @@ import numpy as np
 
 from onnxq.precision import Precision, qrange
 
-__all__ = ["QParams", "MIN_SCALE", "qparams_from_range", "quantize", "dequantize", "fake_quantize"]
+__all__ = ["QParams", "MIN_SCALE", "grid", "INT32_BIAS_MAX", "qparams_from_range", "bias_safe_weight_scale", "quantize",
+           "dequantize", "fake_quantize"]
 
 #: Smallest scale onnxq writes: a constant or all-zero tensor gets this instead of 0, so the
 #: output model never divides by zero.
 MIN_SCALE = np.float32(1e-8)
+
+#: Largest int32 bias code (the grid is symmetric: the most negative value is not used).
+INT32_BIAS_MAX = 2**31 - 1
+
+#: Head room of :func:`bias_safe_weight_scale` (onnxruntime's quantizer uses the same).
+_BIAS_SCALE_MARGIN = 1.0001
 
 
 @dataclass(frozen=True)
@@ -28,14 +35,24 @@ class QParams:
     precision: Precision
     axis: int | None = None
     narrow: bool = False
+    reduce_range: bool = False
 
     @property
     def qmin(self) -> int:
-        return qrange(self.precision, self.narrow)[0]
+        return grid(self.precision, self.narrow, self.reduce_range)[0]
 
     @property
     def qmax(self) -> int:
-        return qrange(self.precision, self.narrow)[1]
+        return grid(self.precision, self.narrow, self.reduce_range)[1]
+
+
+def grid(precision: Precision, narrow: bool = False, reduce_range: bool = False) -> tuple[int, int]:
+    """The codes a quantizer uses: :func:`~onnxq.precision.qrange`, halved when ``reduce_range``
+    (``[-64, 63]`` for int8, ``[-63, 63]`` when also narrow)."""
+    qmin, qmax = qrange(precision)
+    if reduce_range:
+        qmin, qmax = qmin // 2, qmax // 2
+    return (qmin + 1 if narrow and qmin < 0 else qmin), qmax
 
 
 def qparams_from_range(
@@ -45,13 +62,14 @@ def qparams_from_range(
     symmetric: bool,
     narrow: bool = False,
     axis: int | None = None,
+    reduce_range: bool = False,
 ) -> QParams:
     """Scale and zero point that cover ``[rmin, rmax]`` (widened to include 0).
 
     Symmetric quantizers use ``max(|rmin|, |rmax|)`` and put zero at the grid's centre (0 for
     signed types, the middle for unsigned ones); asymmetric ones map ``rmin`` to ``qmin``.
     """
-    qmin, qmax = qrange(precision, narrow)
+    qmin, qmax = grid(precision, narrow, reduce_range)
     lo = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
     hi = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
     if symmetric:
@@ -68,7 +86,30 @@ def qparams_from_range(
         zero = np.clip(np.round(qmin - lo / safe), qmin, qmax)
     scale = np.maximum(scale, float(MIN_SCALE)).astype(np.float32)
     return QParams(scale=scale, zero_point=zero.astype(np.int64), precision=precision, axis=axis,
-                   narrow=narrow)
+                   narrow=narrow, reduce_range=reduce_range)
+
+
+def bias_safe_weight_scale(weight_scale: np.ndarray, input_scale: np.ndarray | float, bias: np.ndarray) -> np.ndarray:
+    """Weight scales raised where the int32 bias scale ``s_x·s_w`` is too small for the bias.
+
+    A channel whose weights are all zero (or tiny) gets a tiny ``s_w``; ``bias / (s_x·s_w)`` then
+    overflows int32 and the bias saturates. Like onnxruntime's quantizer (which adjusts weight
+    scales for int32 biases), the channel's ``s_w`` is raised just enough for its bias to fit;
+    its weights are then quantized on that coarser grid. Per-tensor scales (0-d) take the
+    largest ``|bias|``; per-channel ones are raised channel by channel.
+    """
+    scale = np.asarray(weight_scale, dtype=np.float64)
+    s_x = float(np.max(np.asarray(input_scale, dtype=np.float64)))
+    if not (np.isfinite(s_x) and s_x > 0) or bias.size == 0:
+        return np.asarray(weight_scale, dtype=np.float32)
+    magnitude = np.abs(bias.astype(np.float64))
+    if scale.ndim == 0:
+        magnitude = magnitude.max()
+    needed = _BIAS_SCALE_MARGIN * magnitude / INT32_BIAS_MAX / s_x
+    raised = np.maximum(scale, needed)
+    result = raised.astype(np.float32)
+    # float32 rounding must not undo the margin
+    return np.where(result < raised, np.nextafter(result, np.float32(np.inf)), result).astype(np.float32)
 
 
 def _broadcast(values: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,39 +119,79 @@ def numpy_dtype(precision: Precision) -> np.dtype:
     return table[precision]
 
 
+_BLOCK_SUFFIX = re.compile(r"^(?P<name>[a-z0-9]+?)b(?P<block>[0-9]+)$")
+_DYNAMIC_PREFIX = "dyn-"
+
+
 @dataclass(frozen=True, order=True)
 class Candidate:
-    """A layer's ``weights/activations`` precision pair, written ``int8/uint8``."""
+    """A layer's ``weights/activations`` precision pair, written ``int8/uint8``.
+
+    Two refinements are part of the word (DESIGN.md): weights quantized block-wise carry the block
+    size (``int4b32/fp32``: int4 weights in blocks of 32 along the reduction axis), activations
+    quantized per call by the runtime carry a ``dyn-`` prefix (``int8/dyn-uint8``: uint8 scale
+    and zero point computed from each input batch, no calibrated range).
+
+    Attributes:
+        weights: storage precision of the weights.
+        activations: precision the layer's input activations are quantized to (or its float
+            compute format).
+        block_size: weight block size; 0 when the weights are not block-wise.
+        dynamic: True when the activations are quantized per call (no static Q).
+    """
 
     weights: Precision
     activations: Precision
+    block_size: int = 0
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_size < 0 or (self.block_size and not is_integer(self.weights)):
+            raise PlanError(f"block size {self.block_size} on {self.weights.value} weights",
+                            "block-wise weights need an integer weight precision, e.g. int4b32")
+        if self.dynamic and not is_integer(self.activations):
+            raise PlanError(f"dynamic {self.activations.value} activations",
+                            "per-call quantization needs an integer activation precision, e.g. dyn-uint8")
 
     @classmethod
     def parse(cls, text: str) -> Candidate:
-        """Parse ``"int8/uint8"``; a single name (``"int8"``) means the same on both sides."""
+        """Parse ``"int8/uint8"``, ``"int4b32/fp32"`` or ``"int8/dyn-uint8"``; a single name
+        (``"int8"``) means the same on both sides."""
         parts = [p.strip().lower() for p in str(text).split("/")]
         if len(parts) == 1:
             parts = parts * 2
         if len(parts) != 2:
             raise PlanError(
                 f"candidate {text!r} is not of the form weights/activations",
-                "write e.g. int8/uint8, int4/int8 or fp16/fp16",
+                "write e.g. int8/uint8, int4/int8, int4b32/fp32, int8/dyn-uint8 or fp16/fp16",
             )
+        weights, block = _split_block(parts[0])
+        activations, dynamic = parts[1], parts[1].startswith(_DYNAMIC_PREFIX)
+        if dynamic:
+            activations = activations[len(_DYNAMIC_PREFIX):]
         try:
-            return cls(Precision(parts[0]), Precision(parts[1]))
+            return cls(Precision(weights), Precision(activations), block, dynamic)
         except ValueError:
             names = " ".join(p.value for p in Precision)
             raise PlanError(
-                f"candidate {text!r} names an unknown precision", f"known precisions: {names}"
+                f"candidate {text!r} names an unknown precision",
+                f"known precisions: {names} (weights may end in bN, activations start with dyn-)",
             ) from None
 
     def __str__(self) -> str:
-        return f"{self.weights.value}/{self.activations.value}"
+        block = f"b{self.block_size}" if self.block_size else ""
+        dynamic = _DYNAMIC_PREFIX if self.dynamic else ""
+        return f"{self.weights.value}{block}/{dynamic}{self.activations.value}"
 
     @property
     def is_float(self) -> bool:
         """True when neither side is an integer format (fp32/fp16/bf16 layers)."""
         return not is_integer(self.weights) and not is_integer(self.activations)
+
+    @property
+    def static_activations(self) -> bool:
+        """True when the input activations get a calibrated (static) Q/DQ."""
+        return is_integer(self.activations) and not self.dynamic
 
     @property
     def weight_bits(self) -> int:
@@ -159,6 +200,16 @@ class Candidate:
     @property
     def activation_bits(self) -> int:
         return bits(self.activations)
+
+
+def _split_block(text: str) -> tuple[str, int]:
+    """``"int4b32"`` → ``("int4", 32)``; a plain precision name → ``(name, 0)``."""
+    if text in {p.value for p in Precision}:
+        return text, 0
+    match = _BLOCK_SUFFIX.match(text)
+    if match is None:
+        return text, 0
+    return match.group("name"), int(match.group("block"))
 
 
 FP32 = Candidate(Precision.FP32, Precision.FP32)

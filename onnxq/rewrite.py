@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,8 +19,14 @@ from onnx import helper
 from onnxq.errors import PassError
 from onnxq.graph import GraphView, constant_value
 from onnxq.layout import Layout, TensorQuant, activation_symmetric
-from onnxq.numerics import QParams, dequantize, qparams_from_range, quantize
+from onnxq.numerics import QParams, bias_safe_weight_scale, dequantize, qparams_from_range, quantize
 from onnxq.precision import Candidate, Precision, is_integer, numpy_dtype, onnx_dtype
+from onnxq.qdq_patterns import (
+    dynamic_weight_layout,
+    emit_blockwise_weight,
+    emit_dynamic_layer,
+    make_tensor,
+)
 from onnxq.spec.model import Granularity, HardwareSpec
 
 __all__ = ["RangeLike", "RewriteResult", "weight_axis", "weight_qparams", "apply_layout", "toposort_nodes"]
@@ -28,6 +34,8 @@ __all__ = ["RangeLike", "RewriteResult", "weight_axis", "weight_qparams", "apply
 logger = logging.getLogger(__name__)
 
 _CHANNEL_INPUT_OPS = {"Conv", "ConvTranspose", "Gemm"}
+#: Ops that read only their input's shape (any element type).
+_SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 
 class RangeLike(Protocol):
@@ -72,7 +80,9 @@ def weight_qparams(
     rule = spec.weight_rule(node.op_type, candidate.weights)
     symmetric = True if rule is None else rule.symmetric
     narrow = False if rule is None else rule.narrow_range
-    per_channel = per_channel_ok and w.ndim >= 2 and (rule is None or rule.preferred_granularity == Granularity.PER_CHANNEL)
+    reduce_range = False if rule is None else rule.reduce_range
+    per_channel = (per_channel_ok and w.ndim >= 2
+                   and spec.weight_granularity(node.op_type, candidate) == Granularity.PER_CHANNEL)
     axis = weight_axis(node.op_type, node, w.ndim) if per_channel else None
     if weight_ranges is not None:
         lo, hi = weight_ranges(w, axis, candidate.weights, symmetric)
@@ -81,7 +91,7 @@ def weight_qparams(
     else:
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         lo, hi = w.min(axis=reduce), w.max(axis=reduce)
-    return qparams_from_range(lo, hi, candidate.weights, symmetric, narrow=narrow, axis=axis)
+    return qparams_from_range(lo, hi, candidate.weights, symmetric, narrow=narrow, axis=axis, reduce_range=reduce_range)
 
 
 class _Builder:
@@ -104,11 +114,7 @@ class _Builder:
 
     def initializer(self, base: str, array: np.ndarray, dtype: int | None = None) -> str:
         name = self.unique(base)
-        if dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-            tensor = helper.make_tensor(name, dtype, list(array.shape), array.astype(np.int64).flatten().tolist())
-        else:
-            tensor = onnx.numpy_helper.from_array(np.require(array, requirements="C"), name)
-        self.graph.initializer.append(tensor)
+        self.graph.initializer.append(make_tensor(name, array, dtype))  # int4/uint4 packed
         return name
 
     def node(self, op_type: str, inputs: list[str], base_output: str, name: str, **attrs: Any) -> str:
@@ -212,6 +218,10 @@ def apply_layout(
     # 1. fold Relus into the Q of the layer they follow
     for layer_name, relu_name in layout.folded_relus.items():
         layer_node, relu = nodes[layer_name], nodes[relu_name]
+        if relu.output[0] not in layout.tensors:
+            # the Q does the Relu's clipping; without one, deleting the Relu changes the model
+            raise PassError(f"layout folds {relu_name!r} into {layer_name!r} but quantizes no output there",
+                            "report this to onnxq: the layout must fold a Relu only into a Q")
         layer_node.output[0] = relu.output[0]
         graph.node.remove(relu)
         del nodes[relu_name]
@@ -219,6 +229,7 @@ def apply_layout(
 
     # 2. activations
     input_qparams: dict[tuple[str, str], QParams] = {}  # (layer, tensor) → qparams seen by the layer
+    table_grids: dict[str, QParams] = {}  # integer Gather layer → the grid of its table and output
     for tensor in sorted(layout.tensors):
         quant = layout.tensors[tensor]
         consumers = list(view.consumers.get(tensor, []))
@@ -233,8 +244,14 @@ def apply_layout(
             source = b.unique(f"{tensor}_float")
             producer.output[list(producer.output).index(tensor)] = source
         q = _activation_qparams(quant, quant.precision, ranges, quant.symmetric)
-        scale, zp = _qparam_initializers(b, tensor, q)
         producer_name = view.producer.get(tensor, "")
+        table = _integer_lookup_table(view, layout, producer_name, quant.precision)
+        if table is not None:
+            # DQ(table) -> Gather -> Q runs on integers when both share one grid: the table's,
+            # which covers every row the lookup can return
+            q = qparams_from_range(np.asarray(table.min()), np.asarray(table.max()), quant.precision, quant.symmetric)
+            table_grids[producer_name] = q
+        scale, zp = _qparam_initializers(b, tensor, q)
         producer_plan = layout.plan.get(producer_name)
         if producer_plan is not None and not is_integer(producer_plan.activations) and producer_name not in layout.fp16_layers:
             # a weight-only layer (int8 table Gather, int4 weight-only MatMul) computes in float:
@@ -246,6 +263,11 @@ def apply_layout(
                                                 name=b.unique(f"{tensor}_DequantizeLinear")))
         for index, consumer in enumerate(sorted(set(consumers))):
             node = nodes[consumer]
+            if node.op_type in _SHAPE_ONLY_OPS:
+                # the integer codes have the tensor's shape: a DQ here would be computed for
+                # nothing and would keep onnxruntime from fusing the DQ's other consumers
+                node.input[:] = [quantized_name if name == tensor else name for name in node.input]
+                continue
             suffix = f"_{index}" if len(set(consumers)) > 1 else ""
             guard_axis = _float_guard_axis(view, node, layout, tensor)
             if guard_axis is not None:
@@ -303,7 +325,17 @@ def apply_layout(
         if w is None:
             continue
         w = w.astype(np.float32)
-        wq = weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges, per_channel_ok=per_channel_ok)
+        pattern_bytes = _fast_pattern(b, view, node, layer, w, candidate, spec)
+        if pattern_bytes is not None:
+            weight_bytes += pattern_bytes
+            continue
+        wq = table_grids.get(layer_name) or weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges,
+                                                           per_channel_ok=per_channel_ok)
+        x_q = input_qparams.get((layer_name, layer.activations[0])) if layer.activations else None
+        if _int32_bias(layer.bias, x_q, node, candidate):
+            bias = view.weight_value(layer.bias or "")
+            if bias is not None and bias.ndim == 1 and np.isfinite(bias).all() and x_q is not None:
+                wq = replace(wq, scale=bias_safe_weight_scale(wq.scale, x_q.scale, bias))
         axis = wq.axis
         codes = quantize(w, wq).astype(numpy_dtype(candidate.weights))
         base = layer.weight.tensor
@@ -313,9 +345,7 @@ def apply_layout(
         dq = b.node("DequantizeLinear", [q_name, scale, zp], f"{base}_dequantized", f"{base}_DequantizeLinear", **attrs)
         node.input[list(node.input).index(layer.weight.tensor)] = dq
         weight_bytes += (codes.size * (4 if candidate.weights in (Precision.INT4, Precision.UINT4) else 8 * codes.itemsize)) // 8
-        x_q = input_qparams.get((layer_name, layer.activations[0])) if layer.activations else None
-        if (layer.bias is not None and x_q is not None and node.op_type in _CHANNEL_INPUT_OPS
-                and candidate.weights == Precision.INT8 and x_q.precision in (Precision.UINT8, Precision.INT8)):
+        if layer.bias is not None and x_q is not None and _int32_bias(layer.bias, x_q, node, candidate):
             bias = view.weight_value(layer.bias)
             bias_scale = (np.asarray(x_q.scale, np.float64) * np.asarray(wq.scale, np.float64)).astype(np.float32)
             if not np.all(np.isfinite(bias_scale) & (bias_scale > 0)):
@@ -339,6 +369,8 @@ def apply_layout(
             # 16-bit scales; an int32 DQ at a scale fitted to the bias itself keeps it exact
             _exact_bias(b, view, node, layer.bias)
 
+    for name, precision in sorted(layout.integer_nodes.items()):
+        _quantize_constant_operands(b, view, nodes[name], precision, activation_symmetric(spec, nodes[name].op_type, precision))
     if any(is_integer(c.weights) for c in layout.plan.values()):
         weight_bytes += _compress_constant_operands(b, view, nodes)
     graph.node.extend(b.new_nodes)
@@ -376,11 +408,13 @@ def _compress_constant_operands(b: _Builder, view: GraphView, nodes: Mapping[str
         value = view.weight_value(tensor)
         if value is None or value.dtype != np.float32 or value.size < _MIN_COMPRESSED_ELEMENTS:
             continue
+        if not np.isfinite(value).all():
+            continue  # an attention mask's -inf has no place on an integer grid
         q = qparams_from_range(np.asarray(value.min()), np.asarray(value.max()), Precision.INT8, True, narrow=True)
         codes = quantize(value, q)
         rms = float(np.sqrt(np.mean(np.square(value.astype(np.float64)))))
-        error = float(np.sqrt(np.mean(np.square(dequantize(codes, q) - value))))
-        if rms == 0 or error > _MAX_RELATIVE_RMS_ERROR * rms:
+        error = float(np.sqrt(np.mean(np.square(dequantize(codes, q).astype(np.float64) - value))))
+        if not error <= _MAX_RELATIVE_RMS_ERROR * rms or rms == 0:  # written so that NaN refuses
             continue
         q_name = b.initializer(f"{tensor}_quantized", codes.astype(np.int8))
         scale, zp = _qparam_initializers(b, tensor, q)
@@ -392,6 +426,46 @@ def _compress_constant_operands(b: _Builder, view: GraphView, nodes: Mapping[str
                     node.input[i] = dq
         saved += codes.size
     return saved
+
+
+def _integer_lookup_table(view: GraphView, layout: Layout, layer_name: str, precision: Precision) -> np.ndarray | None:
+    """The float table of a Gather layer planned with integer table and output of ``precision``."""
+    candidate = layout.plan.get(layer_name)
+    layer = view.layers.get(layer_name)
+    if candidate is None or layer is None or layer.op_type != "Gather" or layer.weight is None:
+        return None
+    if candidate.weights != precision or candidate.activations != precision:
+        return None
+    table = view.weight_value(layer.weight.tensor)
+    return None if table is None or table.dtype.kind != "f" or not np.isfinite(table).all() else table.astype(np.float32)
+
+
+def _int32_bias(bias: str | None, x_q: QParams | None, node: onnx.NodeProto, candidate: Candidate) -> bool:
+    """Whether the layer's bias is stored as int32 at scale ``s_x·s_w`` (8-bit integer layers)."""
+    return (bias is not None and x_q is not None and node.op_type in _CHANNEL_INPUT_OPS
+            and candidate.weights == Precision.INT8 and x_q.precision in (Precision.UINT8, Precision.INT8))
+
+
+def _fast_pattern(b: _Builder, view: GraphView, node: onnx.NodeProto, layer: Any, w: np.ndarray,
+                  candidate: Candidate, spec: HardwareSpec) -> int | None:
+    """Emit a dynamic int8 or block-wise weight-only layer (:mod:`onnxq.qdq_patterns`); the
+    stored bytes, or None when ``candidate`` is neither."""
+    if candidate.dynamic:
+        bias = view.weight_value(layer.bias) if layer.bias is not None else None
+        weight = dynamic_weight_layout(node, w, None if bias is None else bias.astype(np.float32))
+        consumers = [view.nodes[c] for c in view.consumers.get(node.output[0], []) if c in view.nodes]
+        rule = spec.weight_rule(node.op_type, candidate.weights)
+        reduce_range = rule is not None and rule.reduce_range
+        return emit_dynamic_layer(b, node, weight, candidate, consumers, set(view.constants), reduce_range)
+    block = spec.weight_block_size(node.op_type, candidate)
+    if not block:
+        return None
+    rule = spec.weight_rule(node.op_type, candidate.weights)
+    symmetric = True if rule is None else rule.symmetric
+    narrow = False if rule is None else rule.narrow_range
+    dq, size = emit_blockwise_weight(b, layer.weight.tensor, w, candidate.weights, block, symmetric, narrow)
+    node.input[list(node.input).index(layer.weight.tensor)] = dq
+    return size
 
 
 def _exact_bias(b: _Builder, view: GraphView, node: onnx.NodeProto, bias_name: str) -> None:
@@ -424,8 +498,8 @@ def _quantize_constant_operands(b: _Builder, view: GraphView, node: onnx.NodePro
         if not tensor or tensor not in view.constants or (node.op_type == "Gather" and i == 1):
             continue
         value = view.weight_value(tensor)
-        if value is None or value.dtype.kind != "f":
-            continue
+        if value is None or value.dtype.kind != "f" or not np.isfinite(value).all():
+            continue  # a mask's -inf stays float (the layer's output then takes -inf: left float too)
         value = value.astype(np.float32)
         q = qparams_from_range(np.asarray(min(float(value.min()), 0.0)), np.asarray(max(float(value.max()), 0.0)),
                                precision, symmetric)
@@ -438,7 +512,7 @@ def _quantize_constant_operands(b: _Builder, view: GraphView, node: onnx.NodePro
 
 def _reads_float(layout: Layout, spec: HardwareSpec, node: onnx.NodeProto) -> bool:
     """True when ``node`` computes in float32: a float-planned layer, or a spec op left out of the plan."""
-    if node.name in layout.fp16_layers:
+    if node.name in layout.fp16_layers or node.name in layout.integer_nodes:
         return False
     candidate = layout.plan.get(node.name)
     if candidate is None:

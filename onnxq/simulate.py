@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -32,10 +33,21 @@ from onnx import helper, numpy_helper
 from onnxq.calibration.sweep import MAX_IR_VERSION, check_tensors, make_session
 from onnxq.calibration.types import TensorRange
 from onnxq.errors import CalibrationError
-from onnxq.numerics import QParams, qparams_from_range
-from onnxq.precision import Precision
+from onnxq.numerics import MIN_SCALE, QParams, qparams_from_range
+from onnxq.precision import Candidate, Precision
+from onnxq.qdq_patterns import dynamic_activation_qparams
+from onnxq.spec.model import HardwareSpec
 
-__all__ = ["FakeQuantModel", "activation_qparams", "bake", "fake_quantize_array"]
+__all__ = [
+    "DynamicQuant",
+    "FakeQuantModel",
+    "WeightFormat",
+    "activation_qparams",
+    "bake",
+    "fake_quantize_array",
+    "per_call_qparams",
+    "weight_format",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +72,58 @@ def activation_qparams(
         )
         for name, r in ranges.items()
     }
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a layer's weight is quantized for one candidate (what sensitivity perturbs it with).
+
+    Candidates with the same weight precision can store the weight differently: ``int8/uint8``
+    per channel, ``int8b32/fp32`` in blocks of 32, ``int8/dyn-uint8`` on a 7-bit grid where the
+    spec asks for ``reduce_range``.
+    """
+
+    precision: Precision
+    block_size: int = 0
+    reduce_range: bool = False
+    dynamic: bool = False
+
+    def __str__(self) -> str:
+        block = f"b{self.block_size}" if self.block_size else ""
+        return f"{self.precision.value}{block}{'r' if self.reduce_range else ''}{'d' if self.dynamic else ''}"
+
+
+def weight_format(spec: HardwareSpec, op_type: str, candidate: Candidate) -> WeightFormat:
+    """The weight format the rewrite writes for ``candidate`` on an ``op_type`` layer: block-wise
+    for weight-only block candidates, 7-bit int8 where the spec's quantizer says
+    ``reduce_range``, per column for dynamic layers (onnxq.qdq_patterns)."""
+    rule = spec.weight_rule(op_type, candidate.weights)
+    block = spec.weight_block_size(op_type, candidate)
+    reduce_range = (rule is not None and rule.reduce_range and rule.symmetric and not block
+                    and candidate.weights == Precision.INT8)
+    return WeightFormat(candidate.weights, block, reduce_range, candidate.dynamic)
+
+
+@dataclass(frozen=True)
+class DynamicQuant:
+    """Quantize an activation per call, as ``DynamicQuantizeLinear`` does: uint8, asymmetric,
+    one scale from the range of each call's input (``int8/dyn-uint8``).
+
+    Attributes:
+        precision: the per-call grid (uint8, what onnxruntime runs).
+        per_sample: one call per sample (index of axis 0), as a batch-1 deployment runs it,
+            whatever batches the simulation evaluates; False: one call per evaluated batch.
+    """
+
+    precision: Precision = Precision.UINT8
+    per_sample: bool = True
+
+
+def per_call_qparams(x: np.ndarray) -> QParams:
+    """The parameters ``DynamicQuantizeLinear`` computes for the batch ``x``."""
+    scale, zero = dynamic_activation_qparams(x)
+    return QParams(scale=np.asarray(max(float(scale), float(MIN_SCALE)), dtype=np.float32),
+                   zero_point=np.asarray(zero, dtype=np.int64), precision=Precision.UINT8)
 
 
 def _input_name(tensor: str, param: str) -> str:
@@ -241,6 +305,114 @@ def _insert_fake_quant(
     graph.node.extend(nodes)
 
 
+def _insert_dynamic_quant(graph: onnx.GraphProto, tensors: Sequence[str]) -> None:
+    """``DynamicQuantizeLinear -> DequantizeLinear`` after each tensor (in place, in order)."""
+    producer_of = {o: i for i, node in enumerate(graph.node) for o in node.output}
+    after: dict[int, list[onnx.NodeProto]] = {}
+    prologue: list[onnx.NodeProto] = []
+    renames: dict[str, str] = {}
+    for name in tensors:
+        base = f"onnxq_dq/{name}"
+        if name in producer_of:
+            raw, out = f"{name}/fp32", name
+            node = graph.node[producer_of[name]]
+            node.output[list(node.output).index(name)] = raw
+            target = after.setdefault(producer_of[name], [])
+        else:
+            raw, out = name, f"{name}/dq"
+            renames[name] = out
+            target = prologue
+        target.append(helper.make_node("DynamicQuantizeLinear", [raw], [f"{base}/q", f"{base}/s", f"{base}/z"],
+                                       name=f"{base}/DynamicQuantizeLinear"))
+        target.append(helper.make_node("DequantizeLinear", [f"{base}/q", f"{base}/s", f"{base}/z"], [out],
+                                       name=f"{base}/DequantizeLinear"))
+    for node in graph.node:
+        for i, inp in enumerate(node.input):
+            if inp in renames:
+                node.input[i] = renames[inp]
+    nodes = list(prologue)
+    for i, node in enumerate(graph.node):
+        nodes.append(node)
+        nodes.extend(after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
+
+
+def _per_sample_nodes(x: str, out: str, opset: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """``DynamicQuantizeLinear -> DequantizeLinear`` of each sample (row of axis 0) of ``x``,
+    in float32 as onnxruntime computes it, for any batch."""
+    base = f"onnxq_dq/{x}"
+    consts = {"zero": np.float32(0), "levels": np.float32(255), "tiny": np.float32(MIN_SCALE), "axes": np.asarray([1], np.int64)}
+    inits = [numpy_helper.from_array(np.asarray(v), f"{base}/{k}") for k, v in consts.items()]
+    c = {k: f"{base}/{k}" for k in consts}
+    reduce = ({"keepdims": 1}, [c["axes"]]) if opset >= 18 else ({"keepdims": 1, "axes": [1]}, [])
+    steps: list[tuple[str, list[str], str, dict]] = [
+        ("Shape", [x], "shape", {}),
+        ("Flatten", [x], "flat", {"axis": 1}),
+        ("ReduceMin", ["flat", *reduce[1]], "min0", reduce[0]),
+        ("ReduceMax", ["flat", *reduce[1]], "max0", reduce[0]),
+        ("Min", ["min0", c["zero"]], "min", {}),
+        ("Max", ["max0", c["zero"]], "max", {}),
+        ("Sub", ["max", "min"], "span", {}),
+        ("Div", ["span", c["levels"]], "scale0", {}),
+        ("Max", ["scale0", c["tiny"]], "scale", {}),
+        ("Div", ["min", "scale"], "min_steps", {}),
+        ("Sub", [c["zero"], "min_steps"], "zp0", {}),
+        ("Round", ["zp0"], "zp1", {}),
+        ("Clip", ["zp1", c["zero"], c["levels"]], "zp", {}),
+        ("Div", ["flat", "scale"], "div", {}),
+        ("Round", ["div"], "round", {}),
+        ("Add", ["round", "zp"], "add", {}),
+        ("Clip", ["add", c["zero"], c["levels"]], "clip", {}),
+        ("Sub", ["clip", "zp"], "sub", {}),
+        ("Mul", ["sub", "scale"], "fq", {}),
+    ]
+    local = {name for _, _, name, _ in steps}
+    nodes = []
+    for op, inputs, name, attrs in steps:
+        ins = [f"{base}/{i}" if i in local else i for i in inputs]
+        nodes.append(helper.make_node(op, ins, [f"{base}/{name}"], name=f"{base}/{op}_{name}", **attrs))
+    nodes.append(helper.make_node("Reshape", [f"{base}/fq", f"{base}/shape"], [out], name=f"{base}/Reshape"))
+    return nodes, inits
+
+
+def _insert_per_sample_dynamic_quant(graph: onnx.GraphProto, tensors: Sequence[str], opset: int) -> None:
+    """:func:`_per_sample_nodes` after each tensor (in place, keeping topological order)."""
+    if not tensors:
+        return
+    producer_of = {o: i for i, node in enumerate(graph.node) for o in node.output}
+    after: dict[int, list[onnx.NodeProto]] = {}
+    prologue: list[onnx.NodeProto] = []
+    renames: dict[str, str] = {}
+    for name in tensors:
+        if name in producer_of:
+            raw, out = f"{name}/fp32", name
+            node = graph.node[producer_of[name]]
+            node.output[list(node.output).index(name)] = raw
+            target = after.setdefault(producer_of[name], [])
+        else:
+            raw, out = name, f"{name}/dq"
+            renames[name] = out
+            target = prologue
+        nodes, inits = _per_sample_nodes(raw, out, opset)
+        target.extend(nodes)
+        graph.initializer.extend(inits)
+    for node in graph.node:
+        for i, inp in enumerate(node.input):
+            if inp in renames:
+                node.input[i] = renames[inp]
+    ordered = list(prologue)
+    for i, node in enumerate(graph.node):
+        ordered.append(node)
+        ordered.extend(after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def _fq_nodes(tensor: str, x: str, out: str) -> list[onnx.NodeProto]:
     p = {param: _input_name(tensor, param) for param in _PARAMS}
     base = f"onnxq_fq/{tensor}"
@@ -296,13 +468,19 @@ def _constant_to_initializer(graph: onnx.GraphProto, name: str) -> None:
             return
 
 
-def fake_quantize_array(x: np.ndarray, q: QParams) -> np.ndarray:
+def fake_quantize_array(x: np.ndarray, q: QParams | DynamicQuant) -> np.ndarray:
     """``(Min(Max(Round(x/s)+zp, qmin), qmax) - zp)·s`` in ``x``'s float dtype.
 
     The same operations, in the same order and precision, as the fake-quant subgraph of
-    :class:`FakeQuantModel` (``np.round`` rounds half to even like ONNX ``Round``).
+    :class:`FakeQuantModel` (``np.round`` rounds half to even like ONNX ``Round``); a
+    :class:`DynamicQuant` takes ``x``'s own range (one call).
     """
     x = np.asarray(x)
+    if isinstance(q, DynamicQuant):
+        if q.per_sample and x.ndim > 0:
+            return np.stack([fake_quantize_array(row, DynamicQuant(q.precision, False)) for row in x]) \
+                if len(x) else x.copy()
+        q = per_call_qparams(x)
     dt = x.dtype if x.dtype.kind == "f" else np.dtype(np.float32)
     scale = np.asarray(q.scale, dtype=dt)
     zero = np.asarray(q.zero_point).astype(dt)
@@ -322,7 +500,7 @@ def fake_quantize_array(x: np.ndarray, q: QParams) -> np.ndarray:
 
 def bake(
     model: onnx.ModelProto,
-    activation_params: Mapping[str, QParams] | None = None,
+    activation_params: Mapping[str, QParams | DynamicQuant] | None = None,
     weights: Mapping[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with ``weights`` replaced and ``activation_params`` applied.
@@ -336,6 +514,9 @@ def bake(
         CalibrationError: an unknown or non-float tensor.
     """
     activation_params = dict(activation_params or {})
+    activation_params_all = activation_params
+    dynamic = [t for t, q in activation_params.items() if isinstance(q, DynamicQuant)]
+    activation_params = {t: q for t, q in activation_params.items() if isinstance(q, QParams)}
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     copy.ir_version = min(copy.ir_version, MAX_IR_VERSION)
@@ -350,6 +531,11 @@ def bake(
                                    "name a weight of the main graph")
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(inits[name].data_type))
         inits[name].CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+    if dynamic:
+        check_tensors(model, dynamic)
+        per_sample = [t for t in dynamic if activation_params_all[t].per_sample]
+        _insert_dynamic_quant(graph, [t for t in dynamic if t not in per_sample])
+        _insert_per_sample_dynamic_quant(graph, per_sample, _opset(model))
     if activation_params:
         tensors = list(activation_params)
         types = check_tensors(model, tensors)

@@ -51,6 +51,23 @@ _FLOAT_TYPES: Mapping[int, Precision] = {
 }
 _PRECISION_OF_TYPE: Mapping[int, Precision] = {onnx_dtype(p): p for p in Precision}
 _SCALE_RTOL = 1e-6
+#: Integer ops of ai.onnx (``quantize_dynamic``'s form) and the spec op whose candidates they run.
+_INTEGER_OPS: Mapping[str, str] = {"MatMulInteger": "MatMul", "ConvInteger": "Conv"}
+#: ai.onnx ops that compute on quantized data themselves (QOperator format): no spec describes
+#: them as Q/DQ, so they are named, never passed.
+_KNOWN_QUANTIZED_ONNX_OPS = frozenset({"QLinearConv", "QLinearMatMul"})
+#: com.microsoft (and other contrib) ops that carry quantized data or fused integer kernels.
+_CONTRIB_QUANTIZED_OPS = frozenset({
+    "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
+    "QLinearLeakyRelu", "QLinearSigmoid", "QLinearSoftmax", "QLinearConv", "QLinearMatMul", "QGemm",
+    "QAttention", "QEmbedLayerNormalization", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "DynamicQuantizeLSTM", "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized", "QOrderedMatMul",
+})
+_QUANTIZED_TYPES = frozenset({
+    onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT8E4M3FN,
+    onnx.TensorProto.FLOAT8E5M2,
+})
 
 
 @dataclass(frozen=True)
@@ -182,6 +199,12 @@ class _Graph:
         if elem in _FLOAT_TYPES:
             return _FLOAT_TYPES[elem]
         return _PRECISION_OF_TYPE.get(elem)
+
+    def dynamic_source(self, tensor: str) -> bool:
+        """True when ``tensor`` is the codes output of a DynamicQuantizeLinear (per-call scale)."""
+        node = self.producer_node(tensor)
+        return (node is not None and node.op_type == "DynamicQuantizeLinear"
+                and node.domain in ("", "ai.onnx") and bool(node.output) and node.output[0] == tensor)
 
     def is_float(self, tensor: str) -> bool:
         elem = self.types.get(tensor)
@@ -405,11 +428,13 @@ class _Checker:
         w_precision = weight_side[0][2] if weight_side else act_precision
         candidate = None
         if w_precision is not None and act_precision is not None:
-            candidate = Candidate(w_precision, act_precision)
+            candidate = self.refined(Candidate(w_precision, act_precision), weights, acts, integer_compute)
         mixed = sorted({str(e[2]) for e in acts if e[2] is not None}) if not float_acts else []
 
         shared = op in spec.shared_scale_ops
         moves_data = op in spec.layout_ops and rule is None
+        if spec.integer_only and not any(g.is_float(t) for t in [*node.input, *tail.output] if t):
+            return  # shape arithmetic on int64, bool masks: integer work already
         if spec.integer_only and not moves_data:
             float_inputs = [e[1] for e in acts + weights if e[3] is None]
             problem = ""
@@ -454,6 +479,75 @@ class _Checker:
                                          spec.activation_rule(op, info.precision))
         if rule.shared_input_scales and out_qs and integer_compute:
             self.check_shared(index, acts, out_qs, f"{op} requires shared input scales")
+
+    def refined(self, candidate: Candidate, weights: Sequence[tuple[int, str, Precision | None, int | None]],
+                acts: Sequence[tuple[int, str, Precision | None, int | None]], integer_compute: bool) -> Candidate:
+        """The candidate word with its refinements: ``dyn-`` when an activation input is
+        quantized per call (DQ of a DynamicQuantizeLinear), ``bN`` for block-wise weights of a
+        layer computing in float."""
+        g = self.g
+        dynamic = any(dq is not None and g.dynamic_source(g.nodes[dq].input[0]) for _, _, _, dq in acts)
+        block = 0
+        if not integer_compute and weights and weights[0][3] is not None:
+            info = g.qinfo(weights[0][3])
+            if info.granularity == Granularity.PER_BLOCK and info.precision is not None and is_integer(info.precision):
+                block = info.block_size
+        if not (dynamic and integer_compute) and not block:
+            return candidate
+        return Candidate(candidate.weights, candidate.activations, block, dynamic and integer_compute)
+
+    def check_integer_op(self, index: int) -> None:
+        """MatMulInteger / ConvInteger (``quantize_dynamic``'s form): integer inputs, int32 out."""
+        g, spec = self.g, self.spec
+        node = g.nodes[index]
+        op = _INTEGER_OPS[node.op_type]
+        a_name = node.input[0]
+        b_name = node.input[1] if len(node.input) > 1 else ""
+        a_precision = g.precision_of(a_name)
+        b_precision = g.precision_of(b_name) if b_name else None
+        if a_precision is None or b_precision is None:
+            self.add(index, f"{node.op_type} with inputs of unknown type", "integer inputs onnxq can read")
+            return
+        dynamic = g.dynamic_source(a_name)
+        if b_name in g.constants:
+            candidate = Candidate(b_precision, a_precision, 0, dynamic)
+        else:
+            candidate = Candidate(a_precision, a_precision, 0, dynamic)
+        if not spec.allows(op, candidate):
+            allowed = " ".join(str(c) for c in spec.candidates_for(op)) or "nothing"
+            self.add(index, f"candidate {candidate} ({node.op_type})", allowed)
+            return
+        zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else ""
+        if b_name in g.constants:
+            zero = _as_int(g.constants[zp_name]) if zp_name in g.constants else np.zeros(1, np.int64)
+            info = _QTensor(node=g.names[index], precision=b_precision, scale=None, zero_point=zero,
+                            granularity=Granularity.PER_CHANNEL if zero.size > 1 else Granularity.PER_TENSOR,
+                            block_size=0, source=b_name, constant_codes=_as_int(g.constants[b_name]))
+            self.check_quantizer(index, "weight", b_name, info, spec.weight_rule(op, b_precision))
+
+    def check_dynamic_quantize(self, index: int) -> None:
+        """A DynamicQuantizeLinear must feed a pattern onnxq recognises: a DequantizeLinear or an
+        integer op (whose candidate the spec is asked about there)."""
+        g = self.g
+        for out in g.nodes[index].output[:1]:
+            for consumer in g.consumer_nodes(out):
+                other = g.nodes[consumer]
+                if not (_is_q_op(other, "DequantizeLinear") or other.op_type in _INTEGER_OPS):
+                    self.add(index, f"per-call quantized {out} read by {other.op_type}",
+                             "DynamicQuantizeLinear feeding DequantizeLinear, MatMulInteger or ConvInteger")
+
+    def check_unknown_quantized(self, index: int) -> None:
+        """An op that reads or writes quantized data and that none of the checks understands."""
+        g, spec = self.g, self.spec
+        node = g.nodes[index]
+        if node.op_type in spec.layout_ops or node.op_type in spec.shared_scale_ops:
+            return
+        named = node.domain not in ("", "ai.onnx") and node.op_type in _CONTRIB_QUANTIZED_OPS
+        typed = [t for t in [*node.input, *node.output] if t and g.types.get(t) in _QUANTIZED_TYPES]
+        if named or typed:
+            where = f" ({node.domain})" if node.domain not in ("", "ai.onnx") else ""
+            self.add(index, f"quantized op {node.op_type}{where} that onnxq does not recognise",
+                     "Q/DQ around the spec's ops, DynamicQuantizeLinear, MatMulInteger or ConvInteger")
 
     def check_shared(self, index: int, acts: Sequence[tuple[int, str, Precision | None, int | None]],
                      out_qs: Sequence[int], reason: str) -> None:
@@ -526,9 +620,17 @@ class _Checker:
 
     def run(self) -> list[Violation]:
         self.find_fusions()
-        for index in range(len(self.g.nodes)):
-            if self.is_compute(index):
+        for index, node in enumerate(self.g.nodes):
+            if _is_q_op(node):
+                continue
+            if node.domain in ("", "ai.onnx") and node.op_type in _INTEGER_OPS:
+                self.check_integer_op(index)
+            elif node.domain in ("", "ai.onnx") and node.op_type == "DynamicQuantizeLinear":
+                self.check_dynamic_quantize(index)
+            elif self.is_compute(index) and node.op_type not in _KNOWN_QUANTIZED_ONNX_OPS:
                 self.check_node(index)
+            else:
+                self.check_unknown_quantized(index)
         self.check_opsets()
         return self.violations
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from onnxq.passes.layout import plan_layouts
 
-from onnxq.calibration import collect_ranges
+from onnxq.calibration import TensorRange, collect_ranges
 from onnxq.layout import Layout
 from onnxq.numerics import fake_quantize
 from onnxq.pipeline import ALL, Pass, PassContext
@@ -20,6 +21,9 @@ from onnxq.subgraphs import expose
 __all__ = ["CalibratePass"]
 
 logger = logging.getLogger(__name__)
+
+#: Layout decisions after the first at most (each leaves more NaN/Inf tensors in float).
+_MAX_RELAYOUTS = 4
 
 
 def _targets(layouts: list[Layout]) -> tuple[dict[str, Precision], dict[str, bool]]:
@@ -67,12 +71,28 @@ class CalibratePass(Pass):
     preserves = ALL
 
     def run(self, ctx: PassContext) -> bool:
-        scoped = [layout for _, layout in ctx.artifacts.get("scope_layouts", [])]
-        targets, symmetric = _targets([ctx.artifacts["layout"], *scoped])
+        ranges: dict[str, TensorRange] = {}
+        keep_float: set[str] = set()
+        # a tensor that takes NaN/Inf gets no Q: the layout is decided again without it, which
+        # can make other tensors (that shared its grid) calibration targets of their own
+        for attempt in range(_MAX_RELAYOUTS + 1):
+            scoped = [layout for _, layout in ctx.artifacts.get("scope_layouts", [])]
+            targets, symmetric = _targets([ctx.artifacts["layout"], *scoped])
+            missing = {t: p for t, p in targets.items() if t not in ranges}
+            if missing:
+                ranges.update(self._collect(ctx, missing, symmetric, bool(scoped)))
+            non_finite = {t for t in targets if ranges[t].non_finite}
+            if not non_finite - keep_float or attempt == _MAX_RELAYOUTS:
+                break
+            keep_float |= non_finite
+            logger.warning("left in float (they take NaN/Inf values): %s", ", ".join(sorted(non_finite)))
+            ctx.artifacts["layout"], ctx.artifacts["scope_layouts"] = plan_layouts(ctx, frozenset(keep_float))
+        ctx.artifacts["ranges"] = ranges
+        return False
+
+    def _collect(self, ctx: PassContext, targets: dict[str, Precision], symmetric: dict[str, bool],
+                 scoped: bool) -> dict[str, TensorRange]:
         options = ctx.options
-        if not targets:
-            ctx.artifacts["ranges"] = {}
-            return False
         model = ctx.model
         mapping = {t: t for t in targets}
         if scoped:
@@ -90,6 +110,5 @@ class CalibratePass(Pass):
             weights=_quantized_weights(ctx) if options.calibration == "lapq" and not scoped else None,
         )
         inverse = {exposed: original for original, exposed in mapping.items()}
-        ctx.artifacts["ranges"] = {inverse.get(name, name): value for name, value in ranges.items()}
         logger.info("calibrated %d tensors (%s)", len(targets), options.calibration)
-        return False
+        return {inverse.get(name, name): value for name, value in ranges.items()}

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from onnxq.layout import plan_layout
-from onnxq.pipeline import ALL, Pass, PassContext
+from collections.abc import Set as AbstractSet
 
-__all__ = ["LayoutPass"]
+from onnxq.layout import Layout, plan_layout
+from onnxq.pipeline import ALL, Pass, PassContext
+from onnxq.subgraphs import Scope
+
+__all__ = ["LayoutPass", "plan_layouts"]
+
+
+def plan_layouts(ctx: PassContext, keep_float: AbstractSet[str] = frozenset()) -> tuple[Layout, list[tuple[Scope, Layout]]]:
+    """The main graph's layout, and one per control-flow subgraph that has planned layers."""
+    plan, spec = ctx.artifacts["plan"], ctx.artifacts["spec"]
+    main = plan_layout(ctx.analysis("graph_view"), plan, spec, keep_float)
+    scoped = []
+    for sv in ctx.analysis("scope_views"):
+        if any(name in sv.view.layers for name in plan):
+            scoped.append((sv.scope, plan_layout(sv.view, plan, spec, keep_float)))
+    return main, scoped
 
 
 class LayoutPass(Pass):
@@ -17,11 +31,5 @@ class LayoutPass(Pass):
     preserves = ALL
 
     def run(self, ctx: PassContext) -> bool:
-        plan, spec = ctx.artifacts["plan"], ctx.artifacts["spec"]
-        ctx.artifacts["layout"] = plan_layout(ctx.analysis("graph_view"), plan, spec)
-        scoped = []
-        for sv in ctx.analysis("scope_views"):
-            if any(name in sv.view.layers for name in plan):
-                scoped.append((sv.scope, plan_layout(sv.view, plan, spec)))
-        ctx.artifacts["scope_layouts"] = scoped
+        ctx.artifacts["layout"], ctx.artifacts["scope_layouts"] = plan_layouts(ctx)
         return False

@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from onnxq.graph import GraphView
 from onnxq.pipeline import ALL, Pass, PassContext
@@ -27,9 +29,10 @@ from onnxq.precision import FP32, Candidate, bits
 from onnxq.rewrite import plan_summary
 from onnxq.search.candidates import SearchSpace, build_space
 from onnxq.search.ilp import Problem, Solution, solve
+from onnxq.sensitivity import analyze, bounded_cross
 from onnxq.spec.model import HardwareSpec
 
-__all__ = ["SearchPass", "SENSITIVITY_SAMPLES", "FRONT_POINTS", "USE_PAIRS"]
+__all__ = ["SearchPass", "SENSITIVITY_SAMPLES", "FRONT_POINTS", "USE_PAIRS", "build_problem", "predicted_front"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +45,21 @@ USE_PAIRS = True
 
 
 class _Costs:
-    """Per layer × candidate costs on the three budget axes, and the full-plan estimate."""
+    """Per layer × candidate costs on the three budget axes, and the full-plan estimate.
 
-    def __init__(self, view: GraphView, spec: HardwareSpec) -> None:
+    ``views``: the main graph's and every control-flow subgraph's (their layers are decisions
+    like any other; a subgraph's edges stay inside it).
+    """
+
+    def __init__(self, views: Sequence[GraphView], spec: HardwareSpec) -> None:
         from onnxq.cost import boundary_edges, estimate, layer_costs, weight_bytes
 
         self.spec = spec
-        self.layers = layer_costs(view)
+        self.layers = [row for view in views for row in layer_costs(view)]
         self.by_name = {row.name: row for row in self.layers}
         # precision boundaries, float non-layer neighbours included: an edge to a float op is a
         # unary cost of the layer (the ILP only couples layer pairs)
-        self.edges = boundary_edges(view, spec)
+        self.edges = [edge for view in views for edge in boundary_edges(view, spec)]
         self.unary: dict[str, list[tuple[str, str, int]]] = {}
         for a, b, n in self.edges:
             if (a in self.by_name) != (b in self.by_name):
@@ -100,7 +107,10 @@ def _sens_entry(row: Mapping[str, Any] | None, candidate: Candidate) -> float | 
     return None if entry is None else float(entry["delta"])
 
 
-def _problem(space: SearchSpace, sens: Mapping[str, Any], costs: _Costs, axis: str) -> Problem:
+def build_problem(space: SearchSpace, sens: Mapping[str, Any], costs: _Costs, axis: str) -> Problem:
+    """The ILP of ``space`` with the sensitivity's losses: deltas clamped at 0, cross terms
+    bounded as :func:`onnxq.sensitivity.bounded_cross` says (whatever the JSON holds: an older
+    cache or a hand-edited file), so no plan's predicted loss can go negative."""
     rows = {row["name"]: row for row in sens.get("layers", [])}
     candidates: dict[str, tuple[Candidate, ...]] = {}
     loss: dict[str, tuple[float, ...]] = {}
@@ -112,15 +122,94 @@ def _problem(space: SearchSpace, sens: Mapping[str, Any], costs: _Costs, axis: s
         candidates[name] = tuple(c for c, _ in kept)
         loss[name] = tuple(max(d, 0.0) if math.isfinite(d) else 1e9 for _, d in kept)
         cost[name] = tuple(costs.axis(name, c, axis) for c, _ in kept)
-    pairs = () if not USE_PAIRS else tuple((p["a"], Candidate.parse(p["candidates"][0]), p["b"], Candidate.parse(p["candidates"][1]), float(p["cross"]))
-                  for p in sens.get("pairs", []) if math.isfinite(float(p["cross"])))
-    return Problem(layers=tuple(candidates), candidates=candidates, loss=loss, cost=cost, pairs=pairs,
+    pairs = []
+    for p in sens.get("pairs", []) if USE_PAIRS else ():
+        a, b = p["a"], p["b"]
+        ca, cb = Candidate.parse(p["candidates"][0]), Candidate.parse(p["candidates"][1])
+        if ca not in candidates.get(a, ()) or cb not in candidates.get(b, ()):
+            continue
+        da, db = loss[a][candidates[a].index(ca)], loss[b][candidates[b].index(cb)]
+        pairs.append((a, ca, b, cb, bounded_cross(float(p["cross"]), da, db)))
+    return Problem(layers=tuple(candidates), candidates=candidates, loss=loss, cost=cost, pairs=tuple(pairs),
                    edges=costs.boundary_edges(axis), ties=space.ties, forbidden=space.forbidden)
 
 
 def _fixed_cost(problem: Problem, costs: _Costs, axis: str) -> float:
     """Cost of the layers the problem does not decide (they stay fp32)."""
     return sum(costs.axis(row.name, FP32, axis) for row in costs.layers if row.name not in problem.candidates)
+
+
+def _search_space(views: Sequence[GraphView], spec: HardwareSpec, costs: _Costs, axis: str,
+                  keep_float: Collection[str] = ()) -> SearchSpace:
+    """Every scope's space, candidates that lose on both precision and this search's cost axis
+    pruned; the layers the user keeps float (``--exclude``) get fp32 only."""
+    layers: dict[str, tuple[Candidate, ...]] = {}
+    ties: list[tuple[str, str]] = []
+    forbidden: list[tuple[str, Candidate, str, Candidate]] = []
+    for view in views:
+        full = build_space(view, spec, keep_float=keep_float)
+        pruned = {name: {c: costs.axis(name, c, axis) for c in cands} for name, cands in full.layers.items()}
+        space = build_space(view, spec, cost=pruned, keep_float=keep_float)
+        for name, options in space.layers.items():
+            layers.setdefault(name, options)
+        ties.extend(space.ties)
+        forbidden.extend(space.forbidden)
+    return SearchSpace(layers=layers, ties=tuple(ties), forbidden=tuple(forbidden))
+
+
+def _sensitivity_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The first calibration feeds, up to :data:`SENSITIVITY_SAMPLES` samples (a feed of
+    scalars counts as one sample)."""
+    chosen, samples = [], 0
+    for feed in feeds:
+        chosen.append(feed)
+        first = next(iter(feed.values()), None)
+        samples += len(first) if first is not None and getattr(first, "ndim", 0) > 0 else 1
+        if samples >= SENSITIVITY_SAMPLES:
+            break
+    return chosen
+
+
+def predicted_front(problem: Problem) -> tuple[list[tuple[dict[str, Candidate], float, float]], float]:
+    """Predicted Pareto front (plan, loss, cost) ordered by cost, and the solver time.
+
+    The front spans the cheapest plan and the least lossy one: the cheapest plan predicted
+    lossless where one exists (fp32 where the target allows it), else — on an integer-only
+    target, where every layer must take an integer candidate — the plan of least predicted
+    loss; budgets in between are swept (:data:`FRONT_POINTS`).
+    """
+    if not problem.layers:
+        return [({}, 0.0, 0.0)], 0.0  # nothing to decide
+    cheapest = solve(problem, minimize="cost")
+    best = solve(problem, max_loss=0.0, minimize="cost")
+    seconds = cheapest.seconds + best.seconds
+    if best.plan is None:
+        best = solve(problem, minimize="loss")
+        seconds += best.seconds
+    plans: dict[tuple[tuple[str, str], ...], tuple[dict[str, Candidate], float, float]] = {}
+
+    def add(solution: Solution) -> None:
+        if solution.plan is None:
+            return
+        key = tuple(sorted((k, str(v)) for k, v in solution.plan.items()))
+        plans.setdefault(key, (dict(solution.plan), solution.loss, solution.cost))
+
+    add(cheapest)
+    add(best)
+    low = cheapest.cost if cheapest.plan else 0.0
+    high = best.cost if best.plan else low
+    for k in range(1, FRONT_POINTS):
+        budget = low + (high - low) * k / FRONT_POINTS
+        solution = solve(problem, max_cost=budget * (1 + 1e-9), minimize="loss", time_limit=0.25)
+        seconds += solution.seconds
+        add(solution)
+    ordered = sorted(plans.values(), key=lambda item: (item[2], item[1]))
+    front: list[tuple[dict[str, Candidate], float, float]] = []
+    for item in ordered:
+        if front and item[1] >= front[-1][1] - 1e-15:
+            continue  # costs more without predicting less loss
+        front.append(item)
+    return front, seconds
 
 
 class SearchPass(Pass):
@@ -132,41 +221,25 @@ class SearchPass(Pass):
     preserves = ALL
 
     def run(self, ctx: PassContext) -> bool:
-        from onnxq.sensitivity import analyze
-
         options = ctx.options
         spec: HardwareSpec = ctx.artifacts["spec"]
-        view: GraphView = ctx.analysis("graph_view")
-        costs = _Costs(view, spec)
+        views: list[GraphView] = [ctx.analysis("graph_view"), *(sv.view for sv in ctx.analysis("scope_views"))]
+        costs = _Costs(views, spec)
         mode = options.mode
         axis = "balanced" if mode == "max-drop" else "latency"
         if options.target_size_mb is not None:
             axis = "size"
         elif options.target_bits is not None:
             axis = "bits"
-        # prune candidates that lose on both precision and the cost axis of this search
-        axis_cost = {name: {c: costs.axis(name, c, axis) for c in spec.all_candidates() + (FP32,)
-                            if name in costs.by_name}
-                     for name in view.layers}
-        keep_float = ctx.artifacts.get("keep_float", frozenset())
-        full = build_space(view, spec, keep_float=keep_float)
-        pruned = {name: {c: axis_cost[name].get(c) or costs.axis(name, c, axis) for c in cands}
-                  for name, cands in full.layers.items()}
-        space = build_space(view, spec, cost=pruned, keep_float=keep_float)
+        space = _search_space(views, spec, costs, axis, keep_float=ctx.artifacts.get("keep_float", frozenset()))
         started = time.perf_counter()
-        feeds = list(ctx.artifacts["feeds"].calibration)
-        chosen_feeds, samples = [], 0
-        for feed in feeds:
-            chosen_feeds.append(feed)
-            samples += len(next(iter(feed.values())))
-            if samples >= SENSITIVITY_SAMPLES:
-                break
         candidates = {name: list(space.quantized(name)) for name in space.layers if space.quantized(name)}
-        sens = analyze(ctx.model, chosen_feeds, spec, candidates, pairs=True, workers=options.workers,
-                       executor=options.executor, cache_dir=options.cache_path(), progress=options.progress, seed=options.seed)
+        sens = analyze(ctx.model, _sensitivity_feeds(ctx.artifacts["feeds"].calibration), spec, candidates, pairs=True,
+                       workers=options.workers, executor=options.executor, cache_dir=options.cache_path(),
+                       progress=options.progress, seed=options.seed, calibration=options.calibration)
         ctx.add_time("search:sensitivity", time.perf_counter() - started)
         ctx.artifacts["sensitivity"] = sens
-        problem = _problem(space, sens, costs, axis)
+        problem = build_problem(space, sens, costs, axis)
         fixed = _fixed_cost(problem, costs, axis)
         if mode == "budget":
             self._budget(ctx, problem, costs, axis, fixed)
@@ -223,45 +296,11 @@ class SearchPass(Pass):
 
     # -- accuracy range ---------------------------------------------------------------------
 
-    def _front(self, problem: Problem) -> tuple[list[tuple[dict[str, Candidate], float, float]], float]:
-        """Predicted Pareto front (plan, loss, cost) ordered by cost, and the solver time."""
-        seconds = 0.0
-        if not problem.layers:
-            return [({}, 0.0, 0.0)], seconds  # nothing to decide in the main graph
-        cheapest = solve(problem, minimize="cost")
-        seconds += cheapest.seconds
-        best = solve(problem, max_loss=0.0, minimize="cost") if problem.layers else cheapest
-        seconds += best.seconds
-        plans: dict[tuple[tuple[str, str], ...], tuple[dict[str, Candidate], float, float]] = {}
-
-        def add(solution: Solution) -> None:
-            if solution.plan is None:
-                return
-            key = tuple(sorted((k, str(v)) for k, v in solution.plan.items()))
-            plans.setdefault(key, (dict(solution.plan), solution.loss, solution.cost))
-
-        add(cheapest)
-        add(best)
-        low = cheapest.cost if cheapest.plan else 0.0
-        high = best.cost if best.plan else low
-        for k in range(1, FRONT_POINTS):
-            budget = low + (high - low) * k / FRONT_POINTS
-            solution = solve(problem, max_cost=budget * (1 + 1e-9), minimize="loss", time_limit=0.25)
-            seconds += solution.seconds
-            add(solution)
-        ordered = sorted(plans.values(), key=lambda item: (item[2], item[1]))
-        front: list[tuple[dict[str, Candidate], float, float]] = []
-        for item in ordered:
-            if front and item[1] >= front[-1][1] - 1e-15:
-                continue  # costs more without predicting less loss
-            front.append(item)
-        return front, seconds
-
     def _max_drop(self, ctx: PassContext, problem: Problem, costs: _Costs, fixed: float) -> None:
         from onnxq.evaluate import PlanEvaluator
 
         options = ctx.options
-        front, solver_seconds = self._front(problem)
+        front, solver_seconds = predicted_front(problem)
         fp32_plan: dict[str, Candidate] = {}
         if not ctx.artifacts["spec"].integer_only:
             front.append((fp32_plan, 0.0, float("inf")))  # measured drop 0 by definition
@@ -293,7 +332,6 @@ class SearchPass(Pass):
         target_met = passing is not None
         chosen = passing if passing is not None else min(measured, key=lambda i: (measured[i], i))
         plan, loss, _ = front[chosen]
-        plan = self._with_subgraph_layers(ctx, plan, evaluator, measured.get(chosen, 0.0))
         entries = [self._entry(p, l_, costs, measured.get(i)) for i, (p, l_, _) in enumerate(front)]
         ctx.artifacts["plan"] = dict(plan)
         ctx.artifacts["target_met"] = target_met
@@ -314,35 +352,6 @@ class SearchPass(Pass):
         logger.info("search: %d plans on the predicted front, %d real evaluations, chose #%d (drop %.4f)",
                     len(front), evaluator.evaluations, chosen, measured[chosen])
         ctx.artifacts["search"] = search
-
-    @staticmethod
-    def _with_subgraph_layers(ctx: PassContext, plan: dict[str, Candidate], evaluator: Any, drop: float) -> dict[str, Candidate]:
-        """Add the layers inside If/Loop/Scan bodies at the target's 8-bit candidate, kept only
-        if a real evaluation stays inside the range (the sensitivity analysis does not reach
-        into subgraphs; a model whose whole network sits in an If must not stay fp32)."""
-        from onnxq.passes.plan import closest_candidate
-
-        spec: HardwareSpec = ctx.artifacts["spec"]
-        scoped: dict[str, Candidate] = {}
-        for view in ctx.analysis("scope_views"):
-            for name, layer in view.view.layers.items():
-                if name in ctx.artifacts.get("keep_float", ()):
-                    continue
-                choice = closest_candidate(layer, Candidate.parse("int8/uint8"), spec)
-                if choice is None:
-                    allowed = [c for c in spec.candidates_for(layer.op_type) if not c.is_float and c.weight_bits == 8]
-                    choice = allowed[0] if allowed else None
-                if choice is not None:
-                    scoped[name] = choice
-        if not scoped:
-            return plan
-        candidate = {**plan, **scoped}
-        measured = evaluator.measure(candidate).drop
-        if measured <= ctx.options.max_drop:
-            logger.info("quantized %d layers inside control-flow subgraphs (drop %.4f)", len(scoped), measured)
-            return candidate
-        logger.info("control-flow subgraph layers stay fp32: 8-bit there drops %.4f > %.4f", measured, ctx.options.max_drop)
-        return plan
 
     @staticmethod
     def _entry(plan: Mapping[str, Candidate], loss: float, costs: _Costs, drop: float | None) -> dict[str, Any]:

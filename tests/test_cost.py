@@ -48,8 +48,11 @@ def test_int4_packs_two_per_byte() -> None:
     layer = LayerCost("mm", "MatMul", macs=0, weight_elements=4096, input_elements=0,
                       output_elements=0, weight_channels=64)
     assert weight_bytes(layer, C("fp32/fp32"), spec) == 4 * 4096
-    # MatMul int4 prefers per-block quantization (block 16): 256 blocks of scale + 4-bit zp
-    assert weight_bytes(layer, C("int4/fp32"), spec) == 2048 + 256 * 4 + 128
+    # weight-only int4 MatMul in blocks of 32: 128 blocks of scale + 4-bit zp (asymmetric rule)
+    assert weight_bytes(layer, C("int4b32/fp32"), spec) == 2048 + 128 * 4 + 64
+    # int4 weights beside quantized activations cannot be block-wise (onnxruntime fails at Run):
+    # the rule's per_block preference falls back to per-channel, never to one per-tensor scale
+    assert weight_bytes(layer, C("int4/uint8"), spec) == 2048 + 64 * 4 + 32
     # Conv int4 is per-channel: 64 scales + 64 zero points packed in 32 bytes
     conv = LayerCost("c", "Conv", 0, 4096, 0, 0, weight_channels=64)
     assert weight_bytes(conv, C("int4/uint8"), spec) == 2048 + 64 * 4 + 32

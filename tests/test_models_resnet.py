@@ -64,6 +64,7 @@ def test_calibration_npz(model: onnx.ModelProto, meta: dict) -> None:
     assert meta["n_calib"] == 256
 
 
+@pytest.mark.slow  # test_models.py::test_eval_accuracy_matches_metadata[digits_resnet] runs the same eval
 def test_eval_accuracy_matches_metadata(meta: dict) -> None:
     data = _npz(MODELS_DIR / f"{STEM}.eval.npz")
     labels = data.pop("labels")

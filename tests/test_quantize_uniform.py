@@ -94,6 +94,7 @@ def test_api_accepts_proto_and_iterable(cnn_path: Path) -> None:
     assert any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
 
 
+@pytest.mark.slow  # test_robustness.py::test_determinism[minmax] runs the same command twice and compares bytes
 def test_deterministic_output(cnn_path: Path, tmp_path: Path) -> None:
     outs = []
     for i in range(2):
@@ -114,3 +115,29 @@ def test_calibration_methods_give_valid_models(cnn_path: Path, method: str) -> N
     accuracy = _accuracy(result.model, cnn_path.with_name("digits_cnn.eval.npz"))
     assert accuracy >= _accuracy(str(cnn_path), cnn_path.with_name("digits_cnn.eval.npz")) - 0.03
     assert result.report["calibration"]["method"] == method
+
+
+@pytest.mark.parametrize("stem", ["digits_cnn", pytest.param("digits_resnet", marks=pytest.mark.slow),
+                                  pytest.param("digits_transformer", marks=pytest.mark.slow)])
+def test_integer_only_target_quantizes_the_logits_too(stem: str) -> None:
+    # an integer-only target has no float fallback: the last layer's output is quantized as well
+    # and a final DequantizeLinear hands out the float logits
+    from onnxq.spec import load_spec
+    from onnxq.validate import validate_model
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    if not (models / f"{stem}.onnx").exists():
+        pytest.skip(f"{stem} not bundled")
+    result = onnxq.api.quantize(str(models / f"{stem}.onnx"), str(models / f"{stem}.calib.npz"), "edge-int-only",
+                                precision="int8/int8")
+    assert validate_model(result.model, load_spec("edge-int-only")) == []
+    producer = {o: n for n in result.model.graph.node for o in n.output}
+    assert producer[result.model.graph.output[0].name].op_type == "DequantizeLinear"
+    # the target is not onnxruntime's CPU (whose u8s8 kernels saturate on int8 x int8 without
+    # VNNI): exact Q/DQ simulates the integer accelerator
+    data = np.load(models / f"{stem}.eval.npz", allow_pickle=False)
+    name = next(k for k in data.files if k != "labels")
+    logits = {label: make_session(model, exact_qdq=True).run(None, {name: data[name]})[0]
+              for label, model in (("fp32", onnx.load(str(models / f"{stem}.onnx"))), ("int8", result.model))}
+    accuracy = {label: float(np.mean(np.argmax(v, axis=-1) == data["labels"])) for label, v in logits.items()}
+    assert accuracy["fp32"] - accuracy["int8"] <= 0.01

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import ROOT, CliResult, run_cli
+from conftest import ROOT, CliResult, QuantizedModel, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.api import quantize
@@ -101,13 +101,9 @@ def work(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cnn_quantized(tmp_path_factory: pytest.TempPathFactory, cnn_path: Path) -> Path:
-    """onnxq's own int8 output of the bundled CNN (an already-quantized model)."""
-    folder = tmp_path_factory.mktemp("cnnq")
-    out = folder / "cnn.int8.onnx"
-    result = quantize_cli(cnn_path, out)
-    assert result.code == 0, result.stderr
-    return out
+def cnn_quantized(cnn_int8_cli: QuantizedModel) -> Path:
+    """onnxq's own int8 output of the bundled CNN (an already-quantized model), built once per session."""
+    return cnn_int8_cli.model
 
 
 # --------------------------------------------------------------------------- models

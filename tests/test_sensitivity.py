@@ -10,6 +10,7 @@ import pytest
 
 from onnxq.api import layer_ops_for
 from onnxq.cli import main
+from onnxq.errors import PlanError
 from onnxq.graph import GraphView
 from onnxq.model import load_model
 from onnxq.precision import Candidate
@@ -105,25 +106,21 @@ def test_pairs_grow_linearly(cnn_run) -> None:  # type: ignore[no-untyped-def]
     assert sens["evaluations"] <= 4 * per_layer * len(sens["layers"]) + 2 * len(measured) + 11
 
 
-def test_predicted_loss_sums_deltas_and_matching_crosses(cnn_run) -> None:  # type: ignore[no-untyped-def]
+def test_predicted_loss_of_single_layers(cnn_run) -> None:  # type: ignore[no-untyped-def]
     sens, _, _ = cnn_run
     layer = sens["layers"][0]
     assert predicted_loss(sens, {}) == 0.0
     assert predicted_loss(sens, {layer["name"]: "fp32/fp32"}) == 0.0
     assert predicted_loss(sens, {layer["name"]: W8}) == pytest.approx(layer["candidates"]["int8/uint8"]["delta"])
-    pair = sens["pairs"][0]
-    ca, cb = pair["candidates"]
-    deltas = {row["name"]: row["candidates"] for row in sens["layers"]}
-    expected = deltas[pair["a"]][ca]["delta"] + deltas[pair["b"]][cb]["delta"] + pair["cross"]
-    others = sum(p["cross"] for p in sens["pairs"][1:]
-                 if (p["a"], p["b"], p["candidates"]) == (pair["a"], pair["b"], [ca, cb]))
-    assert predicted_loss(sens, {pair["a"]: ca, pair["b"]: cb}) == pytest.approx(expected + others)
     # an Add (weightless) layer accepts the full candidate name and matches its effective one
     add = next(row for row in sens["layers"] if row["op_type"] == "Add")
     assert predicted_loss(sens, {add["name"]: "int8/uint8"}) == pytest.approx(add["candidates"]["uint8/uint8"]["delta"])
+    with pytest.raises(PlanError):
+        predicted_loss(sens, {layer["name"]: "int16/int16"})
 
 
 def test_cross_terms_cover_every_candidate_combination(cnn_run) -> None:  # type: ignore[no-untyped-def]
+    # the numbers are checked against real quantized models in test_sensitivity_correctness.py
     sens, _, _ = cnn_run
     deltas = {row["name"]: row["candidates"] for row in sens["layers"]}
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -131,17 +128,9 @@ def test_cross_terms_cover_every_candidate_combination(cnn_run) -> None:  # type
         groups.setdefault((pair["a"], pair["b"]), []).append(pair)
     for (a, b), entries in groups.items():
         assert len(entries) == len(deltas[a]) * len(deltas[b])
+        assert {tuple(p["candidates"]) for p in entries} == {(c, d) for c in deltas[a] for d in deltas[b]}
         (measured,) = [p for p in entries if p["scaling"] == "measured"]
-        ma, mb = measured["candidates"]
-        for p in entries:
-            if p is measured:
-                continue
-            assert p["scaling"] == "sqrt-delta" and p["measured_at"] == [ma, mb]
-            ca, cb = p["candidates"]
-            da, db = deltas[a][ca]["delta"], deltas[b][cb]["delta"]
-            d0 = deltas[a][ma]["delta"] * deltas[b][mb]["delta"]
-            scale = np.sqrt(da * db / d0) if min(da, db, deltas[a][ma]["delta"], deltas[b][mb]["delta"]) > 0 else 0.0
-            assert p["cross"] == pytest.approx(measured["cross"] * scale, rel=1e-9, abs=1e-15)
+        assert all(p["measured_at"] == measured["candidates"] for p in entries if p is not measured)
 
 
 def test_cut_sessions_match_the_fake_quant_session(cnn, spec) -> None:  # type: ignore[no-untyped-def]
@@ -161,8 +150,14 @@ def test_cut_sessions_match_the_fake_quant_session(cnn, spec) -> None:  # type: 
     for a, b in zip(fast["layers"], slow["layers"], strict=True):
         for c, entry in a["candidates"].items():
             assert entry["delta"] == pytest.approx(b["candidates"][c]["delta"], rel=0.05, abs=1e-8)
+    # the fallback session feeds weights as graph inputs, so onnxruntime runs other conv kernels
+    # whose fp32 rounding moves a few activations across quantization steps (1.5e-7 of a 3e-6
+    # term here): crosses agree to a small fraction of their Cauchy-Schwarz scale 2 sqrt(da db)
+    deltas = {(row["name"], c): max(e["delta"], 0.0) for row in fast["layers"] for c, e in row["candidates"].items()}
     for a, b in zip(fast["pairs"], slow["pairs"], strict=True):
-        assert a["cross"] == pytest.approx(b["cross"], rel=0.1, abs=2e-7)
+        ca, cb = a["candidates"]
+        scale = 2 * np.sqrt(deltas[(a["a"], ca)] * deltas[(a["b"], cb)])
+        assert a["cross"] == pytest.approx(b["cross"], rel=0.1, abs=max(2e-7, 0.05 * scale))
 
 
 def test_pair_with_a_float_weightless_layer(cnn, spec) -> None:  # type: ignore[no-untyped-def]
@@ -234,6 +229,7 @@ def test_transformer_int4_more_sensitive(spec) -> None:  # type: ignore[no-untyp
     assert weighted and worse >= 0.8 * len(weighted)
 
 
+@pytest.mark.slow  # starts a ray cluster (~30 s); test_workers_give_the_same_numbers covers parallel executors
 def test_ray_executor_matches_local(cnn, spec) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("ray")
     feeds = _feeds(CNN, 16, 16)

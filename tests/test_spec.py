@@ -204,3 +204,42 @@ def test_custom_spec_round_trip(tmp_path: Path) -> None:
     rule = spec.ops["Conv"]
     assert rule.weight_inputs == (1,) and rule.bias_inputs == (2,)
     assert rule.requires_quantized_output
+
+
+def test_fast_candidates_declared_per_target() -> None:
+    """Dynamic int8 and block-wise weight-only are declared where onnxruntime fuses them."""
+    dyn, int4_blocks = Candidate.parse("int8/dyn-uint8"), Candidate.parse("int4b32/fp32")
+    x86 = load_spec("ort-cpu-x86")
+    for op in ("MatMul", "Gemm"):
+        assert x86.allows(op, dyn)
+    assert not x86.allows("Conv", dyn)  # ConvInteger is not a fast kernel
+    assert x86.allows("MatMul", int4_blocks) and x86.weight_block_size("MatMul", int4_blocks) == 32
+    assert x86.weight_rule("MatMul", Precision.INT8).reduce_range  # AVX2 U8S8 saturation
+    assert x86.opset_needed(int4_blocks, per_channel=False) == 21
+    assert x86.cost.throughput(dyn) > x86.cost.throughput(Candidate.parse("fp32/fp32"))
+    arm = load_spec("arm-cpu-dotprod")
+    assert arm.allows("MatMul", dyn) and arm.allows("Gemm", dyn)
+    assert not arm.weight_rule("MatMul", Precision.INT8).reduce_range  # dot products add in int32
+    for name in ("tensorrt-gpu", "hexagon-npu", "edge-int-only"):
+        spec = load_spec(name)
+        assert not any(c.dynamic for c in spec.all_candidates()), name
+    # int4 beside quantized activations: a per_block preference falls back to per-channel
+    assert x86.weight_granularity("MatMul", Candidate.parse("int4/uint8")) == Granularity.PER_CHANNEL
+    assert x86.weight_granularity("MatMul", int4_blocks) == Granularity.PER_BLOCK
+
+
+def test_refined_candidates_are_checked(tmp_path: Path) -> None:
+    from importlib import resources
+
+    data = json.loads((resources.files("onnxq.hardware_specs") / "ort-cpu-x86.json").read_text("utf-8"))
+    data["ops"]["MatMul"]["candidates"] += ["int4b32/uint8", "int4b24/fp32", "int8b32/fp32"]
+    path = tmp_path / "refined.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    problems = {p.message for p in check_spec_file(path)}
+    assert any("block-wise weights with quantized activations (int4b32/uint8)" in m for m in problems)
+    assert any("block size 24" in m for m in problems)
+    assert any("int8b32/fp32" in m and "no per_block" in m for m in problems)
+    assert not any("dyn-uint8" in m for m in problems)
+    data["ops"]["MatMul"]["candidates"].append("int8/dyn-fp32")
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert any("dyn-fp32" in str(p) for p in check_spec_file(path))

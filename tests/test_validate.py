@@ -180,15 +180,15 @@ def test_constant_node_weights_and_com_microsoft_domain(
 
 def _int4_matmul(opset: int, granularity: str) -> onnx.ModelProto:
     rng = np.random.default_rng(2)
-    codes = rng.integers(-8, 8, size=(16, 4))
-    w = helper.make_tensor("w_q", TensorProto.INT4, [16, 4], codes.reshape(-1).tolist())
-    scale_shape = [] if granularity == "tensor" else [4]
+    codes = rng.integers(-8, 8, size=(32, 4))
+    w = helper.make_tensor("w_q", TensorProto.INT4, [32, 4], codes.reshape(-1).tolist())
+    scale_shape = {"tensor": [], "channel": [4], "block": [1, 4]}[granularity]
     scale = numpy_helper.from_array(np.full(scale_shape, 0.1, np.float32), "w_s")
-    dq_attrs = {"axis": 1} if granularity == "channel" else {}
+    dq_attrs = {"channel": {"axis": 1}, "block": {"axis": 0, "block_size": 32}}.get(granularity, {})
     nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], name="w_dq", **dq_attrs),
              helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
     graph = helper.make_graph(
-        nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w, scale])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
@@ -197,17 +197,20 @@ def _int4_matmul(opset: int, granularity: str) -> onnx.ModelProto:
 
 def test_int4_needs_opset_21() -> None:
     spec = load_spec("ort-cpu-x86")
-    assert validate_model(_int4_matmul(21, "channel"), spec) == []
-    violations = validate_model(_int4_matmul(19, "channel"), spec)
-    assert [(v.node, v.op_type) for v in violations] == [("w_dq", "DequantizeLinear")]
+    assert validate_model(_int4_matmul(21, "block"), spec) == []
+    violations = validate_model(_int4_matmul(19, "block"), spec)
+    assert [(v.node, v.op_type) for v in violations] == [("w_dq", "DequantizeLinear")] * 2
     assert "int4" in violations[0].found and "21" in violations[0].allowed
 
 
 def test_weight_granularity_and_weight_only(models: dict[str, onnx.ModelProto]) -> None:
-    # int4 weight-only MatMul: allowed on ort-cpu-x86 (MatMulNBits), not on hexagon-npu
-    model = _int4_matmul(21, "tensor")
+    # block-wise int4 weight-only MatMul: allowed on ort-cpu-x86 (MatMulNBits), not on hexagon-npu;
+    # per-tensor int4 weight-only is not fused by onnxruntime and not declared
+    model = _int4_matmul(21, "block")
     assert validate_model(model, load_spec("ort-cpu-x86")) == []
-    (v,) = validate_model(model, load_spec("hexagon-npu"))
+    found = [(v.node, v.found) for v in validate_model(model, load_spec("hexagon-npu"))]
+    assert ("mm", "candidate int4b32/fp32") in found
+    (v,) = validate_model(_int4_matmul(21, "tensor"), load_spec("ort-cpu-x86"))
     assert v.node == "mm" and v.found == "candidate int4/fp32"
 
 

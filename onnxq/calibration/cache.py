@@ -20,12 +20,14 @@ import onnx
 
 from onnxq.calibration.types import TensorRange
 
-__all__ = ["CACHE_FORMAT", "cache_key", "feeds_digest", "load", "model_digest", "store"]
+__all__ = ["ALGORITHM_VERSION", "CACHE_FORMAT", "cache_key", "feeds_digest", "load", "model_digest", "store"]
 
 logger = logging.getLogger(__name__)
 
 #: Format tag stored in every entry; bump it when the range algorithms change.
-CACHE_FORMAT = "onnxq-calibration/1"
+CACHE_FORMAT = "onnxq-calibration/2"
+#: Bumped whenever a range algorithm's numbers change (part of every key).
+ALGORITHM_VERSION = 1
 
 
 def model_digest(model: onnx.ModelProto) -> str:
@@ -48,7 +50,8 @@ def feeds_digest(feeds: Sequence[Mapping[str, np.ndarray]]) -> str:
 def cache_key(model_sha: str, feeds_sha: str, options: Mapping[str, object]) -> str:
     """The entry key: a sha256 of the digests and the (JSON-serialisable) options."""
     payload = json.dumps(
-        {"format": CACHE_FORMAT, "model": model_sha, "feeds": feeds_sha, "options": options},
+        {"format": CACHE_FORMAT, "algorithm": ALGORITHM_VERSION, "model": model_sha, "feeds": feeds_sha,
+         "options": options},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()

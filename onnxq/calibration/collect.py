@@ -81,7 +81,8 @@ def ranges_from_stats(
         else:
             lo, hi = _th.mse_range(st, prec, sym)
         lo, hi = _th.safe_range(lo, hi, prec, sym)
-        out[name] = TensorRange(min=float(lo), max=float(hi), absmax_seen=float(st.absmax))
+        out[name] = TensorRange(min=float(lo), max=float(hi), absmax_seen=float(st.absmax),
+                                 non_finite=st.non_finite > 0)
     return out
 
 
@@ -132,6 +133,8 @@ def collect_ranges(
 
     Raises:
         CalibrationError: no feeds, a feed with NaN/Inf or missing inputs, or an unknown tensor.
+            NaN/Inf values that the model itself computes are left out of the ranges (and
+            flagged in ``TensorRange.non_finite``), never an error.
         UsageError: an unknown method or precision, or an invalid option.
     """
     m = _method(method)

@@ -96,14 +96,16 @@ class RunningHistogram:
 class TensorStats:
     """Running statistics of one tensor over the calibration sweep.
 
-    ``count`` is the number of values seen, or of batches for a min/max-only sweep (where the
-    reduction happens inside onnxruntime); 0 means the tensor was never seen.
+    ``count`` is the number of finite values seen, or of batches for a min/max-only sweep (where
+    the reduction happens inside onnxruntime); 0 means no finite value was seen. NaN and ±Inf
+    values are left out of every statistic; ``non_finite`` counts the batches that had some.
     """
 
     min: float = math.inf
     max: float = -math.inf
     count: int = 0
     histogram: RunningHistogram | None = field(default=None)
+    non_finite: int = 0
 
     @property
     def absmax(self) -> float:
@@ -119,9 +121,10 @@ class TensorStats:
         self.count += 1
 
     def update(self, x: np.ndarray, known: tuple[float, float] | None = None) -> tuple[float, float]:
-        """Fold one batch in; returns the batch's ``(min, max)`` (NaN/Inf propagate).
+        """Fold one batch's finite values in; returns their ``(min, max)`` (``(inf, -inf)`` if none).
 
-        ``known`` is the batch's ``(min, max)`` when already computed (by onnxruntime).
+        ``known`` is the batch's ``(min, max)`` when already computed (by onnxruntime) and known
+        to be free of NaN/Inf.
         """
         if x.size == 0:
             return (math.inf, -math.inf)
@@ -130,7 +133,11 @@ class TensorStats:
         else:
             lo, hi = float(known[0]), float(known[1])
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            return (lo, hi)
+            self.non_finite += 1
+            x = x[np.isfinite(x)]
+            if x.size == 0:
+                return (math.inf, -math.inf)
+            lo, hi = float(np.min(x)), float(np.max(x))
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.count += int(x.size)

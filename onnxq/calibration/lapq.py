@@ -179,4 +179,4 @@ def lapq_ranges(
 
 
 def _range(stats: TensorStats, lo: float, hi: float) -> TensorRange:
-    return TensorRange(min=float(lo), max=float(hi), absmax_seen=float(stats.absmax))
+    return TensorRange(min=float(lo), max=float(hi), absmax_seen=float(stats.absmax), non_finite=stats.non_finite > 0)

@@ -273,7 +273,8 @@ def sweep(
         types: known element types (from :func:`check_tensors`).
 
     Raises:
-        CalibrationError: bad feeds, or a tensor that takes a NaN/Inf value.
+        CalibrationError: bad feeds. NaN/Inf values the model computes are left out of the
+            statistics and counted in ``TensorStats.non_finite``.
     """
     required, known = model_input_names(model)
     input_names = [t for t in tensors if t in known]
@@ -294,6 +295,7 @@ def sweep(
                 reduced.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
         fetch = [*fetch, *output_names]
     session = make_session(reduced)
+    fallbacks: dict[tuple[str, ...], ort.InferenceSession] = {}
     session_inputs = {i.name for i in session.get_inputs()}
     iterator: Iterable[Mapping[str, np.ndarray]] = feeds
     if progress:
@@ -318,16 +320,34 @@ def sweep(
             ) from exc
         n_red = 3 * len(output_names)
         scalars = [float(np.asarray(v.numpy())) for v in values[:n_red]]
+        unclean: list[str] = []
         for k, name in enumerate(output_names):
             lo, hi, total = scalars[3 * k : 3 * k + 3]
-            _check_finite(name, lo, hi, total, index)
+            clean = _is_clean(lo, hi, total)
             if with_tensors:
-                _update(stats[name], name, _as_array(values[n_red + k]), index, (lo, hi))
+                _update(stats[name], name, _as_array(values[n_red + k]), index, (lo, hi) if clean else None)
+            elif not clean:
+                unclean.append(name)
             elif lo <= hi:
                 stats[name].update_range(lo, hi)
+        if unclean:
+            # rare: fetch just these tensors whole and reduce their finite values here
+            key = tuple(unclean)
+            if key not in fallbacks:
+                fallbacks[key] = make_session(calibration_model(model, unclean, types))
+            for name, value in zip(unclean, fallbacks[key].run(unclean, run_feed), strict=True):
+                finite = TensorStats()
+                _update(finite, name, np.asarray(value), index)
+                stats[name].non_finite += 1
+                if finite.count:
+                    stats[name].update_range(finite.min, finite.max)
         for name in input_names:
             _update(stats[name], name, arrays[name], index)
         del values
+    for name, st in stats.items():
+        if st.non_finite:
+            logger.warning("tensor %r takes NaN or Inf values on %d of %d calibration feeds; its range "
+                           "covers its finite values only", name, st.non_finite, len(feeds))
     return stats
 
 
@@ -337,14 +357,11 @@ def _as_array(value: object) -> object:
     return value
 
 
-def _check_finite(name: str, lo: float, hi: float, total: float, index: int) -> None:
-    if lo == math.inf and hi == -math.inf:  # an empty tensor
-        return
-    if math.isnan(total) or not (math.isfinite(lo) and math.isfinite(hi)):
-        raise CalibrationError(
-            f"tensor {name!r} takes NaN or Inf values on calibration feed {index}",
-            "the model overflows on this data; check the inputs' scale and preprocessing",
-        )
+def _is_clean(lo: float, hi: float, total: float) -> bool:
+    """Whether a batch's in-graph reductions show no NaN/Inf (an empty tensor is clean)."""
+    if lo == math.inf and hi == -math.inf:
+        return True
+    return not math.isnan(total) and math.isfinite(lo) and math.isfinite(hi)
 
 
 def _update(
@@ -361,9 +378,4 @@ def _update(
         )
     if value.dtype != np.float32 and value.dtype != np.float64:
         value = value.astype(np.float32)
-    lo, hi = stats.update(value, known)
-    if value.size and not (math.isfinite(lo) and math.isfinite(hi)):
-        raise CalibrationError(
-            f"tensor {name!r} takes NaN or Inf values on calibration feed {index}",
-            "the model overflows on this data; check the inputs' scale and preprocessing",
-        )
+    stats.update(value, known)

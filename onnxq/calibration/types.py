@@ -15,22 +15,26 @@ class TensorRange:
     Attributes:
         min: lower end of the (possibly clipped) range.
         max: upper end of the (possibly clipped) range.
-        absmax_seen: the largest ``|x|`` observed on the calibration data (for reports).
+        absmax_seen: the largest finite ``|x|`` observed on the calibration data (for reports).
+        non_finite: the tensor also took NaN or ±Inf values (left out of the range: an attention
+            mask's ``-inf``, a ``Log(0)`` that a later ``Where`` discards); a quantizer would
+            turn them into finite values, so such a tensor is best left in float.
     """
 
     min: float
     max: float
     absmax_seen: float
+    non_finite: bool = False
 
     def to_json(self) -> list[float]:
-        """``[min, max, absmax_seen]``, the form the on-disk cache stores."""
-        return [float(self.min), float(self.max), float(self.absmax_seen)]
+        """``[min, max, absmax_seen, non_finite]``, the form the on-disk cache stores."""
+        return [float(self.min), float(self.max), float(self.absmax_seen), float(self.non_finite)]
 
     @classmethod
     def from_json(cls, values: list[float]) -> TensorRange:
         """Inverse of :meth:`to_json`."""
-        lo, hi, absmax = (float(v) for v in values)
-        return cls(min=lo, max=hi, absmax_seen=absmax)
+        lo, hi, absmax, non_finite = (float(v) for v in values)
+        return cls(min=lo, max=hi, absmax_seen=absmax, non_finite=bool(non_finite))
 
 
 class CalibrationMethod(enum.StrEnum):

@@ -59,8 +59,14 @@ def precision_rank(precision: Precision) -> int:
 
 
 def _at_least_as_precise(a: Candidate, b: Candidate) -> bool:
-    return (precision_rank(a.weights) >= precision_rank(b.weights)
-            and precision_rank(a.activations) >= precision_rank(b.activations))
+    # per-call activation ranges beat calibrated ones, finer weight blocks beat coarser ones and
+    # per-channel scales, at the same bits
+    def weight_key(c: Candidate) -> tuple[int, float]:
+        return precision_rank(c.weights), 1.0 / c.block_size if c.block_size else 0.0
+
+    return (weight_key(a) >= weight_key(b) if precision_rank(a.weights) == precision_rank(b.weights)
+            else precision_rank(a.weights) > precision_rank(b.weights)) and (
+        (precision_rank(a.activations), a.dynamic) >= (precision_rank(b.activations), b.dynamic))
 
 
 def prune_dominated(candidates: Sequence[Candidate], cost: Mapping[Candidate, float]) -> tuple[Candidate, ...]:

@@ -2,6 +2,11 @@
 
 Conventions (also written into the JSON under ``"conventions"``):
 
+* The model analysed is the one the rewrite will produce: upgraded to the opset the prepare
+  pass gives a plan of the analysed candidates (so weights are per-channel exactly when the
+  rewrite writes them so), activation ranges calibrated with ``--calibration``, layers inside
+  ``If``/``Loop``/``Scan`` bodies analysed like main-graph ones (rows carry their ``"scope"``;
+  :mod:`onnxq.sensitivity.scoped`).
 * The loss ``L`` is label-free, against the fp32 outputs on the calibration feeds: the mean
   over samples of KL(softmax(fp32) ‖ softmax(quantized)) for 2-D logit outputs (``kl``), the
   mean squared error otherwise (``mse``). ``L(0)`` (nothing quantized) is 0 up to rounding and
@@ -15,12 +20,16 @@ Conventions (also written into the JSON under ``"conventions"``):
     clipping at ≤ 4 bits — the same quantizer as the rewrite pass). The gradient of ``L`` at the
     fp32 weights is 0, and central differences cancel the odd terms anyway.
   - weight term, ``hutchinson`` (HAWQ-V2): ``½ · Tr(H)/n · ‖ΔW‖²`` with ``Tr(H)`` estimated from
-    Rademacher directions ``v``: ``vᵀHv ≈ (L(W+εv) + L(W−εv) − 2L(W)) / ε²``; ``ε`` is the RMS of
+    Rademacher directions ``v``: ``vᵀHv ≈ (L(W+εv) + L(W−εv) − 2L(W)) / ε²``, whose mean over
+    directions is already ``Tr(H)`` (``E[vᵀHv] = Tr(H)``, reported as ``hessian_trace``); ``ε`` is the RMS of
     the layer's coarsest integer weight noise, so the curvature is probed at the scale that
     matters. One trace per layer serves all its weight precisions.
-  - activation term: ``L(x̃) − L(0)`` with the layer's float input activations fake-quantized at
-    the candidate's activation precision (calibrated min/max ranges, symmetric as the spec
-    says). Float activation precisions (fp16…) add 0.
+  - activation term: the sum over the tensors the layer's Q/DQ quantize — its float inputs and,
+    where the layout puts a Q on its output (:func:`onnxq.layout.plan_layout`: a float or
+    integer consumer, after a folded Relu), that output — of ``L(x̃) − L(0)`` with the tensor
+    fake-quantized at the candidate's activation precision (calibrated ranges, symmetric as the
+    spec says; ``activation_terms``). A tensor two layers of a plan share counts once. Float
+    activation precisions (fp16…) add 0.
 * ``cross`` of a dependent pair ``(a, b)`` at candidates ``(c_a, c_b)``: ``L(a+b) − L(a) − L(b) +
   L(0)``, all four measured for real (weights quantized, activations fake-quantized). One
   candidate pair per dependent pair is measured: each layer's most aggressive candidate (fewest
@@ -31,11 +40,14 @@ Conventions (also written into the JSON under ``"conventions"``):
   "measured"``): the cross term of two weight noises is the bilinear ``ΔW_aᵀ H_ab ΔW_b``, and a
   layer's noise size scales as ``sqrt(δ)`` since ``δ ≈ ½ ΔWᵀHΔW``. So the JSON keeps the DESIGN
   rule (a pair entry counts when a plan gives both layers its candidates) and every consumer of
-  the pairs (the search's ILP) sees the scaled terms.
+  the pairs (the search's ILP) sees the scaled terms. Every entry is bounded as a positive
+  semi-definite form allows, ``|cross| ≤ 2 sqrt(δa δb)``, and never below what would make the
+  pair's predicted loss negative (:func:`bounded_cross`; ``raw_cross`` keeps the unbounded value).
 * The predicted loss of a plan is the sum of its layers' deltas plus the cross terms of the
   pairs whose two layers both take the pair's candidates (:func:`predicted_loss`).
 * The loss is measured on the first ``max_samples`` (64) samples, concatenated into batches of
-  up to 256 when the batch dimension is dynamic.
+  up to 256 when the batch dimension is dynamic — only feeds of the same shape are batched
+  together (one feed per sentence, each of its own length, gives one batch per length).
 
 How evaluations run (:mod:`onnxq.sensitivity.engine`): one fp32 run caches, per feed, every
 tensor where a layer's suffix of the graph is cut off; a single-layer evaluation then runs only
@@ -43,18 +55,23 @@ the nodes downstream of that layer, with the layer's weight as the session's one
 and its input activations fake-quantized in numpy (no fake-quant nodes in the graph); a pair
 chains its two layers' cut sessions. Validation plans run in a model built for the plan. When
 the cut tensors would not fit :data:`CUT_CACHE_BYTES`, or the model has control flow, every
-evaluation goes through one :class:`~onnxq.simulate.FakeQuantModel` session instead.
+evaluation goes through one :class:`~onnxq.simulate.FakeQuantModel` session instead. Jobs that
+touch a layer inside a subgraph run in a model baked for the job (:mod:`onnxq.sensitivity.scoped`).
 * When one activation tensor feeds layers at different precisions (a plan, a pair), the
   simulation quantizes it once at the lowest bit width among them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import hashlib
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -64,9 +81,10 @@ import onnx
 
 from onnxq.calibration import cache as _cache
 from onnxq.calibration import collect_ranges
-from onnxq.errors import CalibrationError, PlanError, UsageError
+from onnxq.errors import CalibrationError, ModelError, PlanError, UsageError
 from onnxq.graph import GraphView, Layer
-from onnxq.layout import activation_symmetric, effective_candidate
+from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
+from onnxq.model import model_opset, upgrade_opset
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
 from onnxq.rewrite import weight_axis
 from onnxq.sensitivity.engine import (
@@ -80,9 +98,13 @@ from onnxq.sensitivity.engine import (
     weight_noise,
 )
 from onnxq.sensitivity.executors import require_executor, run_jobs
+from onnxq.sensitivity.scoped import MAIN_SCOPE, ScopeChange, ScopedEvaluator, ScopedJob
+from onnxq.simulate import WeightFormat, weight_format
 from onnxq.spec.model import Granularity, HardwareSpec
+from onnxq.subgraphs import expose, scope_views
 
-__all__ = ["SENSITIVITY_FORMAT", "METHODS", "analyze", "predicted_loss", "EVALUATION_COUNTER"]
+__all__ = ["SENSITIVITY_FORMAT", "METHODS", "ALGORITHM_VERSION", "analyze", "predicted_loss", "bounded_cross",
+           "spec_digest", "EVALUATION_COUNTER"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +113,7 @@ METHODS = ("central", "hutchinson")
 #: Rademacher directions per layer for ``method="hutchinson"``.
 HUTCHINSON_DIRECTIONS = 4
 #: Bumped whenever the numbers this module computes change (part of the cache key).
-_ALGORITHM_VERSION = 3
+ALGORITHM_VERSION = 4
 #: Calibration samples the analysis uses by default (the first ones; ``max_samples``).
 DEFAULT_SAMPLES = 64
 #: Feeds are concatenated into batches of up to this many samples when the model's inputs have
@@ -99,6 +121,8 @@ DEFAULT_SAMPLES = 64
 MAX_BATCH = 256
 #: Bound on the cached fp32 cut tensors of the cut sessions (above it: the slow single-session path).
 CUT_CACHE_BYTES = 1 << 30
+#: The opset from which the rewrite writes per-channel weight scales (the prepare pass's floor).
+PER_CHANNEL_OPSET = 13
 
 
 @dataclass
@@ -132,68 +156,196 @@ def _most_aggressive(options: Sequence[Candidate]) -> Candidate:
     return min(options, key=lambda c: (bits(c.weights), bits(c.activations), options.index(c)))
 
 
-def _weight_quantizer(layer: Layer, node: onnx.NodeProto, precision: Precision, spec: HardwareSpec,
+def _weight_quantizer(layer: Layer, node: onnx.NodeProto, fmt: WeightFormat, spec: HardwareSpec,
                       per_channel_ok: bool) -> WeightQuantizer:
     assert layer.weight is not None
+    precision = fmt.precision
     rank = len(layer.weight.shape)
     rule = spec.weight_rule(layer.op_type, precision)
     symmetric = True if rule is None else rule.symmetric
     narrow = False if rule is None else rule.narrow_range
-    per_channel = (is_integer(precision) and per_channel_ok and rank >= 2
-                   and (rule is None or rule.preferred_granularity == Granularity.PER_CHANNEL))
+    # a preferred per_block that the format does not use falls back to per-channel, as in the rewrite
+    per_channel = (is_integer(precision) and per_channel_ok and rank >= 2 and not fmt.block_size
+                   and (rule is None or rule.preferred_granularity == Granularity.PER_CHANNEL
+                        or (rule.preferred_granularity == Granularity.PER_BLOCK
+                            and Granularity.PER_CHANNEL in rule.granularities)))
     axis = weight_axis(layer.op_type, node, rank) if per_channel else None
     method = "mse" if is_integer(precision) and bits(precision) <= 4 else "minmax"
-    return WeightQuantizer(layer.weight.tensor, precision, axis, symmetric, narrow, method)
+    if fmt.dynamic:  # dynamic int8: always per column, as onnxq.qdq_patterns writes it
+        axis = weight_axis(layer.op_type, node, rank) if rank >= 2 else None
+    return WeightQuantizer(layer.weight.tensor, precision, axis, symmetric, narrow, method,
+                           block_size=fmt.block_size, reduce_range=fmt.reduce_range)
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 0
+def _as_rewritten(model: onnx.ModelProto, spec: HardwareSpec,
+                  candidates: Mapping[str, Sequence[Candidate | str]] | None) -> onnx.ModelProto:
+    """A copy of ``model`` at the opset the prepare pass gives a plan of these candidates, so
+    that weights are quantized per channel exactly when the rewrite will do it."""
+    needed = PER_CHANNEL_OPSET
+    wanted = ([_as_candidate(c) for cs in candidates.values() for c in cs] if candidates is not None
+              else [c for rule in spec.ops.values() for c in rule.candidates])
+    for candidate in wanted:
+        if not candidate.is_float:
+            needed = max(needed, spec.opset_needed(candidate, per_channel=True))
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    try:
+        return upgrade_opset(work, needed)
+    except ModelError as exc:
+        logger.warning("sensitivity analyses the model at its own opset %d: %s", model_opset(work), exc)
+        return work
 
 
 class _Planner:
-    """Turns (layer, candidate) choices into :class:`Job` s."""
+    """Turns (layer, candidate) choices into jobs.
 
-    def __init__(self, view: GraphView, spec: HardwareSpec, quantizers: Mapping[tuple[str, Precision], WeightQuantizer],
-                 ranges: Mapping[str, tuple[float, float]]) -> None:
-        self.view = view
+    Layers live in scopes (``""``: the main graph; otherwise a control-flow subgraph, see
+    :mod:`onnxq.sensitivity.scoped`). A layer at an integer activation precision quantizes the
+    tensors the layout gives its Q/DQ: its float inputs and, when its output gets a Q (a float
+    consumer, or an integer one), that output. Jobs that touch only the main graph are engine
+    :class:`Job` s; the others :class:`ScopedJob` s.
+    """
+
+    def __init__(self, views: Mapping[str, GraphView], home: Mapping[str, str], spec: HardwareSpec,
+                 quantizers: Mapping[tuple[str, WeightFormat], WeightQuantizer]) -> None:
+        self.views = views
+        self.home = home
         self.spec = spec
         self.quantizers = quantizers
-        self.ranges = ranges
+        self.ranges: dict[tuple[str, str], tuple[float, float]] = {}
+        self._tensors: dict[tuple[str, Precision, bool], list[ActivationQuant]] = {}
 
-    def activation_quants(self, layer: Layer, precision: Precision) -> list[ActivationQuant]:
+    def layer(self, name: str) -> Layer:
+        return self.views[self.home[name]].layers[name]
+
+    def node(self, name: str) -> onnx.NodeProto:
+        return self.views[self.home[name]].nodes[name]
+
+    def tensor_quants(self, name: str, precision: Precision, dynamic: bool = False) -> list[ActivationQuant]:
+        """The activations a layer at ``precision`` quantizes (as the layout places its Q/DQ);
+        ``dynamic`` (``int8/dyn-uint8``): its inputs only, each call on its own range."""
         if not is_integer(precision):
             return []
-        sym = activation_symmetric(self.spec, layer.op_type, precision)
-        return [ActivationQuant(t, precision, sym) for t in layer.activations if t in self.ranges]
+        hit = self._tensors.get((name, precision, dynamic))
+        if hit is None:
+            view = self.views[self.home[name]]
+            layer = view.layers[name]
+            sym = activation_symmetric(self.spec, layer.op_type, precision)
+            hit = [ActivationQuant(t, precision, sym, dynamic) for t in layer.activations]
+            if dynamic:
+                self._tensors[(name, precision, dynamic)] = hit
+                return hit
+            layout = plan_layout(view, {name: Candidate(precision, precision)}, self.spec)
+            hit += [ActivationQuant(q.tensor, precision, q.symmetric) for q in layout.tensors.values()
+                    if q.from_layer and q.tensor not in layer.activations]
+            self._tensors[(name, precision, dynamic)] = hit
+        return hit
 
-    def weight_perturbation(self, layer: Layer, precision: Precision, sign: float = 1.0) -> list[WeightPerturbation]:
-        quantizer = self.quantizers.get((layer.name, precision))
+    def activation_quants(self, name: str, precision: Precision, dynamic: bool = False) -> list[ActivationQuant]:
+        scope = self.home[name]
+        return [a for a in self.tensor_quants(name, precision, dynamic) if (scope, a.tensor) in self.ranges]
+
+    def weight_format(self, name: str, candidate: Candidate) -> WeightFormat:
+        return weight_format(self.spec, self.layer(name).op_type, candidate)
+
+    def term_name(self, name: str, tensor: str) -> str:
+        """A tensor's name in ``activation_terms`` (qualified by its scope inside a subgraph)."""
+        scope = self.home[name]
+        return tensor if scope == MAIN_SCOPE else f"{scope}::{tensor}"
+
+    def weight_perturbation(self, name: str, fmt: WeightFormat, sign: float = 1.0) -> list[WeightPerturbation]:
+        quantizer = self.quantizers.get((name, fmt))
         if quantizer is None:
             return []
         return [WeightPerturbation(quantizer.tensor, sign, quantizer)]
 
-    def plan_job(self, plan: Mapping[str, Candidate]) -> Job:
-        """All of ``plan``'s layers quantized at once (weights and input activations)."""
-        weights: list[WeightPerturbation] = []
-        acts: dict[str, ActivationQuant] = {}
-        seen_weights: set[str] = set()
-        for name in self.view.layer_names:
+    def job(self, changes: Mapping[str, tuple[Sequence[WeightPerturbation], Sequence[ActivationQuant]]],
+            segments: tuple[str, ...] = ()) -> Job | ScopedJob:
+        """The job of per-scope changes: an engine :class:`Job` when only the main graph moves."""
+        if set(changes) <= {MAIN_SCOPE}:
+            weights, acts = changes.get(MAIN_SCOPE, ((), ()))
+            return Job(tuple(weights), tuple(acts), segments=segments)
+        return ScopedJob(tuple(ScopeChange(scope, tuple(w), tuple(a)) for scope, (w, a) in sorted(changes.items())))
+
+    def plan_job(self, plan: Mapping[str, Candidate], segments: tuple[str, ...] = ()) -> Job | ScopedJob:
+        """All of ``plan``'s layers quantized at once (weights and activations)."""
+        weights: dict[str, dict[str, WeightPerturbation]] = {}
+        acts: dict[str, dict[str, ActivationQuant]] = {}
+        for name in self.home:
             candidate = plan.get(name)
             if candidate is None or candidate == FP32:
                 continue
-            layer = self.view.layers[name]
-            for p in self.weight_perturbation(layer, candidate.weights):
-                if p.tensor not in seen_weights:  # a shared weight is quantized once
-                    seen_weights.add(p.tensor)
-                    weights.append(p)
-            for a in self.activation_quants(layer, candidate.activations):
-                current = acts.get(a.tensor)
+            scope = self.home[name]
+            for p in self.weight_perturbation(name, self.weight_format(name, candidate)):
+                weights.setdefault(scope, {}).setdefault(p.tensor, p)  # a shared weight is quantized once
+            for a in self.activation_quants(name, candidate.activations, candidate.dynamic):
+                current = acts.setdefault(scope, {}).get(a.tensor)
                 if current is None or bits(a.precision) < bits(current.precision):
-                    acts[a.tensor] = a
-        return Job(tuple(weights), tuple(acts[t] for t in sorted(acts)))
+                    acts[scope][a.tensor] = a
+        changes = {scope: (list(weights.get(scope, {}).values()), [acts.get(scope, {})[t] for t in sorted(acts.get(scope, {}))])
+                   for scope in sorted(set(weights) | set(acts))}
+        return self.job(changes, segments)
+
+
+def _choose(views: Mapping[str, GraphView], spec: HardwareSpec,
+            candidates: Mapping[str, Sequence[Candidate | str]] | None) -> tuple[dict[str, list[Candidate]], dict[str, str]]:
+    """The candidates analysed per layer, and each layer's scope, main graph first (graph order)."""
+    chosen: dict[str, list[Candidate]] = {}
+    home: dict[str, str] = {}
+    for scope, view in views.items():
+        for name in view.layer_names:
+            layer = view.layers[name]
+            if candidates is None:
+                options = _default_candidates(layer, spec)
+            elif name in candidates:
+                options = []
+                for c in candidates[name]:
+                    eff = effective_candidate(layer.weight is not None, _as_candidate(c))
+                    if eff != FP32 and eff not in options:
+                        options.append(eff)
+            else:
+                continue
+            if options and name not in home:
+                chosen[name] = options
+                home[name] = scope
+    if candidates is not None:
+        known = {name for view in views.values() for name in view.layers}
+        unknown = sorted(set(candidates) - known)
+        if unknown:
+            raise PlanError(f"sensitivity candidates name unknown layers: {', '.join(unknown[:5])}",
+                            "use the layer names `onnxq inspect` shows")
+    return chosen, home
+
+
+def _calibrate(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], planner: _Planner,
+               chosen: Mapping[str, Sequence[Candidate]], method: str, cache_dir: str | os.PathLike[str] | None,
+               seed: int) -> dict[tuple[str, str], tuple[float, float]]:
+    """Ranges of every tensor the analysed candidates quantize, by ``(scope, tensor)``, in one sweep.
+
+    Like the calibrate pass: ``method`` is ``--calibration``, each tensor is calibrated at the
+    fewest bits any analysed candidate gives it, symmetric if any of them is; subgraph tensors
+    are threaded out to main-graph outputs (:func:`onnxq.subgraphs.expose`).
+    """
+    finest: dict[tuple[str, str], Precision] = {}
+    symmetric: dict[tuple[str, str], bool] = {}
+    for name, options in chosen.items():
+        for c in options:
+            for a in planner.tensor_quants(name, c.activations):
+                key = (planner.home[name], a.tensor)
+                if key not in finest or bits(a.precision) < bits(finest[key]):
+                    finest[key] = a.precision
+                symmetric[key] = symmetric.get(key, False) or a.symmetric
+    if not finest:
+        return {}
+    scoped = sorted({t for scope, t in finest if scope != MAIN_SCOPE})
+    exposed, mapping = expose(model, scoped) if scoped else (model, {})
+    name_of = {key: (key[1] if key[0] == MAIN_SCOPE else mapping[key[1]]) for key in finest}
+    targets = sorted(set(name_of.values()))
+    collected = collect_ranges(exposed, feeds, targets, method, cache_dir=cache_dir, seed=seed,
+                               precision_for={name_of[k]: p for k, p in finest.items()},
+                               symmetric_for={name_of[k]: s for k, s in symmetric.items()})
+    return {key: (float(collected[name].min), float(collected[name].max))
+            for key, name in name_of.items() if name in collected}
 
 
 def _cache_path(cache_dir: str | os.PathLike[str], key: str) -> Path:
@@ -282,9 +434,50 @@ def _pair_list(view: GraphView, layer_names: Sequence[str], chosen: Mapping[str,
     return out
 
 
+def bounded_cross(cross: float, delta_a: float, delta_b: float, pair_free: float | None = None) -> float:
+    """``cross`` clipped to what a positive semi-definite quadratic form allows.
+
+    For noises ``e_a, e_b`` and a PSD Hessian, ``δ = ½ eᵀHe`` and ``cross = e_aᵀ H e_b``, so
+    Cauchy-Schwarz bounds ``|cross| ≤ 2 sqrt(δa δb)`` (negative deltas count as 0). The lower
+    bound also keeps the pair's predicted loss ``pair_free + cross`` (``pair_free``: the
+    prediction without the cross term, ``δa + δb`` by default) from going negative, which a
+    solver minimising the loss would otherwise exploit. Non-finite crosses become 0.
+    """
+    if not math.isfinite(cross):
+        return 0.0
+    da, db = max(delta_a, 0.0), max(delta_b, 0.0)
+    limit = 2.0 * math.sqrt(da * db)
+    floor = -min(limit, max(da + db if pair_free is None else pair_free, 0.0))
+    return float(min(max(cross, floor), limit))
+
+
+def _canonical(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "source"}
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
+    if isinstance(value, (set, frozenset)):
+        return sorted((_canonical(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True, default=str))
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def spec_digest(spec: HardwareSpec) -> str:
+    """sha256 of the spec's content (every field but where it was loaded from): two specs that
+    share a name but differ in a rule get different cache entries."""
+    payload = json.dumps(_canonical(spec), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def _expand_pair(a: str, b: str, kind: str, ca: Candidate, cb: Candidate, cross: float,
                  chosen: Mapping[str, Sequence[Candidate]],
-                 deltas: Mapping[tuple[str, Candidate], float]) -> list[dict[str, Any]]:
+                 deltas: Mapping[tuple[str, Candidate], float],
+                 pair_free: Callable[[Candidate, Candidate], float]) -> list[dict[str, Any]]:
     """One pair entry per candidate combination of ``(a, b)``.
 
     The measured combination keeps its cross term (``"scaling": "measured"``); every other one
@@ -292,21 +485,39 @@ def _expand_pair(a: str, b: str, kind: str, ca: Candidate, cb: Candidate, cross:
     ``"measured_at"`` the measured candidates): for weight noise the cross term is
     ``ΔW_aᵀ H_ab ΔW_b``, bilinear in the two noises, whose sizes scale as ``sqrt(δ)`` since
     ``δ ≈ ½ ΔWᵀHΔW``. A combination whose delta (or the measured one's) is not positive gets 0.
+    Every entry is then bounded by :func:`bounded_cross` (``pair_free(c, d)``: the pair's
+    prediction without its cross term); ``"raw_cross"`` keeps the value before the bound.
     """
     da0, db0 = deltas.get((a, ca), 0.0), deltas.get((b, cb), 0.0)
     out: list[dict[str, Any]] = []
     for c in chosen[a]:
         for d in chosen[b]:
             entry: dict[str, Any] = {"a": a, "b": b, "kind": kind, "candidates": [str(c), str(d)]}
+            da, db = deltas.get((a, c), 0.0), deltas.get((b, d), 0.0)
             if (c, d) == (ca, cb):
-                entry.update(cross=cross, scaling="measured")
+                raw = cross
+                entry.update(scaling="measured")
             else:
-                da, db = deltas.get((a, c), 0.0), deltas.get((b, d), 0.0)
                 ratio = da * db / (da0 * db0) if da0 > 0 and db0 > 0 and da > 0 and db > 0 else 0.0
-                entry.update(cross=float(cross * np.sqrt(ratio)), scaling="sqrt-delta",
-                             measured_at=[str(ca), str(cb)])
+                raw = float(cross * np.sqrt(ratio))
+                entry.update(scaling="sqrt-delta", measured_at=[str(ca), str(cb)])
+            entry["cross"] = bounded_cross(raw, da, db, pair_free(c, d))
+            if entry["cross"] != raw:
+                entry["raw_cross"] = raw
             out.append(entry)
     return out
+
+
+def _signature(feed: Mapping[str, np.ndarray]) -> tuple:
+    """What must match for two feeds to be concatenated: names, dtypes, shapes after axis 0."""
+    return tuple((k, np.asarray(v).dtype.str, np.shape(v)[1:]) for k, v in sorted(feed.items()))
+
+
+def _pair_free(sens: Mapping[str, Any], a: str, b: str) -> Callable[[Candidate, Candidate], float]:
+    """The predicted loss of ``{a: c, b: d}`` without pair terms, as a function of ``(c, d)``."""
+    def predict(c: Candidate, d: Candidate) -> float:
+        return predicted_loss(sens, {a: c, b: d})
+    return predict
 
 
 def _rebatch(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
@@ -315,6 +526,8 @@ def _rebatch(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
 
     Feeds are only cut or merged when every input of every feed has the same leading dimension
     and every graph input declares a dynamic first dimension; otherwise they are kept as given.
+    Only feeds of the same shape (after the batch axis) are merged: one ``.npz`` per sentence,
+    each trimmed to its own length, gives one batch per distinct length (in first-seen order).
     """
     if not feeds:
         return feeds
@@ -328,19 +541,24 @@ def _rebatch(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
         if len(leading) != 1 or -1 in leading or set(feed) != set(feeds[0]):
             return feeds
         sizes.append(leading.pop())
+    kept, total = [], 0
+    for feed, size in zip(feeds, sizes, strict=True):
+        if max_samples is not None and total >= max_samples:
+            break
+        take = size if max_samples is None or not dynamic else min(size, max(1, int(max_samples)) - total)
+        kept.append(feed if take == size else {k: np.asarray(v)[:take] for k, v in feed.items()})
+        total += take
     if not dynamic:
-        if max_samples is None:
-            return feeds
-        kept, total = [], 0
-        for feed, size in zip(feeds, sizes, strict=True):
-            if total >= max_samples:
-                break
-            kept.append(feed)
-            total += size
         return kept
-    total = sum(sizes) if max_samples is None else min(sum(sizes), max(1, int(max_samples)))
-    merged = {k: np.concatenate([np.asarray(f[k]) for f in feeds])[:total] for k in feeds[0]}
-    return [{k: v[i:i + MAX_BATCH] for k, v in merged.items()} for i in range(0, total, MAX_BATCH)]
+    groups: dict[tuple, list[dict[str, np.ndarray]]] = {}
+    for feed in kept:
+        groups.setdefault(_signature(feed), []).append(feed)
+    out: list[dict[str, np.ndarray]] = []
+    for members in groups.values():
+        merged = {k: np.concatenate([np.asarray(f[k]) for f in members]) for k in members[0]}
+        count = len(next(iter(merged.values())))
+        out.extend({k: v[i:i + MAX_BATCH] for k, v in merged.items()} for i in range(0, count, MAX_BATCH))
+    return out
 
 
 def analyze(
@@ -360,6 +578,7 @@ def analyze(
     seed: int = 0,
     loss: str = "auto",
     max_samples: int | None = DEFAULT_SAMPLES,
+    calibration: str = "minmax",
 ) -> dict:
     """Sensitivity of every layer × candidate, pair terms, and an optional validation.
 
@@ -385,7 +604,9 @@ def analyze(
         loss: ``auto`` (``kl`` for 2-D logits, ``mse`` otherwise), ``kl`` or ``mse``.
         max_samples: use only the first ``max_samples`` samples of the feeds (``None``: all);
             the feeds are then concatenated into batches of up to :data:`MAX_BATCH` samples when
-            the model's batch dimension is dynamic.
+            the model's batch dimension is dynamic (only feeds of equal shapes are merged).
+        calibration: the activation range method (``--calibration``), as the calibrate pass
+            will use it: each tensor calibrated at the finest precision analysed for it.
 
     Returns:
         The ``onnxq-sensitivity/1`` JSON dict (DESIGN.md), plus ``method``, ``spec``,
@@ -406,38 +627,21 @@ def analyze(
         raise CalibrationError("no calibration feeds for the sensitivity analysis", "pass at least one feed")
     start = time.perf_counter()
 
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
     model_sha = _cache.model_digest(model)
+    work = _as_rewritten(model, spec, candidates)
     try:
         work = onnx.shape_inference.infer_shapes(work, strict_mode=False)
     except Exception as exc:  # noqa: BLE001 - shapes only feed MACs
         logger.debug("shape inference failed (%s)", exc)
     view = GraphView(work, _layer_ops(spec))
-
-    chosen: dict[str, list[Candidate]] = {}
-    for name, layer in view.layers.items():
-        if candidates is None:
-            options = _default_candidates(layer, spec)
-        elif name in candidates:
-            options = []
-            for c in candidates[name]:
-                eff = effective_candidate(layer.weight is not None, c if isinstance(c, Candidate) else Candidate.parse(c))
-                if eff != FP32 and eff not in options:
-                    options.append(eff)
-        else:
-            continue
-        if options:
-            chosen[name] = options
-    if candidates is not None:
-        unknown = sorted(set(candidates) - set(view.layers))
-        if unknown:
-            raise PlanError(f"sensitivity candidates name unknown layers: {', '.join(unknown[:5])}",
-                            "use the layer names `onnxq inspect` shows")
-    layer_names = [n for n in view.layer_names if n in chosen]
+    scoped_views = {sv.scope.key: sv for sv in scope_views(work, _layer_ops(spec))}
+    views: dict[str, GraphView] = {MAIN_SCOPE: view, **{k: sv.view for k, sv in scoped_views.items()}}
+    chosen, home = _choose(views, spec, candidates)
+    layer_names = list(home)
 
     options_key: dict[str, Any] = {
-        "format": SENSITIVITY_FORMAT, "algorithm": _ALGORITHM_VERSION, "spec": spec.name,
+        "format": SENSITIVITY_FORMAT, "algorithm": ALGORITHM_VERSION, "spec": spec.name,
+        "spec_sha256": spec_digest(spec), "calibration": calibration,
         "spec_ops": sorted(view.layer_ops),
         "candidates": {n: [str(c) for c in chosen[n]] for n in layer_names},
         "method": method, "radius": int(radius), "pairs": bool(pairs), "random_plans": int(random_plans),
@@ -448,40 +652,42 @@ def analyze(
     if hit is not None:
         return hit
 
-    # -- the one session: every analysed weight exposed, every input activation fake-quantizable
-    per_channel_ok = _opset(work) >= 13
-    quantizers: dict[tuple[str, Precision], WeightQuantizer] = {}
+    # -- the one session: every analysed weight exposed, every activation fake-quantizable
+    per_channel_ok = model_opset(work) >= PER_CHANNEL_OPSET
+    quantizers: dict[tuple[str, WeightFormat], WeightQuantizer] = {}
+    planner = _Planner(views, home, spec, quantizers)
     weight_tensors: list[str] = []
-    act_tensors: list[str] = []
     for name in layer_names:
-        layer = view.layers[name]
-        node = view.nodes[name]
+        layer = planner.layer(name)
         if layer.weight is not None:
             for c in chosen[name]:
-                if c.weights is not Precision.FP32 and (name, c.weights) not in quantizers:
-                    quantizers[(name, c.weights)] = _weight_quantizer(layer, node, c.weights, spec, per_channel_ok)
-            if any((name, c.weights) in quantizers for c in chosen[name]):
+                fmt = planner.weight_format(name, c)
+                if c.weights is not Precision.FP32 and (name, fmt) not in quantizers:
+                    quantizers[(name, fmt)] = _weight_quantizer(layer, planner.node(name), fmt, spec, per_channel_ok)
+            if home[name] == MAIN_SCOPE and any((name, planner.weight_format(name, c)) in quantizers
+                                                for c in chosen[name]):
                 weight_tensors.append(layer.weight.tensor)
-        if any(is_integer(c.activations) for c in chosen[name]):
-            act_tensors.extend(t for t in layer.activations if t not in act_tensors)
     weight_tensors = list(dict.fromkeys(weight_tensors))
-    ranges: dict[str, tuple[float, float]] = {}
-    if act_tensors:
-        collected = collect_ranges(work, feed_list, act_tensors, "minmax", cache_dir=cache_dir)
-        ranges = {t: (float(r.min), float(r.max)) for t, r in collected.items()}
+    planner.ranges.update(_calibrate(work, feed_list, planner, chosen, calibration, cache_dir, seed))
+    ranges = {t: r for (scope, t), r in planner.ranges.items() if scope == MAIN_SCOPE}
+    act_tensors = sorted(ranges)
 
-    pair_list = _pair_list(view, layer_names, chosen, radius) if pairs else []
+    pair_list = [p for scope, v in views.items() if pairs
+                 for p in _pair_list(v, [n for n in layer_names if home[n] == scope], chosen, radius)]
     partners: dict[str, list[str]] = {n: [] for n in layer_names}
     for a, b, _, _, _ in pair_list:
         partners[a].append(b)
         partners[b].append(a)
     segments = []
     for name in layer_names:
+        if home[name] != MAIN_SCOPE:
+            continue
         layer = view.layers[name]
-        w = (layer.weight.tensor,) if layer.weight is not None and layer.weight.tensor in weight_tensors else ()
-        segments.append(Segment(name, w, tuple(t for t in layer.activations if t in ranges),
-                                tuple(dict.fromkeys(partners[name]))))
-    segments.extend(Segment(f"tensor:{t}", (), (t,)) for t in act_tensors if t in ranges)
+        seg_weights = (layer.weight.tensor,) if layer.weight is not None and layer.weight.tensor in weight_tensors else ()
+        seg_acts = dict.fromkeys(q.tensor for c in chosen[name]
+                                 for q in planner.activation_quants(name, c.activations, c.dynamic))
+        segments.append(Segment(name, seg_weights, tuple(seg_acts), tuple(dict.fromkeys(partners[name]))))
+    segments.extend(Segment(f"tensor:{t}", (), (t,)) for t in act_tensors)
     context = EvalContext(
         model_bytes=work.SerializeToString(), feeds=tuple(feed_list), activation_tensors=tuple(act_tensors),
         weight_tensors=tuple(weight_tensors), ranges=ranges, loss="mse", segments=tuple(segments),
@@ -494,59 +700,71 @@ def analyze(
     local.context = context
     local.set_reference(reference)
     loss0 = local.loss(Job())
-    planner = _Planner(view, spec, quantizers, ranges)
 
     # -- jobs, in a fixed order ---------------------------------------------------------------
-    jobs: list[Job] = []
+    jobs: list[Job | ScopedJob] = []
     index: dict[tuple, int] = {}
 
-    def add(tag: tuple, job: Job) -> None:
+    def add(tag: tuple, job: Job | ScopedJob) -> None:
         if tag not in index:
             index[tag] = len(jobs)
             jobs.append(job)
 
     weights_cache: dict[str, np.ndarray] = {}
+    scoped_weights: dict[tuple[str, str], np.ndarray] = {}
     eps: dict[str, float] = {}
-    noise_sq: dict[tuple[str, Precision], float] = {}
+    noise_sq: dict[tuple[str, WeightFormat], float] = {}
     for name in layer_names:
-        layer = view.layers[name]
-        wprecs = [p for p in dict.fromkeys(c.weights for c in chosen[name]) if (name, p) in quantizers]
+        layer = planner.layer(name)
+        scope = home[name]
+        if layer.weight is not None and scope != MAIN_SCOPE:
+            value = views[scope].weight_value(layer.weight.tensor)
+            if value is not None:
+                scoped_weights[(scope, layer.weight.tensor)] = value.astype(np.float32)
+        wprecs = [p for p in dict.fromkeys(planner.weight_format(name, c) for c in chosen[name])
+                  if (name, p) in quantizers]
         if method == "central":
             for p in wprecs:
                 q = quantizers[(name, p)]
-                add(("w", name, p, +1), Job((WeightPerturbation(q.tensor, 1.0, q),), segments=(name,)))
-                add(("w", name, p, -1), Job((WeightPerturbation(q.tensor, -1.0, q),), segments=(name,)))
+                for sign in (1.0, -1.0):
+                    add(("w", name, p, sign), planner.job({scope: ([WeightPerturbation(q.tensor, sign, q)], [])},
+                                                          (name,)))
         elif wprecs and layer.weight is not None:
-            w = view.weight_value(layer.weight.tensor)
-            assert w is not None
-            weights_cache[name] = w.astype(np.float32)
+            value = views[scope].weight_value(layer.weight.tensor)
+            assert value is not None
+            weights_cache[name] = value.astype(np.float32)
             for p in wprecs:
                 noise = weight_noise(weights_cache[name], quantizers[(name, p)])
                 noise_sq[(name, p)] = float(np.sum(noise.astype(np.float64) ** 2))
-            coarsest = min(wprecs, key=lambda p: (bits(p), p.value))
+            coarsest = min(wprecs, key=lambda p: (bits(p.precision), str(p)))
             n = max(weights_cache[name].size, 1)
             eps[name] = max(float(np.sqrt(noise_sq[(name, coarsest)] / n)), 1e-6)
             for d in range(HUTCHINSON_DIRECTIONS):
                 for sign in (1.0, -1.0):
-                    add(("h", name, d, sign), Job((WeightPerturbation(layer.weight.tensor, sign, None, d, eps[name],
-                                                                      seed * 1_000_003 + layer.index),),
-                                                  segments=(name,)))
-        for p in dict.fromkeys(c.activations for c in chosen[name]):
-            for a in planner.activation_quants(layer, p):  # one term per tensor: shared ones once
-                add(("t", a.tensor, a.precision, a.symmetric), Job((), (a,), segments=(f"tensor:{a.tensor}",)))
+                    perturbation = WeightPerturbation(layer.weight.tensor, sign, None, d, eps[name],
+                                                      seed * 1_000_003 + layer.index)
+                    add(("h", name, d, sign), planner.job({scope: ([perturbation], [])}, (name,)))
+        for p, dynamic in dict.fromkeys((c.activations, c.dynamic) for c in chosen[name]):
+            for quant in planner.activation_quants(name, p, dynamic):  # one term per tensor: shared ones once
+                add(("t", scope, quant.tensor, quant.precision, quant.symmetric, quant.dynamic),
+                    planner.job({scope: ([], [quant])}, (f"tensor:{quant.tensor}",)))
 
     for a, b, _, ca, cb in pair_list:
-        add(("single", a, ca), replace(planner.plan_job({a: ca}), segments=(a,)))
-        add(("single", b, cb), replace(planner.plan_job({b: cb}), segments=(b,)))
-        add(("pair", a, b), replace(planner.plan_job({a: ca, b: cb}), segments=(a, b)))
+        add(("single", a, ca), planner.plan_job({a: ca}, (a,)))
+        add(("single", b, cb), planner.plan_job({b: cb}, (b,)))
+        add(("pair", a, b), planner.plan_job({a: ca, b: cb}, (a, b)))
 
     plans = _random_plans(layer_names, chosen, random_plans, seed)
     for i, plan in enumerate(plans):
         add(("plan", i), planner.plan_job(plan))
 
-    logger.info("sensitivity: %d layers, %d pairs, %d evaluations (%s, workers=%d, %s)",
-                len(layer_names), len(pair_list), len(jobs), method, workers, executor)
-    losses = run_jobs(context, jobs, workers=workers, executor=executor, progress=progress, local=local)
+    logger.info("sensitivity: %d layers (%d in subgraphs), %d pairs, %d evaluations (%s, workers=%d, %s)",
+                len(layer_names), sum(home[n] != MAIN_SCOPE for n in layer_names), len(pair_list), len(jobs),
+                method, workers, executor)
+    main_jobs = [j for j in jobs if isinstance(j, Job)]
+    main_losses = iter(run_jobs(context, main_jobs, workers=workers, executor=executor, progress=progress, local=local))
+    scoped = ScopedEvaluator(work, scoped_views, scoped_weights, planner.ranges, feed_list, reference, loss_kind)
+    losses = [next(main_losses) if isinstance(j, Job) else scoped.loss(j) for j in jobs]
     EVALUATION_COUNTER.total += len(jobs) + 1
 
     def measured(tag: tuple) -> float:
@@ -556,22 +774,25 @@ def analyze(
     deltas: dict[tuple[str, Candidate], float] = {}
     layers_json = []
     for name in layer_names:
-        layer = view.layers[name]
+        layer = planner.layer(name)
+        scope = home[name]
         trace = None
         if method == "hutchinson" and name in eps:
             curv = [(measured(("h", name, d, 1.0)) + measured(("h", name, d, -1.0))) / eps[name] ** 2
                     for d in range(HUTCHINSON_DIRECTIONS)]
-            trace = float(np.mean(curv)) * weights_cache[name].size
+            trace = float(np.mean(curv))  # E[vᵀHv] = Tr(H) for Rademacher v: no factor n
         entry: dict[str, Any] = {}
         for c in chosen[name]:
             w_term = 0.0
-            if (name, c.weights) in quantizers:
+            fmt = planner.weight_format(name, c)
+            if (name, fmt) in quantizers:
                 if method == "central":
-                    w_term = 0.5 * (measured(("w", name, c.weights, +1)) + measured(("w", name, c.weights, -1)))
+                    w_term = 0.5 * (measured(("w", name, fmt, +1)) + measured(("w", name, fmt, -1)))
                 elif trace is not None:
-                    w_term = 0.5 * trace / weights_cache[name].size * noise_sq[(name, c.weights)]
-            a_terms = {a.tensor: measured(("t", a.tensor, a.precision, a.symmetric))
-                       for a in planner.activation_quants(layer, c.activations)}
+                    w_term = 0.5 * trace / weights_cache[name].size * noise_sq[(name, fmt)]
+            a_terms = {planner.term_name(name, q.tensor): measured(("t", scope, q.tensor, q.precision, q.symmetric,
+                                                                    q.dynamic))
+                       for q in planner.activation_quants(name, c.activations, c.dynamic)}
             a_term = float(sum(a_terms.values()))
             deltas[(name, c)] = w_term + a_term
             item: dict[str, Any] = {"delta": w_term + a_term, "weight": w_term, "activation": a_term}
@@ -582,6 +803,8 @@ def analyze(
             entry[str(c)] = item
         row: dict[str, Any] = {"name": name, "op_type": layer.op_type, "params": int(layer.params),
                                "macs": int(layer.macs), "candidates": entry}
+        if scope != MAIN_SCOPE:
+            row["scope"] = scope
         if trace is not None:
             row["hessian_trace"] = trace
         layers_json.append(row)
@@ -594,7 +817,7 @@ def analyze(
         shared = (predicted_loss(alone, {a: ca}) + predicted_loss(alone, {b: cb})
                   - predicted_loss(alone, {a: ca, b: cb}))
         cross = measured(("pair", a, b)) - measured(("single", a, ca)) - measured(("single", b, cb)) + shared
-        pairs_json.extend(_expand_pair(a, b, kind, ca, cb, cross, chosen, deltas))
+        pairs_json.extend(_expand_pair(a, b, kind, ca, cb, cross, chosen, deltas, _pair_free(alone, a, b)))
 
     result: dict[str, Any] = {
         "format": SENSITIVITY_FORMAT,
@@ -606,14 +829,17 @@ def analyze(
         "layers": layers_json,
         "pairs": pairs_json,
         "evaluations": len(jobs) + 1,
-        "options": {k: v for k, v in options_key.items() if k in ("method", "radius", "pairs", "random_plans", "seed")},
+        "options": {k: v for k, v in options_key.items() if k in ("method", "radius", "pairs", "random_plans", "seed",
+                                                                    "calibration")},
         "conventions": ("delta = predicted loss increase when only that layer takes the candidate: "
                         "weight term 1/2 dWᵀH dW (central: 1/2(L(W+dW)+L(W-dW)-2L(W)); hutchinson: "
-                        "1/2 Tr(H)/n |dW|²) + measured loss change with the layer's input activations "
+                        "1/2 Tr(H)/n |dW|², Tr(H) = mean of v'Hv) + measured loss change with each tensor "
+                        "the layer's Q/DQ quantize (inputs, and its output where the layout puts a Q) "
                         "fake-quantized; cross = L(a+b) - L(a) - L(b) + L(0) measured at the pair's "
                         "most aggressive candidates (scaling 'measured') and, for every other candidate "
                         "combination, scaled as cross* sqrt(delta_a(c) delta_b(d) / (delta_a* delta_b*)) "
-                        "(scaling 'sqrt-delta', the second-order form of dW_a'H_ab dW_b); predicted loss "
+                        "(scaling 'sqrt-delta', the second-order form of dW_a'H_ab dW_b), bounded by "
+                        "|cross| <= 2 sqrt(delta_a delta_b) and a non-negative pair prediction; predicted loss "
                         "of a plan = sum of deltas + matching crosses"),
     }
     if plans:

@@ -73,6 +73,7 @@ def run_sensitivity_command(args: argparse.Namespace) -> int:
         loaded.proto, list(feeds.all), spec, method=args.method, radius=args.radius,
         random_plans=args.random_plans, workers=args.workers, executor=args.executor,
         cache_dir=default_cache_dir(), progress=not quiet and sys.stderr.isatty(), seed=args.seed,
+        calibration=getattr(args, "calibration", None) or "minmax",
     )
     atomic_write_text(out, json.dumps(sens, indent=2, sort_keys=True) + "\n")
     if getattr(args, "json", False):

@@ -24,7 +24,8 @@ from onnxq.calibration import weight_ranges
 from onnxq.calibration.sweep import MAX_IR_VERSION, make_session
 from onnxq.numerics import fake_quantize, qparams_from_range
 from onnxq.precision import Precision, is_integer
-from onnxq.simulate import FakeQuantModel, bake, fake_quantize_array
+from onnxq.qdq_patterns import fake_quantize_blockwise
+from onnxq.simulate import DynamicQuant, FakeQuantModel, bake, fake_quantize_array
 
 __all__ = [
     "LOSSES",
@@ -67,6 +68,8 @@ class WeightQuantizer:
     symmetric: bool
     narrow: bool
     method: str
+    block_size: int = 0
+    reduce_range: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,13 @@ class WeightPerturbation:
 
 @dataclass(frozen=True)
 class ActivationQuant:
-    """Fake-quantize activation ``tensor`` at ``precision`` with its calibrated range."""
+    """Fake-quantize activation ``tensor`` at ``precision`` with its calibrated range, or with
+    each call's own range when ``dynamic``."""
 
     tensor: str
     precision: Precision
     symmetric: bool
+    dynamic: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,8 +170,12 @@ def weight_noise(w: np.ndarray, quantizer: WeightQuantizer) -> np.ndarray:
     if not is_integer(precision):
         logger.debug("no weight-noise model for %s; treated as exact", precision)
         return np.zeros_like(w)
+    if quantizer.block_size:
+        return (fake_quantize_blockwise(w, precision, quantizer.block_size, quantizer.symmetric,
+                                        quantizer.narrow) - w).astype(np.float32)
     lo, hi = weight_ranges(w, quantizer.axis, precision, quantizer.symmetric, method=quantizer.method)
-    q = qparams_from_range(lo, hi, precision, quantizer.symmetric, narrow=quantizer.narrow, axis=quantizer.axis)
+    q = qparams_from_range(lo, hi, precision, quantizer.symmetric, narrow=quantizer.narrow, axis=quantizer.axis,
+                           reduce_range=quantizer.reduce_range)
     return (fake_quantize(w, q) - w).astype(np.float32)
 
 
@@ -413,8 +422,9 @@ class SuffixRunner:
 
     def _quantized_cache(self, f: int, tensor: str, q: object) -> np.ndarray:
         """``fake_quantize_array`` of a cached fp32 cut tensor, memoised (bounded LRU)."""
-        key = (f, tensor, np.asarray(q.scale).tobytes(), np.asarray(q.zero_point).tobytes(),  # type: ignore[attr-defined]
-               q.qmin, q.qmax)  # type: ignore[attr-defined]
+        key = (f, tensor, q) if isinstance(q, DynamicQuant) else (
+            f, tensor, np.asarray(q.scale).tobytes(), np.asarray(q.zero_point).tobytes(),  # type: ignore[attr-defined]
+            q.qmin, q.qmax)  # type: ignore[attr-defined]
         hit = self._fq_cache.get(key)
         if hit is None:
             hit = fake_quantize_array(self.cache[f][tensor], q)  # type: ignore[arg-type]
@@ -457,8 +467,8 @@ class SuffixRunner:
             produced = {o for i in self.suffix[key] for o in self.nodes[i].output}
             if any(t in produced and t not in self.internal[key] for t in acts):
                 return None
-            if any(t not in acts for t in self.internal[key]):
-                return None
+            if any(t not in acts or isinstance(acts[t], DynamicQuant) for t in self.internal[key]):
+                return None  # per-call ranges of tensors computed inside a session: not here
         if not any(t in self.cuts[key] or t in self.internal[key] for key in keys for t in acts) and acts:
             return None
         return keys
@@ -587,9 +597,22 @@ class Evaluator:
             weights[p.tensor] = base + np.float32(p.sign) * self._delta(p)
         acts: dict[str, object] = {}
         for a in job.activations:
+            if a.dynamic:
+                acts[a.tensor] = DynamicQuant(a.precision)
+                continue
             lo, hi = self.context.ranges[a.tensor]
             acts[a.tensor] = qparams_from_range(lo, hi, a.precision, a.symmetric)
         return weights, acts
+
+    def _calibrated(self, acts: Mapping[str, object]) -> dict[str, object]:
+        """``acts`` with per-call quantization replaced by the calibrated range over all feeds
+        (an upper bound of its error), for the one fake-quant session whose parameters are inputs."""
+        out = dict(acts)
+        for tensor, q in acts.items():
+            if isinstance(q, DynamicQuant):
+                lo, hi = self.context.ranges[tensor]
+                out[tensor] = qparams_from_range(lo, hi, q.precision, False)
+        return out
 
     def outputs(self, job: Job) -> list[Sequence[np.ndarray]]:
         """The perturbed model's outputs per feed."""
@@ -603,7 +626,7 @@ class Evaluator:
             session = _session(bake(self.model, acts, weights))  # type: ignore[arg-type]
             names = [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
             return [session.run(names, dict(f)) for f in self.context.feeds]  # type: ignore[attr-defined]
-        return self.fq.run_all(self.context.feeds, acts, weights)  # type: ignore[arg-type]
+        return self.fq.run_all(self.context.feeds, self._calibrated(acts), weights)  # type: ignore[arg-type]
 
     def loss(self, job: Job) -> float:
         """The loss of the perturbed model against the fp32 reference."""

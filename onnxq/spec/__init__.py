@@ -15,6 +15,7 @@ from onnxq.spec.loader import (
 )
 from onnxq.spec.model import (
     DEFAULT_BIAS_INPUTS,
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_LAYOUT_OPS,
     DEFAULT_MIN_OPSET,
     DEFAULT_WEIGHT_INPUTS,
@@ -27,6 +28,7 @@ from onnxq.spec.model import (
 
 __all__ = [
     "DEFAULT_BIAS_INPUTS",
+    "DEFAULT_BLOCK_SIZE",
     "DEFAULT_LAYOUT_OPS",
     "DEFAULT_MIN_OPSET",
     "DEFAULT_WEIGHT_INPUTS",

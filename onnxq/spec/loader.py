@@ -363,6 +363,12 @@ def _meaning_problems(data: Any) -> list[SpecProblem]:
                                 f"known precisions: {known_precisions}"))
                 continue
             parsed.add(cand)
+            for problem in _refinement_problems(cand, op_type, fields, quantizers, path):
+                add(problem)
+            if cand.block_size:
+                features_used.setdefault("per_block", path)
+            if cand.dynamic:
+                features_used.setdefault("dynamic", path)
             if integer_only and not (is_integer(cand.weights) and is_integer(cand.activations)):
                 add(SpecProblem(path, f"float candidate {cand} on an integer_only target",
                                 "integer_only targets allow integer candidates only"))
@@ -453,6 +459,38 @@ def _meaning_problems(data: Any) -> list[SpecProblem]:
     return problems
 
 
+def _refinement_problems(cand: Candidate, op_type: str, fields: Mapping[str, Any],
+                         quantizers: Mapping[str, Any], path: str) -> list[SpecProblem]:
+    """Problems of a block-wise (``int4b32/fp32``) or dynamic (``int8/dyn-uint8``) candidate."""
+    problems: list[SpecProblem] = []
+    if cand.block_size:
+        if is_integer(cand.activations):
+            problems.append(SpecProblem(path, f"block-wise weights with quantized activations ({cand})",
+                                        "block-wise candidates are weight-only: write e.g. "
+                                        f"{cand.weights.value}b{cand.block_size}/fp32"))
+        ref = _map_field(fields, "weight_quantizers").get(cand.weights.value)
+        q = quantizers.get(ref.value) if ref is not None and isinstance(ref.value, str) else None
+        if isinstance(q, Mapping):
+            grans = q.get("granularity") if isinstance(q.get("granularity"), list) else []
+            sizes = q.get("block_sizes") if isinstance(q.get("block_sizes"), list) else []
+            if "per_block" not in grans:
+                problems.append(SpecProblem(path, f"candidate {cand} of {op_type} is block-wise but "
+                                            f"quantizer {ref.value!r} has no per_block granularity",
+                                            "add per_block to its granularity"))
+            elif sizes and cand.block_size not in sizes:
+                problems.append(SpecProblem(path, f"block size {cand.block_size} of {cand} is not in "
+                                            f"the block_sizes of quantizer {ref.value!r}",
+                                            "list it in block_sizes"))
+    if cand.dynamic:
+        ref = _map_field(fields, "activation_quantizers").get(cand.activations.value)
+        q = quantizers.get(ref.value) if ref is not None and isinstance(ref.value, str) else None
+        grans = q.get("granularity") if isinstance(q, Mapping) and isinstance(q.get("granularity"), list) else []
+        if grans and "per_tensor" not in grans:
+            problems.append(SpecProblem(path, f"dynamic candidate {cand} needs per_tensor activations",
+                                        "DynamicQuantizeLinear computes one scale per call"))
+    return problems
+
+
 def _cost_key(key: str) -> str:
     """Normalised key of a per-candidate cost table: candidate text or a precision name."""
     return str(Candidate.parse(key)) if "/" in key else Precision(key).value
@@ -512,6 +550,7 @@ def _quantizer(raw: Mapping[str, Any]) -> QuantizerRule:
         granularities=tuple(Granularity(g) for g in raw.get("granularity", ["per_tensor"])),
         symmetric=bool(raw.get("symmetric", False)),
         narrow_range=bool(raw.get("narrow_range", False)),
+        reduce_range=bool(raw.get("reduce_range", False)),
         block_sizes=tuple(int(b) for b in raw.get("block_sizes", ())),
     )
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from onnxq.precision import FP32, Candidate, Precision
+from onnxq.precision import FP32, Candidate, Precision, is_integer
 
 __all__ = [
     "DEFAULT_BIAS_INPUTS",
+    "DEFAULT_BLOCK_SIZE",
     "DEFAULT_LAYOUT_OPS",
     "DEFAULT_MIN_OPSET",
     "DEFAULT_WEIGHT_INPUTS",
@@ -28,9 +29,13 @@ __all__ = [
 
 #: What ai.onnx Q/DQ needs to express each feature (onnx operator changelog).
 DEFAULT_MIN_OPSET: Mapping[str, int] = MappingProxyType(
-    {"per_channel": 13, "int16": 21, "uint16": 21, "int4": 21, "uint4": 21, "fp8e4m3": 19}
+    {"per_channel": 13, "per_block": 21, "int16": 21, "uint16": 21, "int4": 21, "uint4": 21,
+     "fp8e4m3": 19, "dynamic": 11}
 )
 
+
+#: Block size of block-wise weights when a per_block quantizer lists no block sizes.
+DEFAULT_BLOCK_SIZE = 32
 
 #: Ops that only move, reshape or select data: they never compute, so they may carry any
 #: dtype and are never reported as "runs in float" on integer-only targets.
@@ -73,6 +78,8 @@ class QuantizerRule:
         symmetric: True when the zero point must be the grid's centre (0 for signed types);
             False when any zero point is allowed.
         narrow_range: True when the most negative value of a signed grid is not used.
+        reduce_range: True when only half the grid is used (7 of 8 bits), because the target's
+            kernels would overflow on the full one.
         block_sizes: allowed block sizes for per-block quantization.
     """
 
@@ -80,6 +87,7 @@ class QuantizerRule:
     granularities: tuple[Granularity, ...] = (Granularity.PER_TENSOR,)
     symmetric: bool = False
     narrow_range: bool = False
+    reduce_range: bool = False
     block_sizes: tuple[int, ...] = ()
 
     @property
@@ -245,7 +253,39 @@ class HardwareSpec:
         return rule.candidates
 
     def allows(self, op_type: str, candidate: Candidate) -> bool:
-        return candidate in self.candidates_for(op_type)
+        """True when the spec lists ``candidate`` for ``op_type``.
+
+        A block-wise candidate (``int4b64/fp32``) is also allowed when the spec lists the plain
+        word (``int4/fp32``) and that weight quantizer is block-wise with this block size: the
+        block size is then a granularity detail of the listed candidate.
+        """
+        listed = self.candidates_for(op_type)
+        if candidate in listed:
+            return True
+        if not candidate.block_size:
+            return False
+        plain = replace(candidate, block_size=0)
+        rule = self.weight_rule(op_type, candidate.weights)
+        return (plain in listed and rule is not None and Granularity.PER_BLOCK in rule.granularities
+                and (not rule.block_sizes or candidate.block_size in rule.block_sizes))
+
+    def weight_block_size(self, op_type: str, candidate: Candidate) -> int:
+        """The block size a layer's weights are quantized with at ``candidate``; 0: not block-wise.
+
+        Block-wise weights only for weight-only candidates (float activations): onnxruntime fuses
+        ``DQ(block-wise) -> MatMul`` into MatMulNBits, but a block-wise weight next to quantized
+        activations builds a session whose ``Run()`` fails (ORT_FACTS.md). The block size is the
+        candidate's own (``int4b32``) or, for a plain word, the first of the weight rule's
+        ``block_sizes`` when the rule prefers ``per_block``.
+        """
+        if is_integer(candidate.activations) or not is_integer(candidate.weights):
+            return 0
+        if candidate.block_size:
+            return candidate.block_size
+        rule = self.weight_rule(op_type, candidate.weights)
+        if rule is None or rule.preferred_granularity != Granularity.PER_BLOCK:
+            return 0
+        return rule.block_sizes[0] if rule.block_sizes else DEFAULT_BLOCK_SIZE
 
     def weight_rule(self, op_type: str, precision: Precision) -> QuantizerRule | None:
         rule = self.ops.get(op_type)
@@ -263,11 +303,31 @@ class HardwareSpec:
         needed = max(need(candidate.weights.value), need(candidate.activations.value), 10)
         if per_channel:
             needed = max(needed, need("per_channel"))
+        if candidate.block_size:
+            needed = max(needed, need("per_block"))
+        if candidate.dynamic:
+            needed = max(needed, need("dynamic"))
         return needed
 
     def feature_opset(self, feature: str) -> int:
         """Minimum ai.onnx opset of one feature (a precision name, ``per_channel``…)."""
         return self.min_opset.get(feature, DEFAULT_MIN_OPSET.get(feature, 10))
+
+    def weight_granularity(self, op_type: str, candidate: Candidate) -> Granularity:
+        """How a layer's weights are quantized at ``candidate`` (what rewrite, sensitivity and
+        cost all follow): block-wise when :meth:`weight_block_size` says so, else the rule's
+        preferred granularity, per-channel instead of a preferred per_block that cannot be used
+        (quantized activations), per-channel when the spec has no rule."""
+        if self.weight_block_size(op_type, candidate):
+            return Granularity.PER_BLOCK
+        rule = self.weight_rule(op_type, candidate.weights)
+        if rule is None:
+            return Granularity.PER_CHANNEL
+        if rule.preferred_granularity != Granularity.PER_BLOCK:
+            return rule.preferred_granularity
+        if Granularity.PER_CHANNEL in rule.granularities:
+            return Granularity.PER_CHANNEL
+        return Granularity.PER_TENSOR
 
     def rule_for(self, op_type: str) -> OpRule | None:
         """The op rule of an op type, or None when the spec does not list it."""
