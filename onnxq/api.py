@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,7 +19,7 @@ from onnxq.data import load_feeds
 from onnxq.errors import UsageError
 from onnxq.graph import GraphView
 from onnxq.model import check_quantizable_dtypes, load_model
-from onnxq.options import QuantizeOptions
+from onnxq.options import QuantizeOptions, excluded_layers
 from onnxq.pipeline import Pass, PassContext, Pipeline
 from onnxq.precision import Candidate
 from onnxq.rewrite import plan_summary
@@ -72,7 +72,10 @@ def build_pipeline(options: QuantizeOptions, plan: Mapping[str, Candidate] | Non
         from onnxq.passes.search import SearchPass  # the search comes with its own analyses
 
         planner = SearchPass()
-    return Pipeline([planner, PreparePass(), LayoutPass(), CalibratePass(), RewritePass(), ValidatePass(), MeasurePass()])
+    from onnxq.passes.exclude import KeepFloatPass
+
+    return Pipeline([planner, KeepFloatPass(), PreparePass(), LayoutPass(), CalibratePass(), RewritePass(), ValidatePass(),
+                     MeasurePass()])
 
 
 def quantize(
@@ -83,6 +86,7 @@ def quantize(
     precision: str | None = None,
     plan: str | os.PathLike[str] | Mapping[str, str | Candidate] | None = None,
     max_drop: float = 0.01,
+    exclude: Sequence[str] | None = None,
     options: QuantizeOptions | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` for ``spec`` and return the model and its report.
@@ -95,7 +99,9 @@ def quantize(
         precision: uniform candidate (``"int8/uint8"``); no search.
         plan: an explicit plan (path to plan JSON, or a mapping layer → candidate); no search.
         max_drop: accuracy-degradation range for the search (default mode).
-        options: every other option; ``precision``/``plan``/``max_drop`` override its fields.
+        exclude: layers kept in fp32 in every mode: layer names, ``"re:PATTERN"`` (the whole
+            name must match) or ``"op:TYPE"`` (e.g. ``["head/Gemm", "re:.*attn.*", "op:Gather"]``).
+        options: every other option; ``precision``/``plan``/``max_drop``/``exclude`` override its fields.
     """
     started = time.perf_counter()
     opts = options or QuantizeOptions()
@@ -117,8 +123,11 @@ def quantize(
         from onnxq.passes.plan import read_plan
 
         explicit_plan, _ = read_plan(opts.plan_path)
+    if exclude is not None:
+        opts = replace(opts, exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude))
     if opts.precision is not None:
         Candidate.parse(opts.precision)  # fail early on a bad name
+    opts.exclusions()  # fail early on a bad pattern
 
     hw = spec if isinstance(spec, HardwareSpec) else load_spec(spec)
     loaded = load_model(model)
@@ -140,10 +149,26 @@ def quantize(
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul") for n in working.graph.node):
         raise UsageError("the model is already quantized (it contains Q/DQ or QLinear nodes)",
                          "pass the fp32 model that it was made from")
+    ctx.artifacts["keep_float"] = _keep_float(ctx, hw, opts)
     pipeline = build_pipeline(opts, explicit_plan)
     pipeline.run(ctx)
     report = build_report(ctx, hw, opts, time.perf_counter() - started, str(pipeline))
-    return QuantizeResult(model=ctx.model, report=report, target_met=bool(ctx.artifacts.get("target_met", True)))
+    return QuantizeResult(model=ctx.model, report=report, target_met=report["target_met"])
+
+
+def _keep_float(ctx: PassContext, spec: HardwareSpec, opts: QuantizeOptions) -> frozenset[str]:
+    """The layers ``--exclude`` keeps float (main graph and control-flow subgraphs)."""
+    patterns = opts.exclusions()
+    if not patterns:
+        return frozenset()
+    layers = [(name, layer.op_type) for name, layer in ctx.analysis("graph_view").layers.items()]
+    layers += [(name, layer.op_type) for sv in ctx.analysis("scope_views") for name, layer in sv.view.layers.items()]
+    keep = excluded_layers(patterns, layers)
+    if spec.integer_only:
+        raise UsageError(f"spec {spec.name} is integer-only: it has no float to keep {', '.join(sorted(keep)[:5])} in",
+                         "drop --exclude, or choose a spec with float fallback")
+    logger.info("--exclude keeps %d layer(s) in fp32", len(keep))
+    return keep
 
 
 def _recurrent_notes(model: onnx.ModelProto) -> dict[str, str]:
@@ -196,4 +221,9 @@ def build_report(ctx: PassContext, spec: HardwareSpec, opts: QuantizeOptions, se
     for key in ("search", "cost", "pareto_front"):
         if key in ctx.artifacts:
             report[key] = ctx.artifacts[key]
+    # the search's verdict on its predictions, then the checks on the written model (passes/measure.py)
+    shortfalls = [s for s in (ctx.artifacts.get("search", {}).get("shortfall"),) if s] + ctx.artifacts.get("shortfalls", [])
+    report["target_met"] = bool(ctx.artifacts.get("target_met", True)) and not shortfalls
+    if shortfalls:
+        report["shortfall"] = "; ".join(shortfalls)
     return report

@@ -1,7 +1,8 @@
 """The ``onnxq`` command line (DESIGN.md fixes the commands, options and exit codes).
 
 Exit codes: 0 success; 1 target not met (best model still written) or validation violations;
-2 bad input or usage. Errors are one line on stderr unless ``--debug``.
+2 bad input or usage; 141 (128 + SIGPIPE, the shell's code for ``yes | head``) when the reader
+of stdout went away, with nothing printed. Errors are one line on stderr unless ``--debug``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +22,9 @@ from onnxq.errors import OnnxqError, UsageError
 __all__ = ["main"]
 
 logger = logging.getLogger("onnxq")
+
+#: Exit code when stdout's reader closed the pipe early: 128 + SIGPIPE, as a shell reports it.
+EXIT_READER_GONE = 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,62 +38,72 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
 
 
+def _parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="parallel workers for sensitivity evaluations (default 0: in this process)")
+    p.add_argument("--executor", default="local", metavar="local|ray[:ADDRESS]",
+                   help="where the workers run: local processes or a Ray cluster (default local)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed; the same seed gives the same model (default 0)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxq", description="Mixed-precision post-training quantization for ONNX.")
     parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     q = sub.add_parser("quantize", help="quantize a model for a hardware spec")
-    q.add_argument("model")
+    q.add_argument("model", help="fp32 ONNX model to quantize")
     q.add_argument("-o", "--output", required=True, help="output .onnx path")
     q.add_argument("--spec", required=True, help="built-in spec name or spec JSON path")
     q.add_argument("--calib", help="calibration .npz or folder (default: <model stem>.calib.npz beside the model)")
     mode = q.add_mutually_exclusive_group()
     mode.add_argument("--precision", help="uniform candidate, e.g. int8/uint8 (no search)")
     mode.add_argument("--plan", help="apply an explicit plan JSON (or a report) (no search)")
-    mode.add_argument("--target-size", type=float, metavar="MB", help="budget: model size in MB")
-    mode.add_argument("--target-latency-ratio", type=float, metavar="R", help="budget: latency relative to fp32 (cost model)")
+    mode.add_argument("--target-size", type=float, metavar="MB", help="budget: size of the written model file in MB")
+    mode.add_argument("--target-latency-ratio", type=float, metavar="R", help="budget: batch-1 latency relative to fp32 (planned with the cost model, checked by measurement)")
     mode.add_argument("--target-bits", type=float, metavar="B", help="budget: average weight bits")
     q.add_argument("--max-drop", type=float, default=0.01, help="accuracy-degradation range for the search (default 0.01)")
-    q.add_argument("--metric", default="auto", choices=["auto", "agreement", "cosine", "sqnr"])
+    q.add_argument("--metric", default="auto", choices=["auto", "agreement", "cosine", "sqnr"],
+                   help="label-free fidelity to fp32 on held-back feeds (auto: top-1 agreement for logits, else cosine)")
     q.add_argument("--evaluator", help="MODULE:FUNCTION, f(onnx_path) -> float, higher is better")
-    q.add_argument("--calibration", default="minmax", choices=["minmax", "percentile", "entropy", "mse", "lapq"])
+    q.add_argument("--calibration", default="minmax", choices=["minmax", "percentile", "entropy", "mse", "lapq"],
+                   help="how activation ranges are chosen from the calibration data (default minmax)")
     q.add_argument("--report", help="write the report JSON here")
     q.add_argument("--report-html", help="write a self-contained HTML report here")
-    q.add_argument("--workers", type=int, default=0)
-    q.add_argument("--executor", default="local")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--batch-size", type=int, default=16)
+    _parallel(q)
+    q.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="samples per batch when cutting a stacked .npz along its batch axis (default 16)")
+    q.add_argument("--exclude", action="append", default=[], metavar="LAYER",
+                   help="keep layers in fp32: a layer name, re:PATTERN (whole name) or op:TYPE; repeatable")
     q.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk analysis cache")
     _common(q)
 
     s = sub.add_parser("sensitivity", help="per-layer sensitivity analysis")
-    s.add_argument("model")
-    s.add_argument("--spec", required=True)
-    s.add_argument("--calib")
-    s.add_argument("-o", "--output", required=True)
-    s.add_argument("--method", default="central", choices=["central", "hutchinson"])
-    s.add_argument("--radius", type=int, default=1)
-    s.add_argument("--random-plans", type=int, default=20)
-    s.add_argument("--workers", type=int, default=0)
-    s.add_argument("--executor", default="local")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("model", help="fp32 ONNX model to analyse")
+    s.add_argument("--spec", required=True, help="built-in spec name or spec JSON path (its candidates are measured)")
+    s.add_argument("--calib", help="calibration .npz or folder (default: <model stem>.calib.npz beside the model)")
+    s.add_argument("-o", "--output", required=True, help="sensitivity JSON to write")
+    s.add_argument("--method", default="central", choices=["central", "hutchinson"],
+                   help="per-layer loss estimate: central finite differences or a Hutchinson trace (default central)")
+    s.add_argument("--radius", type=int, default=1, help="graph distance up to which layer pairs get cross terms (default 1)")
+    s.add_argument("--random-plans", type=int, default=20, help="random mixed plans measured to check the prediction (default 20)")
+    _parallel(s)
     _common(s)
 
     v = sub.add_parser("validate", help="check a QDQ model against a hardware spec")
-    v.add_argument("model")
-    v.add_argument("--spec", required=True)
+    v.add_argument("model", help="quantized (Q/DQ) ONNX model to check")
+    v.add_argument("--spec", required=True, help="built-in spec name or spec JSON path")
     _common(v)
 
     i = sub.add_parser("inspect", help="list layers, weights, params and MACs")
-    i.add_argument("model")
+    i.add_argument("model", help="ONNX model to list")
     _common(i)
 
     sp = sub.add_parser("specs", help="list built-in hardware specs")
     _common(sp)
 
     sc = sub.add_parser("spec-check", help="check a hardware spec file")
-    sc.add_argument("spec")
+    sc.add_argument("spec", help="hardware spec JSON file")
     _common(sc)
     return parser
 
@@ -248,7 +263,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         target_latency_ratio=args.target_latency_ratio, target_bits=args.target_bits, metric=args.metric,
         evaluator=args.evaluator, calibration=args.calibration, seed=args.seed, workers=args.workers,
         executor=args.executor, progress=not args.quiet and sys.stderr.isatty(), batch_size=args.batch_size,
-        cache_dir="" if args.no_cache else None,
+        cache_dir="" if args.no_cache else None, exclude=tuple(args.exclude),
     )
     calib = _resolve_calib(args.model, args.calib)
     result = quantize(args.model, calib, args.spec, options=options)
@@ -269,8 +284,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     elif not args.quiet:
         _print_summary(report, str(out), str(report_path) if report_path else None)
     if not result.target_met:
-        search = report.get("search", {})
-        print(f"onnxq: target not met: {search.get('shortfall', 'see the report')}; the best model found was written to {out}",
+        print(f"onnxq: target not met: {report.get('shortfall', 'see the report')}; the best model found was written to {out}",
               file=sys.stderr)
         return 1
     return 0
@@ -304,6 +318,23 @@ _COMMANDS = {
 }
 
 
+def _reader_gone() -> int:
+    """The reader of stdout went away (``onnxq validate M --spec S | head``): stop quietly.
+
+    What's left to print goes to /dev/null (else the interpreter's exit flush fails again), and
+    the exit code is the shell's for a process ended by SIGPIPE, as coreutils tools do, so
+    ``set -o pipefail`` scripts see what they see for ``yes | head``.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout has no descriptor (an in-process caller's buffer)
+        logger.debug("stdout has no file descriptor to redirect")
+    finally:
+        os.close(devnull)
+    return EXIT_READER_GONE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -317,8 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sensitivity":
             from onnxq.sensitivity.cli import run_sensitivity_command
 
-            return run_sensitivity_command(args)
-        return _COMMANDS[args.command](args)
+            code = run_sensitivity_command(args)
+        else:
+            code = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except OnnxqError as error:
         if debug:
             raise

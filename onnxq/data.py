@@ -21,7 +21,7 @@ import onnx
 
 from onnxq.errors import CalibrationError
 
-__all__ = ["InputSpec", "FeedSet", "model_inputs", "load_feeds", "find_sibling_calibration"]
+__all__ = ["InputSpec", "FeedSet", "model_inputs", "batch_axes", "first_sample", "load_feeds", "find_sibling_calibration"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,54 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor_type.shape.dim)
         specs.append(InputSpec(value.name, dtype, shape))
     return specs
+
+
+_UNNAMED = "?"  # a dynamic axis without a symbolic name
+
+
+def _symbolic_dims(model: onnx.ModelProto) -> dict[str, list[str | None]]:
+    """Per real input, the symbolic name of each axis (``None`` for fixed axes, ``_UNNAMED`` for unnamed dynamic ones)."""
+    initializers = {init.name for init in model.graph.initializer}
+    dims: dict[str, list[str | None]] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        shape = tensor_type.shape.dim if tensor_type.HasField("shape") else []
+        dims[value.name] = [d.dim_param if d.HasField("dim_param") and d.dim_param else (_UNNAMED if not d.HasField("dim_value") else None)
+                            for d in shape]
+    return dims
+
+
+def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
+    """Per real input, the axis that carries the samples (the batch), or ``None`` when it has none.
+
+    The one place that decides where the batch is. The batch is the symbolic dimension that the
+    most inputs share (ties: the one at the lowest axis, then the first input's), so a recurrent
+    state ``[2, B, 128]`` beside ``x [B, 128]`` is batched on axis 1 and a ``[T, B, F]`` sequence
+    beside its state on axis 1. Inputs without that symbol (fixed shapes, scalars) have no batch
+    axis: they are fed whole as given. Without named dimensions, a dynamic axis 0 is the batch;
+    a model with fixed shapes only has no batch axis.
+    """
+    dims = _symbolic_dims(model)
+    votes: dict[str, tuple[int, int, int]] = {}  # symbol -> (inputs holding it, -lowest axis, -first input)
+    for order, names in enumerate(dims.values()):
+        for symbol in dict.fromkeys(n for n in names if n and n != _UNNAMED):
+            count, lowest, first = votes.get(symbol, (0, -len(names), -order))
+            votes[symbol] = (count + 1, max(lowest, -names.index(symbol)), first)
+    if not votes:  # only unnamed dynamic dims: the batch is a dynamic axis 0, as exporters write it
+        return {name: 0 if names[:1] == [_UNNAMED] else None for name, names in dims.items()}
+    batch = max(votes, key=lambda symbol: votes[symbol])
+    return {name: names.index(batch) if batch in names else None for name, names in dims.items()}
+
+
+def first_sample(feed: Mapping[str, np.ndarray], axes: Mapping[str, int | None]) -> dict[str, np.ndarray]:
+    """The batch-1 slice of ``feed`` along each input's batch axis; inputs without one as given."""
+    sliced = {}
+    for name, array in feed.items():
+        axis = axes.get(name)
+        sliced[name] = np.take(array, [0], axis=axis) if axis is not None and array.ndim > axis else array
+    return sliced
 
 
 def find_sibling_calibration(model_path: Path) -> Path | None:
@@ -207,6 +255,43 @@ def _check_feed(feed: dict[str, np.ndarray], inputs: Sequence[InputSpec], where:
     return checked
 
 
+def _cut_batches(data: dict[str, np.ndarray], inputs: Sequence[InputSpec], axes: Mapping[str, int | None],
+                 batch_size: int) -> tuple[list[dict[str, np.ndarray]], int]:
+    """Cut stacked samples into batches along each input's batch axis; returns batches and samples.
+
+    Without a symbolic batch in the graph every input is stacked on axis 0 (DESIGN.md), in
+    batches of the model's fixed batch size if it has one; otherwise inputs with a batch axis
+    are cut along it and the others (a fixed-shape state, a scalar) go whole into every batch.
+    """
+    if batch_size < 1:
+        raise CalibrationError(f"batch size {batch_size} is not positive", "pass --batch-size 1 or more")
+    fixed_batch: list[int] = []
+    if all(axis is None for axis in axes.values()):
+        axes = {name: 0 if array.ndim else None for name, array in data.items()}
+        fixed_batch = [spec.shape[0] for spec in inputs if spec.shape and spec.shape[0] > 0]
+    counts = {name: array.shape[axis] for name, array in data.items() if (axis := axes.get(name)) is not None and array.ndim > axis}
+    if not counts:
+        return [dict(data)], 1
+    if len(set(counts.values())) != 1:
+        raise CalibrationError(f"calibration arrays have different sample counts {counts}",
+                               "stack the same number of samples for every input (along its batch axis)")
+    total = next(iter(counts.values()))
+    step = fixed_batch[0] if fixed_batch else batch_size
+    if fixed_batch and total < step:
+        raise CalibrationError(
+            f"only {total} calibration sample(s), and the model's batch dimension is fixed at {step}: "
+            "onnxq needs at least one full batch", "provide more samples")
+    if total % step and fixed_batch:
+        total -= total % step
+    cut = {name: axis for name, axis in axes.items() if name in counts and axis is not None}
+    feeds = []
+    for start in range(0, total, step):
+        window = slice(start, start + step)
+        feeds.append({name: array[(slice(None),) * cut[name] + (window,)] if name in cut else array
+                      for name, array in data.items()})
+    return feeds, total
+
+
 def load_feeds(
     source: Any,
     model: onnx.ModelProto,
@@ -217,8 +302,9 @@ def load_feeds(
 ) -> FeedSet:
     """Load, check and batch calibration data for ``model``.
 
-    Stacked arrays (a single ``.npz``) are cut into batches of ``batch_size`` along axis 0 (or
-    batch 1 when the model's batch dimension is fixed at 1). The last ``held_back_fraction`` of
+    Stacked arrays (a single ``.npz``) are cut into batches of ``batch_size`` along each input's
+    batch axis (:func:`batch_axes`; axis 0 when the graph names no batch, in batches of the
+    model's fixed batch size if it has one). The last ``held_back_fraction`` of
     the batches is held back for measuring fidelity, never used to calibrate.
     """
     inputs = model_inputs(model)
@@ -229,26 +315,8 @@ def load_feeds(
         raise CalibrationError("the calibration data is empty", "provide at least a few samples")
     checked = [_check_feed(feed, inputs, f"calibration feed {i}" if len(raw) > 1 else "calibration data", stacked)
                for i, feed in enumerate(raw)]
-    feeds: list[dict[str, np.ndarray]] = []
     if stacked:
-        data = checked[0]
-        counts = {name: (array.shape[0] if array.ndim else 1) for name, array in data.items()}
-        if len(set(counts.values())) != 1:
-            raise CalibrationError(f"calibration arrays have different sample counts {counts}", "stack the same number of samples for every input")
-        total = next(iter(counts.values()))
-        fixed_batch = [spec.shape[0] for spec in inputs if spec.shape and spec.shape[0] > 0]
-        if batch_size < 1:
-            raise CalibrationError(f"batch size {batch_size} is not positive", "pass --batch-size 1 or more")
-        step = fixed_batch[0] if fixed_batch else batch_size
-        if fixed_batch and total < step:
-            raise CalibrationError(
-                f"only {total} calibration sample(s), and the model's batch dimension is fixed at {step}: "
-                "onnxq needs at least one full batch", "provide more samples")
-        if total % step and fixed_batch:
-            total -= total % step
-        for start in range(0, total, step):
-            feeds.append({name: array[start:start + step] for name, array in data.items()})
-        samples = total
+        feeds, samples = _cut_batches(checked[0], inputs, batch_axes(model), batch_size)
     else:
         feeds = checked
         samples = len(feeds)

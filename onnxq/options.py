@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["QuantizeOptions", "default_cache_dir"]
+from onnxq.errors import UsageError
+
+__all__ = ["QuantizeOptions", "LayerPattern", "excluded_layers", "default_cache_dir"]
 
 
 def default_cache_dir() -> Path:
@@ -16,6 +20,54 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onnxq"
+
+
+@dataclass(frozen=True)
+class LayerPattern:
+    """One ``--exclude`` word: a layer name, ``re:PATTERN`` (the whole name must match), or ``op:TYPE``."""
+
+    kind: str  # "name", "regex" or "op"
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> LayerPattern:
+        if text.startswith("re:"):
+            try:
+                re.compile(text[3:])
+            except re.error as error:
+                raise UsageError(f"--exclude {text!r}: not a regular expression ({error})", "e.g. --exclude 're:.*attn.*'") from error
+            return cls("regex", text[3:])
+        if text.startswith("op:"):
+            if not text[3:]:
+                raise UsageError(f"--exclude {text!r} names no op type", "e.g. --exclude op:Conv")
+            return cls("op", text[3:])
+        if not text:
+            raise UsageError("--exclude needs a layer name", "e.g. --exclude head/Gemm, --exclude 're:blk3/.*' or --exclude op:Conv")
+        return cls("name", text)
+
+    def matches(self, name: str, op_type: str) -> bool:
+        if self.kind == "regex":
+            return re.fullmatch(self.value, name) is not None
+        if self.kind == "op":
+            return op_type == self.value
+        return name == self.value
+
+    def __str__(self) -> str:
+        return {"regex": "re:", "op": "op:", "name": ""}[self.kind] + self.value
+
+
+def excluded_layers(patterns: Iterable[LayerPattern], layers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Names of the layers (``(name, op_type)`` pairs) any pattern matches; a pattern that matches
+    no layer is an error (a typo must not silently quantize the layer it meant)."""
+    layers = list(layers)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        matched = {name for name, op_type in layers if pattern.matches(name, op_type)}
+        if not matched:
+            raise UsageError(f"--exclude {str(pattern)!r} matches no layer of the model",
+                             "run `onnxq inspect MODEL` for the layer names and op types")
+        chosen |= matched
+    return frozenset(chosen)
 
 
 @dataclass(frozen=True)
@@ -37,8 +89,15 @@ class QuantizeOptions:
     progress: bool = field(default_factory=lambda: sys.stderr.isatty())
     cache_dir: str | None = None
     batch_size: int = 16
+    #: what the accuracy-range search optimises among plans inside the range (``--objective``)
     objective: str = "latency"
+    #: batch size latency is measured at, as the user deploys (``--deploy-batch``)
     deploy_batch: int = 1
+    #: layers kept float whatever the mode: names, ``re:PATTERN`` or ``op:TYPE`` (``--exclude``)
+    exclude: tuple[str, ...] = ()
+
+    def exclusions(self) -> tuple[LayerPattern, ...]:
+        return tuple(LayerPattern.parse(text) for text in self.exclude)
 
     @property
     def mode(self) -> str:

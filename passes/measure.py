@@ -1,20 +1,30 @@
-"""Measure the quantized model against fp32 on held-back feeds: fidelity, size, latency."""
+"""Measure the written model against fp32 on held-back feeds, and judge it against the targets.
+
+Fidelity, size and latency are measured on the model exactly as it will be written, and every
+target that can be checked there is: the size budget against the serialized bytes, the latency
+budget against the measured latency ratio, and, whatever the mode, finite outputs wherever the
+fp32 model's are finite. A model that fails a check is still handed back (DESIGN.md exit code 1:
+the best model found is written) but never as a success: ``target_met`` turns false and the
+``shortfall`` says by how much.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from onnxq.metrics import fidelity, resolve_metric
+from onnxq.data import batch_axes, first_sample
+from onnxq.metrics import fidelity, nonfinite_feeds, resolve_metric
 from onnxq.model import byte_size
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.runtime import make_session, run_all
 
-__all__ = ["MeasurePass", "measure_latency"]
+__all__ = ["MeasurePass", "measure_latency", "compare_latency", "written_model_shortfalls"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +42,44 @@ def measure_latency(session: ort.InferenceSession, feed: Mapping[str, np.ndarray
     return float(np.median(times))
 
 
-def _first_sample(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Batch-1 slice of a feed when the inputs are batched along axis 0."""
-    sliced = {}
-    for name, array in feed.items():
-        sliced[name] = array[:1] if array.ndim >= 1 and array.shape[0] > 1 else array
-    return sliced
+def compare_latency(reference: ort.InferenceSession, candidate: ort.InferenceSession, feed: Mapping[str, np.ndarray],
+                    budget_seconds: float = 2.0, max_runs: int = 50) -> tuple[float, float]:
+    """Median latencies (seconds) of two sessions on ``feed``, runs interleaved so that machine
+    noise hits both alike."""
+    sessions = (reference, candidate)
+    for session in sessions:
+        session.run(None, dict(feed))
+    times: tuple[list[float], list[float]] = ([], [])
+    started = time.perf_counter()
+    while len(times[0]) < max_runs and (len(times[0]) < 5 or time.perf_counter() - started < budget_seconds):
+        for session, spent in zip(sessions, times, strict=True):
+            tick = time.perf_counter()
+            session.run(None, dict(feed))
+            spent.append(time.perf_counter() - tick)
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def written_model_shortfalls(options: Any, measurement: Mapping[str, Any]) -> list[str]:
+    """The targets the measured, written model misses, one sentence each (empty: all met)."""
+    problems = []
+    broken = measurement.get("nonfinite_feeds", 0)
+    if broken:
+        problems.append(f"the quantized model outputs NaN or Inf on {broken} of {measurement['feeds']} held-back feed(s) "
+                        "where the fp32 model's outputs are finite")
+    if options.target_size_mb is not None and measurement["size_quantized"] > options.target_size_mb * 1e6:
+        size = measurement["size_quantized"]
+        problems.append(f"the written model is {size / 1e6:.4f} MB, {(size - options.target_size_mb * 1e6) / 1e6:.4f} MB "
+                        f"over the --target-size of {options.target_size_mb:g} MB")
+    ratio = measurement.get("latency", {}).get("ratio")
+    if options.target_latency_ratio is not None and ratio is not None and ratio > options.target_latency_ratio:
+        problems.append(f"the written model's measured latency is {ratio:.3f}× fp32, over the "
+                        f"--target-latency-ratio of {options.target_latency_ratio:g}")
+    return problems
 
 
 class MeasurePass(Pass):
-    """Fidelity to fp32 on held-back feeds, sizes, and onnxruntime latency at batch 1 (median)."""
+    """Fidelity to fp32 on held-back feeds, sizes, onnxruntime latency at batch 1 (median), and
+    the verdict on the targets checkable on the written model."""
 
     name = "measure"
     requires = ("feeds", "fp32_model")
@@ -60,29 +98,35 @@ class MeasurePass(Pass):
         outputs = run_all(session, feeds)
         metric = resolve_metric(ctx.options.metric, reference)
         value = fidelity(metric, reference, outputs)
-        measurement = {
+        measurement: dict[str, Any] = {
             "name": metric.value,
             "fp32": 1.0,
             "quantized": value,
             "drop": 1.0 - value,
             "max_drop": ctx.options.max_drop,
             "feeds": len(feeds),
+            "nonfinite_feeds": nonfinite_feeds(reference, outputs),
             "size_fp32": byte_size(fp32_model),
             "size_quantized": byte_size(ctx.model),
         }
         if feeds:
             try:
-                sample = _first_sample(feeds[0])
-                fp32_latency = measure_latency(fp32_session, sample)
-                quantized_latency = measure_latency(session, sample)
+                sample = first_sample(feeds[0], batch_axes(fp32_model))
+                fp32_latency, quantized_latency = compare_latency(fp32_session, session, sample)
                 measurement["latency"] = {
                     "batch": 1,
                     "fp32_ms": round(fp32_latency * 1e3, 4),
                     "quantized_ms": round(quantized_latency * 1e3, 4),
                     "ratio": round(quantized_latency / fp32_latency, 3) if fp32_latency > 0 else None,
-                    "note": "median onnxruntime CPU latency on this machine, default session options",
+                    "note": "median onnxruntime CPU latency on this machine, default session options, runs interleaved with fp32",
                 }
             except Exception as error:  # latency is informative; a model that ran above must not fail here
                 logger.warning("latency measurement skipped: %s", error)
         ctx.artifacts["measurement"] = measurement
+        problems = written_model_shortfalls(ctx.options, measurement)
+        if problems:
+            ctx.artifacts["target_met"] = False
+            ctx.artifacts["shortfalls"] = [*ctx.artifacts.get("shortfalls", []), *problems]
+            for problem in problems:
+                logger.warning("target not met: %s", problem)
         return False

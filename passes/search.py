@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -205,15 +205,17 @@ def _fixed_cost(problem: Problem, costs: _Costs, axis: str) -> float:
     return sum(costs.axis(row.name, FP32, axis) for row in costs.layers if row.name not in problem.candidates)
 
 
-def _search_space(views: Sequence[GraphView], spec: HardwareSpec, costs: _Costs, axis: str) -> SearchSpace:
-    """Every scope's space, candidates that lose on both precision and this search's cost axis pruned."""
+def _search_space(views: Sequence[GraphView], spec: HardwareSpec, costs: _Costs, axis: str,
+                  keep_float: Collection[str] = ()) -> SearchSpace:
+    """Every scope's space, candidates that lose on both precision and this search's cost axis
+    pruned; the layers the user keeps float (``--exclude``) get fp32 only."""
     layers: dict[str, tuple[Candidate, ...]] = {}
     ties: list[tuple[str, str]] = []
     forbidden: list[tuple[str, Candidate, str, Candidate]] = []
     for view in views:
-        full = build_space(view, spec)
+        full = build_space(view, spec, keep_float=keep_float)
         pruned = {name: {c: costs.axis(name, c, axis) for c in cands} for name, cands in full.layers.items()}
-        space = build_space(view, spec, cost=pruned)
+        space = build_space(view, spec, cost=pruned, keep_float=keep_float)
         for name, options in space.layers.items():
             layers.setdefault(name, options)
         ties.extend(space.ties)
@@ -296,7 +298,7 @@ class SearchPass(Pass):
             axis = "size"
         elif options.target_bits is not None:
             axis = "bits"
-        space = _search_space(views, spec, costs, axis)
+        space = _search_space(views, spec, costs, axis, keep_float=ctx.artifacts.get("keep_float", frozenset()))
         started = time.perf_counter()
         candidates = {name: list(space.quantized(name)) for name in space.layers if space.quantized(name)}
         sens = analyze(ctx.model, _sensitivity_feeds(ctx.artifacts["feeds"].calibration), spec, candidates, pairs=True,

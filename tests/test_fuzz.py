@@ -1,7 +1,8 @@
 """Hypothesis fuzzing of the CLI: mutated models, calibration files and spec files.
 
 Property: ``onnxq quantize`` either succeeds with a model that passes ``onnx.checker`` (full
-check), or exits 2 with exactly one clean ``onnxq: error:`` line — never an exception escaping
+check), runs in onnxruntime with the original inputs and outputs, stays close to the fp32 model
+on the calibration data and is reported as meeting its target, or exits 2 with exactly one clean ``onnxq: error:`` line — never an exception escaping
 ``main``, never an "internal error" or "report it" line (those mean an onnxq bug), never a
 hang (each case runs under a SIGALRM watchdog). Cases call :func:`onnxq.cli.main` in-process
 for speed. A quick subset runs by default; ``-m slow`` runs 1,000+ cases.
@@ -25,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onnxq.cli import main
+from onnxq.runtime import make_session
 
 CNN = MODELS / "digits_cnn.onnx"
 CNN_BYTES = CNN.read_bytes() if CNN.exists() else b""
@@ -67,11 +69,40 @@ def run_main(*args: str) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+def _cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    finite = np.isfinite(reference)
+    if np.any(~np.isfinite(candidate) & finite):
+        return -1.0
+    r, c = reference[finite].astype(np.float64).ravel(), candidate[finite].astype(np.float64).ravel()
+    norms = np.linalg.norm(r) * np.linalg.norm(c)
+    return float(r @ c / norms) if norms > 0 else float(np.allclose(r, c, atol=1e-3))
+
+
+def check_success(folder: Path, model: Path, out: Path, report: Path) -> None:
+    """A success is a model that onnxruntime runs with the fp32 model's inputs and outputs, stays
+    close to it on the calibration data, and whose report says the target was met."""
+    onnx.checker.check_model(str(out), full_check=True)
+    fp32, quantized = onnx.load(str(model)), onnx.load(str(out))
+    initializers = {t.name for t in fp32.graph.initializer}
+    assert [i.name for i in quantized.graph.input] == [i.name for i in fp32.graph.input if i.name not in initializers]
+    assert [o.name for o in quantized.graph.output] == [o.name for o in fp32.graph.output]
+    with np.load(folder / "calib.npz") as data:
+        feed = {"input": np.asarray(data["input"][:8], np.float32)}
+    want = make_session(fp32).run(None, feed)
+    got = make_session(quantized).run(None, feed)
+    for reference, candidate in zip(want, got, strict=True):
+        assert candidate.shape == reference.shape
+        assert _cosine(reference, candidate) >= 0.9, "the quantized model is far from fp32 on its own calibration data"
+    written = json.loads(report.read_text())
+    assert written["target_met"] is True and written["sizes"]["quantized_bytes"] == out.stat().st_size
+
+
 def check_outcome(code: int, stderr: str, out: Path, folder: Path) -> None:
-    """Success with a valid model, or exit 2 with one clean line; nothing half-written either way."""
+    """Success (checked by :func:`check_success`), or exit 2 with one clean line; nothing
+    half-written either way."""
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
     if code == 0:
-        onnx.checker.check_model(str(out), full_check=True)
+        check_success(folder, folder / "m.onnx", out, folder / "report.json")
         return
     assert code == 2, (code, stderr)
     lines = [line for line in stderr.splitlines() if line.startswith("onnxq:")]
@@ -95,7 +126,8 @@ def quantize_case(model_bytes: bytes, calib: dict[str, np.ndarray] | None = None
         out = folder / "q.onnx"
         inputs = {p.name: p.read_bytes() for p in folder.iterdir()}
         code, stderr = run_main("quantize", str(model), "-o", str(out), "--spec", spec_arg, "--calib",
-                                str(folder / "calib.npz"), "--precision", "int8/uint8", "--quiet", "--no-cache")
+                                str(folder / "calib.npz"), "--precision", "int8/uint8", "--quiet", "--no-cache",
+                                "--report", str(folder / "report.json"))
         check_outcome(code, stderr, out, folder)
         assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in inputs} == inputs
 
@@ -259,3 +291,28 @@ def test_spec_with_list_precision() -> None:
     spec = json.loads(json.dumps(SPEC_JSON))
     next(iter(spec["quantizers"].values()))["precision"] = []
     quantize_case(CNN_BYTES, spec=spec)
+
+
+def test_success_path_is_checked_and_can_fail() -> None:
+    """The clean model succeeds through the full success check; the same check rejects that
+    output once one weight scale is flipped in sign (a wrong model that still passes onnx.checker)."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-fuzz-") as name:
+        folder = Path(name)
+        (folder / "m.onnx").write_bytes(CNN_BYTES)
+        np.savez(folder / "calib.npz", input=CALIB)
+        out, report = folder / "q.onnx", folder / "report.json"
+        code, stderr = run_main("quantize", str(folder / "m.onnx"), "-o", str(out), "--spec", "ort-cpu-x86", "--calib",
+                                str(folder / "calib.npz"), "--precision", "int8/uint8", "--quiet", "--no-cache", "--report", str(report))
+        assert code == 0, stderr
+        check_success(folder, folder / "m.onnx", out, report)
+        broken = onnx.load(str(out))
+        scales = {n.input[1] for n in broken.graph.node if n.op_type == "DequantizeLinear"}
+        last_weight_dq = [n for n in broken.graph.node if n.op_type == "DequantizeLinear"
+                          and any(t.name == n.input[0] and t.data_type == onnx.TensorProto.INT8 for t in broken.graph.initializer)][-1]
+        assert last_weight_dq.input[1] in scales
+        for tensor in broken.graph.initializer:
+            if tensor.name == last_weight_dq.input[1]:
+                tensor.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(tensor), tensor.name))
+        onnx.save(broken, str(out))
+        with pytest.raises(AssertionError, match="far from fp32"):
+            check_success(folder, folder / "m.onnx", out, report)

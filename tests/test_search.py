@@ -79,12 +79,21 @@ def test_plan_round_trip_reproduces_the_model(cache_dir: str, tmp_path: Path) ->
 def test_budget_modes_respect_the_budget(cache_dir: str, target: dict[str, float]) -> None:
     result = quantize(CNN, CALIB, "ort-cpu-x86", options=_options(cache_dir, **target))
     onnx.checker.check_model(result.model, full_check=True)
-    assert result.target_met, result.report["search"].get("shortfall")
     chosen, fp32 = result.report["cost"]["chosen"], result.report["cost"]["fp32"]
+    if "target_size_mb" in target:
+        # the budget holds for the written model, not for the cost model's prediction (issue 11 item 5)
+        written = len(result.model.SerializeToString())
+        assert result.target_met == (written <= target["target_size_mb"] * 1e6), result.report.get("shortfall")
+        return
+    if "target_latency_ratio" in target:
+        # the budget holds for the measured latency of the written model, not for the cost model's estimate
+        assert chosen["latency_seconds"] <= target["target_latency_ratio"] * fp32["latency_seconds"] * (1 + 1e-6)
+        measured = result.report["latency"]["ratio"]
+        assert result.target_met == (measured <= target["target_latency_ratio"]), result.report.get("shortfall")
+        return
+    assert result.target_met, result.report["search"].get("shortfall")
     if "target_bits" in target:
         assert chosen["bits"] <= target["target_bits"] + 1e-9
-    elif "target_size_mb" in target:
-        assert chosen["size_bytes"] <= target["target_size_mb"] * 1e6
     else:
         assert chosen["latency_seconds"] <= target["target_latency_ratio"] * fp32["latency_seconds"] * (1 + 1e-6)
 

@@ -19,7 +19,7 @@ is at least as precise on both sides and no more expensive on the objective's co
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from onnxq.graph import GraphView
@@ -118,6 +118,7 @@ def build_space(
     *,
     allowed: Iterable[Candidate] | None = None,
     cost: Mapping[str, Mapping[Candidate, float]] | None = None,
+    keep_float: Collection[str] = (),
 ) -> SearchSpace:
     """The search space of ``view``'s layers on ``spec``.
 
@@ -128,6 +129,7 @@ def build_space(
             map them to their effective form). ``None``: all the spec allows.
         cost: per layer, the cost of each candidate on the search's objective; when given,
             dominated candidates are pruned (:func:`prune_dominated`).
+        keep_float: layers the user keeps in fp32 (``--exclude``): fp32 is their only candidate.
     """
     restrict = None if allowed is None else set(allowed)
     layers: dict[str, tuple[Candidate, ...]] = {}
@@ -145,6 +147,8 @@ def build_space(
             options.append(candidate)
         if not spec.integer_only and FP32 not in options:
             options.insert(0, FP32)
+        if name in keep_float:
+            options = [FP32]
         options.sort(key=lambda c: (c != FP32,))
         if cost is not None and name in cost:
             options = list(prune_dominated(options, cost[name]))
