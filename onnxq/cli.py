@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     _parallel(q)
     q.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="samples per batch when cutting a stacked .npz along its batch axis (default 16)")
+    q.add_argument("--objective", choices=("latency", "size", "balanced"), default="latency",
+                   help="what the --max-drop search optimises inside the range: measured latency first, then "
+                        "size (latency, default), the written size (size), or their sum relative to fp32 (balanced)")
+    q.add_argument("--deploy-batch", type=int, default=1, metavar="N",
+                   help="batch size latency is measured at, as you deploy (default 1); sequence lengths come "
+                        "from the calibration feeds")
     q.add_argument("--exclude", action="append", default=[], metavar="LAYER",
                    help="keep layers in fp32: a layer name, re:PATTERN (whole name) or op:TYPE; repeatable")
     q.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk analysis cache")
@@ -256,6 +262,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     out = check_output_path(args.output, inputs)
     report_path = check_output_path(args.report, [*inputs, out]) if args.report else None
     html_path = check_output_path(args.report_html, [*inputs, out, report_path]) if args.report_html else None
+    if args.deploy_batch < 1:
+        raise UsageError(f"--deploy-batch {args.deploy_batch} is not a batch size", "give 1 or more")
     if args.max_drop < 0 or args.max_drop >= 1:
         raise UsageError(f"--max-drop {args.max_drop} is outside [0, 1)", "give an absolute drop such as 0.01")
     options = QuantizeOptions(
@@ -264,6 +272,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         evaluator=args.evaluator, calibration=args.calibration, seed=args.seed, workers=args.workers,
         executor=args.executor, progress=not args.quiet and sys.stderr.isatty(), batch_size=args.batch_size,
         cache_dir="" if args.no_cache else None, exclude=tuple(args.exclude),
+        objective=args.objective, deploy_batch=args.deploy_batch,
     )
     calib = _resolve_calib(args.model, args.calib)
     result = quantize(args.model, calib, args.spec, options=options)
@@ -301,12 +310,25 @@ def _print_summary(report: dict[str, Any], out: str, report_path: str | None) ->
               f"({100 * sizes['quantized_bytes'] / sizes['fp32_bytes']:.1f}% of fp32)")
     latency = report.get("latency") or {}
     if latency.get("fp32_ms"):
-        print(f"onnxruntime CPU latency (batch 1, this machine): {latency['fp32_ms']:.3f} ms -> {latency['quantized_ms']:.3f} ms "
-              f"({latency['ratio']:.2f}x fp32)")
+        print(f"onnxruntime CPU latency (batch {latency.get('batch', 1)}, this machine): {latency['fp32_ms']:.3f} ms -> "
+              f"{latency['quantized_ms']:.3f} ms ({latency['ratio']:.2f}x fp32)")
+    _print_measured_plans(report)
     if metric:
         print(f"fidelity to fp32 ({metric['name']}, held-back calibration feeds): {metric['quantized']:.4f} "
               f"(drop {metric['drop']:.4f}, allowed {metric.get('max_drop', 0):.4f})")
     print(f"wrote {out}" + (f" and {report_path}" if report_path else "") + f" in {report['seconds']:.1f} s")
+
+
+def _print_measured_plans(report: dict[str, Any]) -> None:
+    """The trade-off the search saw: every plan it measured, latency and size relative to fp32."""
+    search = report.get("search") or {}
+    front = report.get("pareto_front") or []
+    measured = [(i, e) for i, e in enumerate(front) if "measured_latency_ratio" in e]
+    if measured:
+        chosen = search.get("chosen_index")
+        cells = [f"{'*' if i == chosen else ''}#{i} {e['measured_latency_ratio']:.2f}x/{100 * e.get('measured_size_ratio', 1):.0f}%"
+                 f"/drop {e['measured_drop']:.4f}" for i, e in measured]
+        print(f"plans measured inside the range (latency x fp32 / size / drop; * written): {', '.join(cells)}")
 
 
 _COMMANDS = {

@@ -70,6 +70,10 @@ def excluded_layers(patterns: Iterable[LayerPattern], layers: Iterable[tuple[str
     return frozenset(chosen)
 
 
+#: Values of ``--objective`` (:class:`onnxq.search.objective.Objective`).
+OBJECTIVES = ("latency", "size", "balanced")
+
+
 @dataclass(frozen=True)
 class QuantizeOptions:
     """What the user asked for (see ``onnxq quantize --help``)."""
@@ -95,6 +99,13 @@ class QuantizeOptions:
     deploy_batch: int = 1
     #: layers kept float whatever the mode: names, ``re:PATTERN`` or ``op:TYPE`` (``--exclude``)
     exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}",
+                             "use latency (default), size or balanced")
+        if self.deploy_batch < 1:
+            raise UsageError(f"deploy batch {self.deploy_batch} is not a batch size", "give 1 or more")
 
     def exclusions(self) -> tuple[LayerPattern, ...]:
         return tuple(LayerPattern.parse(text) for text in self.exclude)

@@ -11,52 +11,32 @@ the best model found is written) but never as a success: ``target_met`` turns fa
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from onnxq.data import batch_axes, first_sample
+from onnxq.latency import deploy_feeds, time_interleaved
 from onnxq.metrics import fidelity, nonfinite_feeds, resolve_metric
 from onnxq.model import byte_size
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.runtime import make_session, run_all
 
-__all__ = ["MeasurePass", "measure_latency", "compare_latency", "written_model_shortfalls"]
+#: Deploy-shape feeds timed by the final latency measurement (batch > 1).
+LATENCY_FEEDS = 4
+
+__all__ = ["MeasurePass", "written_model_shortfalls"]
 
 logger = logging.getLogger(__name__)
 
 
-def measure_latency(session: ort.InferenceSession, feed: Mapping[str, np.ndarray], budget_seconds: float = 1.0,
-                    max_runs: int = 50) -> float:
-    """Median latency in seconds of ``session`` on ``feed`` (warm-up first, bounded by a time budget)."""
-    session.run(None, dict(feed))
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < max_runs and (len(times) < 5 or time.perf_counter() - started < budget_seconds):
-        tick = time.perf_counter()
-        session.run(None, dict(feed))
-        times.append(time.perf_counter() - tick)
-    return float(np.median(times))
-
-
-def compare_latency(reference: ort.InferenceSession, candidate: ort.InferenceSession, feed: Mapping[str, np.ndarray],
-                    budget_seconds: float = 2.0, max_runs: int = 50) -> tuple[float, float]:
-    """Median latencies (seconds) of two sessions on ``feed``, runs interleaved so that machine
-    noise hits both alike."""
-    sessions = (reference, candidate)
-    for session in sessions:
-        session.run(None, dict(feed))
-    times: tuple[list[float], list[float]] = ([], [])
-    started = time.perf_counter()
-    while len(times[0]) < max_runs and (len(times[0]) < 5 or time.perf_counter() - started < budget_seconds):
-        for session, spent in zip(sessions, times, strict=True):
-            tick = time.perf_counter()
-            session.run(None, dict(feed))
-            spent.append(time.perf_counter() - tick)
-    return float(np.median(times[0])), float(np.median(times[1]))
+def _deploy_feeds(feeds: list[Mapping[str, np.ndarray]], model: Any, batch: int) -> list[dict[str, np.ndarray]]:
+    """Feeds at the deploy batch: one sample cut along each input's batch axis for batch 1,
+    otherwise samples grouped (and ragged ones padded) by :func:`onnxq.latency.deploy_feeds`."""
+    if batch == 1:
+        return [first_sample(feeds[0], batch_axes(model))]
+    return deploy_feeds(feeds, batch)[:LATENCY_FEEDS]
 
 
 def written_model_shortfalls(options: Any, measurement: Mapping[str, Any]) -> list[str]:
@@ -111,14 +91,18 @@ class MeasurePass(Pass):
         }
         if feeds:
             try:
-                sample = first_sample(feeds[0], batch_axes(fp32_model))
-                fp32_latency, quantized_latency = compare_latency(fp32_session, session, sample)
+                batch = ctx.options.deploy_batch
+                timings = time_interleaved({"fp32": fp32_session, "quantized": session},
+                                           _deploy_feeds(feeds, fp32_model, batch), "fp32")
                 measurement["latency"] = {
-                    "batch": 1,
-                    "fp32_ms": round(fp32_latency * 1e3, 4),
-                    "quantized_ms": round(quantized_latency * 1e3, 4),
-                    "ratio": round(quantized_latency / fp32_latency, 3) if fp32_latency > 0 else None,
-                    "note": "median onnxruntime CPU latency on this machine, default session options, runs interleaved with fp32",
+                    "batch": batch,
+                    "fp32_ms": round(timings["fp32"].median_ms, 4),
+                    "quantized_ms": round(timings["quantized"].median_ms, 4),
+                    "ratio": round(timings["quantized"].ratio, 3),
+                    "ratio_quartiles": [round(timings["quantized"].ratio_low, 3), round(timings["quantized"].ratio_high, 3)],
+                    "rounds": timings["quantized"].rounds,
+                    "note": "onnxruntime CPU latency on this machine, default session options, interleaved with fp32: "
+                            "median of the per-round ratios and their quartiles",
                 }
             except Exception as error:  # latency is informative; a model that ran above must not fail here
                 logger.warning("latency measurement skipped: %s", error)
