@@ -54,6 +54,8 @@ SENSITIVITY_SAMPLES = 32
 FRONT_POINTS = 8
 #: Use the sensitivity pair cross terms in the predicted loss (benchmarks turn it off to compare).
 USE_PAIRS = True
+#: Rounds of building a size-budget plan's model and shrinking the layers' share by its excess.
+SIZE_BUDGET_ROUNDS = 4
 #: Plans measured beyond the bisection, spread between its answer and fp32 (latency may order
 #: them differently from the cost model).
 EXTRA_MEASURED_PLANS = 2
@@ -328,19 +330,23 @@ class SearchPass(Pass):
         else:
             budget, unit = options.target_latency_ratio * fp32["latency_seconds"], "estimated latency"
             describe = lambda v: f"{v / fp32['latency_seconds']:.3f}× fp32"  # noqa: E731
-        solution = solve(problem, max_cost=budget - fixed, minimize="loss")
-        solver_seconds = solution.seconds
+        evaluator = PlanEvaluator(ctx)
+        layer_budget = budget - fixed
+        if axis == "size":  # the file also holds what is not a layer weight: graph, biases, other constants
+            layer_budget -= max(0.0, byte_size(ctx.artifacts["fp32_model"]) - costs.fp32_size)
+        solution, solver_seconds, model = self._solve_within(problem, layer_budget, budget, axis, evaluator)
         target_met = solution.plan is not None
         shortfall = None
         if solution.plan is None:
             cheapest = solve(problem, minimize="cost")
             solver_seconds += cheapest.seconds
             solution = cheapest
+            model = evaluator.build(dict(cheapest.plan or {}))
+            reached = byte_size(model) if axis == "size" else cheapest.cost + fixed
             shortfall = (f"no plan the spec allows meets the {unit} target of {describe(budget)}: the cheapest plan reaches "
-                         f"{describe(cheapest.cost + fixed)}, {describe(cheapest.cost + fixed - budget)} over it")
+                         f"{describe(reached)}, {describe(reached - budget)} over it")
         plan = dict(solution.plan or {})
-        evaluator = PlanEvaluator(ctx)
-        measured = evaluator.measure(plan)
+        measured = evaluator.measure_model(model if model is not None else evaluator.build(plan))
         estimate = costs.estimate(plan)
         front_entry = self._entry(plan, solution.loss, costs, measured.drop)
         ctx.artifacts["plan"] = plan
@@ -358,6 +364,30 @@ class SearchPass(Pass):
             search["shortfall"] = shortfall
             logger.warning("target not met: %s", shortfall)
         ctx.artifacts["search"] = search
+
+    @staticmethod
+    def _solve_within(problem: Problem, layer_budget: float, budget: float, axis: str,
+                      evaluator: PlanEvaluator) -> tuple[Solution, float, Any]:
+        """The least-loss plan under ``layer_budget``; for a size budget the plan's model is built
+        and, while the written bytes exceed ``budget``, the layers' share shrinks by the excess
+        (Q/DQ parameters and compressed constants are not in the per-layer costs)."""
+        solution = solve(problem, max_cost=layer_budget, minimize="loss")
+        seconds = solution.seconds
+        if axis != "size":
+            return solution, seconds, None
+        for attempt in range(1, SIZE_BUDGET_ROUNDS + 1):
+            if solution.plan is None:
+                return solution, seconds, None
+            model = evaluator.build(solution.plan)
+            excess = byte_size(model) - budget
+            if excess <= 0:
+                return solution, seconds, model
+            logger.info("the planned model is %d bytes over the size target: shrinking the layers' share", excess)
+            layer_budget -= excess * (1.0 + 0.25 * attempt)
+            solution = solve(problem, max_cost=layer_budget, minimize="loss")
+            seconds += solution.seconds
+        failed = Solution(None, math.inf, math.inf, solution.seconds, "infeasible: over the size target once written")
+        return failed, seconds, None
 
     # -- accuracy range ---------------------------------------------------------------------
 
