@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 import onnx.numpy_helper
+import onnx.shape_inference
 from onnx import helper
 
 from onnxq.errors import PassError
@@ -383,7 +384,7 @@ def apply_layout(
     graph.node.extend(b.new_nodes)
     _drop_unused_initializers(graph, initializers)
     toposort_nodes(graph)
-    del graph.value_info[:]
+    _infer_value_info(model)
     return RewriteResult(model=model, quantized_layers=summary, weight_bytes=weight_bytes)
 
 
@@ -420,6 +421,24 @@ def _integer_lookup_table(view: GraphView, layout: Layout, layer_name: str, prec
         return None
     table = view.weight_value(layer.weight.tensor)
     return None if table is None or table.dtype.kind != "f" or not np.isfinite(table).all() else table.astype(np.float32)
+
+
+def _infer_value_info(model: onnx.ModelProto) -> None:
+    """Replace the graph's value_info with freshly inferred shapes.
+
+    onnxruntime fuses Add + LayerNormalization into SkipLayerNormalization only where it knows
+    both Add inputs are 3-D of one shape, which it cannot work out through Reshapes of computed
+    shapes on its own (MiniLM-L6: 6 of 12 LayerNorms fused with inferred value_info, none
+    without; quantize_dynamic writes them the same way). Models onnx cannot infer (over 2 GB,
+    unknown domains) keep no value_info, which onnxruntime re-derives as far as it can.
+    """
+    del model.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as error:
+        logger.debug("no shape inference on the rewritten model: %s", error)
+        return
+    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def _dequantize_after_gather(b: _Builder, node: onnx.NodeProto, codes: str, scale: str, zero_point: str) -> None:
