@@ -434,7 +434,7 @@ def _infer_value_info(model: onnx.ModelProto) -> None:
     """
     del model.graph.value_info[:]
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as error:
         logger.debug("no shape inference on the rewritten model: %s", error)
         return
