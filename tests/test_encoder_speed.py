@@ -4,7 +4,9 @@
   rows it returns (never ``DequantizeLinear`` over the whole table before the Gather);
 * constant tables added to the activations (position embeddings, biases) stay float;
 * the rewritten model carries inferred shapes, so onnxruntime fuses Add + LayerNormalization
-  into SkipLayerNormalization as it does after ``quantize_dynamic``.
+  into SkipLayerNormalization as it does after ``quantize_dynamic``;
+* the ort-cpu-x86 cost model prices what runs slower than fp32 there (static attention MatMuls,
+  weight-only int8, fp16 by Cast) as slower, so the search leaves those layers float.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.api import quantize
+from onnxq.cost import LayerCost, estimate
+from onnxq.spec import load_spec
 
 VOCAB, HIDDEN, SEQ = 2000, 128, 12
 
@@ -108,3 +112,43 @@ def test_rewritten_encoder_fuses_skip_layer_norm(tmp_path: Path) -> None:
     ops = collections.Counter(n.op_type for n in _optimized(result.model, tmp_path).graph.node)
     assert ops["SkipLayerNormalization"] == 1, dict(ops)
     assert ops["LayerNormalization"] == 0
+
+
+# ----------------------------------------------------------------------------- cost model
+# Measured on this machine class (2-core AVX2 EPYC, onnxruntime 1.32, 1 thread, one-node models
+# with their boundary Q/DQ, interleaved; benchmarks/COST_MODEL.md "encoder layers"): static
+# attention MatMul 1.37x fp32 at 12 tokens and 1.51x at 32x19 tokens; weight-only int8 (8-bit
+# MatMulNBits) 1.14-1.79x at 12-608 rows, 0.31x for one row of 2048x2048; fp16 by Cast 0.92-1.15x.
+
+def _attention(rows: int) -> LayerCost:
+    return LayerCost("scores", "MatMul", 12 * rows * 32 * rows, 0, 2 * 12 * rows * 32, 12 * rows * rows)
+
+
+def _dense(rows: int, k: int, n: int) -> LayerCost:
+    return LayerCost("dense", "MatMul", rows * k * n, k * n, rows * k, rows * n, weight_channels=n)
+
+
+def _ratio(layer: LayerCost, candidate: str, batch: int) -> float:
+    spec = load_spec("ort-cpu-x86")
+    fp32 = estimate([layer], {}, spec, batch=batch).latency_seconds
+    return estimate([layer], {layer.name: candidate}, spec, batch=batch).latency_seconds / fp32
+
+
+@pytest.mark.parametrize("batch, rows", [(1, 12), (32, 19)])
+def test_static_attention_matmul_priced_slower_than_float(batch: int, rows: int) -> None:
+    assert _ratio(_attention(rows), "uint8/uint8", batch) > 1.2
+
+
+@pytest.mark.parametrize("batch, rows", [(1, 12), (32, 19)])
+def test_weight_only_int8_and_fp16_priced_slower_than_fp32_at_encoder_shapes(batch: int, rows: int) -> None:
+    for k, n in [(384, 384), (384, 1536)]:
+        assert _ratio(_dense(rows, k, n), "int8/fp32", batch) > 1.3
+        assert _ratio(_dense(rows, k, n), "fp16/fp16", batch) > 1.0
+        assert _ratio(_dense(rows, k, n), "int8/dyn-uint8", batch) < 0.7
+    assert _ratio(_attention(rows), "fp16/fp16", batch) > 1.0
+
+
+def test_half_precision_saves_no_bandwidth_without_fp16_arithmetic() -> None:
+    one_row = _dense(1, 2048, 2048)
+    assert _ratio(one_row, "fp16/fp16", 1) >= 1.0  # measured 0.92: widened to fp32 per call
+    assert _ratio(one_row, "int8/fp32", 1) < 0.4  # measured 0.31: MatMulNBits reads int8
