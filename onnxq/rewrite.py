@@ -249,8 +249,8 @@ def apply_layout(
         producer_name = view.producer.get(tensor, "")
         table = _integer_lookup_table(view, layout, producer_name, quant.precision)
         if table is not None:
-            # DQ(table) -> Gather -> Q runs on integers when both share one grid: the table's,
-            # which covers every row the lookup can return
+            # the table and the Gather's output share one grid, the table's (it covers every row
+            # the lookup can return): the Gather reads the codes and its output is quantized as is
             q = qparams_from_range(np.asarray(table.min()), np.asarray(table.max()), quant.precision, quant.symmetric)
             table_grids[producer_name] = q
         scale, zp = _qparam_initializers(b, tensor, q)
@@ -259,7 +259,10 @@ def apply_layout(
             # a weight-only layer (int8 table Gather, int4 weight-only MatMul) computes in float:
             # its output is quantized for its consumers, not by it
             source = b.node("Identity", [source], f"{tensor}_boundary_out", f"{tensor}_BoundaryOut")
-        quantized_name = b.node("QuantizeLinear", [source, scale, zp], f"{tensor}_quantized", f"{tensor}_QuantizeLinear")
+        if table is not None:
+            quantized_name = _gather_codes(b, nodes[producer_name], table, q, tensor)
+        else:
+            quantized_name = b.node("QuantizeLinear", [source, scale, zp], f"{tensor}_quantized", f"{tensor}_QuantizeLinear")
         if is_output:
             b.new_nodes.append(helper.make_node("DequantizeLinear", [quantized_name, scale, zp], [tensor],
                                                 name=b.unique(f"{tensor}_DequantizeLinear")))
@@ -331,8 +334,10 @@ def apply_layout(
         if pattern_bytes is not None:
             weight_bytes += pattern_bytes
             continue
-        wq = table_grids.get(layer_name) or weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges,
-                                                           per_channel_ok=per_channel_ok)
+        if layer_name in table_grids:
+            weight_bytes += w.size  # the Gather reads the table's codes (step 2)
+            continue
+        wq = weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges, per_channel_ok=per_channel_ok)
         x_q = input_qparams.get((layer_name, layer.activations[0])) if layer.activations else None
         if _int32_bias(layer.bias, x_q, node, candidate):
             bias = view.weight_value(layer.bias or "")
@@ -439,6 +444,18 @@ def _infer_value_info(model: onnx.ModelProto) -> None:
         logger.debug("no shape inference on the rewritten model: %s", error)
         return
     model.graph.value_info.extend(inferred.graph.value_info)
+
+
+def _gather_codes(b: _Builder, node: onnx.NodeProto, table: np.ndarray, q: QParams, tensor: str) -> str:
+    """Make Gather ``node`` look up the codes of ``table`` on grid ``q``; its output, named after
+    ``tensor``, is then the quantized tensor itself (no QuantizeLinear after the Gather, no
+    DequantizeLinear over the whole table before it, which onnxruntime does not drop)."""
+    weight = node.input[0]
+    codes = quantize(table, q).astype(numpy_dtype(q.precision))
+    node.input[0] = b.initializer(f"{weight}_quantized", codes, onnx_dtype(q.precision))
+    quantized_name = b.unique(f"{tensor}_quantized")
+    node.output[0] = quantized_name
+    return quantized_name
 
 
 def _dequantize_after_gather(b: _Builder, node: onnx.NodeProto, codes: str, scale: str, zero_point: str) -> None:

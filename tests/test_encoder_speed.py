@@ -152,3 +152,16 @@ def test_half_precision_saves_no_bandwidth_without_fp16_arithmetic() -> None:
     one_row = _dense(1, 2048, 2048)
     assert _ratio(one_row, "fp16/fp16", 1) >= 1.0  # measured 0.92: widened to fp32 per call
     assert _ratio(one_row, "int8/fp32", 1) < 0.4  # measured 0.31: MatMulNBits reads int8
+
+
+def test_static_embedding_gather_reads_int8_codes_and_shares_their_grid(tmp_path: Path) -> None:
+    fp32 = _encoder_slice()
+    result = quantize(fp32, _feeds(), "ort-cpu-x86", plan={"word_gather": "int8/int8", "dense": "int8/uint8"})
+    optimized = _optimized(result.model, tmp_path)
+    tables = {i.name: i for i in optimized.graph.initializer}
+    gather = next(n for n in optimized.graph.node if n.op_type == "Gather" and n.input[1] == "ids")
+    assert gather.input[0] in tables and tables[gather.input[0]].data_type == TensorProto.INT8
+    feed = _feeds(1, seed=7)[0]
+    reference, quantized = _run(fp32, feed), _run(result.model, feed)
+    cosine = float((reference * quantized).sum() / np.linalg.norm(reference) / np.linalg.norm(quantized))
+    assert cosine > 0.99
