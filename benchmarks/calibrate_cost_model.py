@@ -1099,7 +1099,7 @@ ENCODER_LAYERS = (
     ("attention 12 heads 19x32 by 32x19 (batch 32)", 19, 32, 0, 32),
     ("1x2048 by 2048x2048 (one row)", 1, 2048, 2048, 1),
 )
-ENCODER_CANDIDATES = ("int8/fp32", "fp16/fp16", "int8/dyn-uint8", "int8/uint8", "int4b32/fp32")
+ENCODER_CANDIDATES = ("int8/fp32", "fp16/fp16", "int8/dyn-uint8", "int8/uint8", "int4b32/fp32", "int16/int16")
 
 
 def _encoder_layer(rows: int, k: int, n: int, rng: np.random.Generator) -> tuple[onnx.ModelProto, LayerCost]:

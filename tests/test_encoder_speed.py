@@ -165,3 +165,11 @@ def test_static_embedding_gather_reads_int8_codes_and_shares_their_grid(tmp_path
     reference, quantized = _run(fp32, feed), _run(result.model, feed)
     cosine = float((reference * quantized).sum() / np.linalg.norm(reference) / np.linalg.norm(quantized))
     assert cosine > 0.99
+
+
+@pytest.mark.parametrize("candidate", ["int16/int16", "int4/uint8"])
+def test_weights_without_integer_kernel_priced_well_above_fp32(candidate: str) -> None:
+    # no integer kernel: the whole weight is dequantized on every call (int16/int16 MatMuls of
+    # MiniLM-L6 measured 9-17x fp32 at 12 tokens, benchmarks/ENCODER.md)
+    for k, n in [(384, 384), (384, 1536)]:
+        assert _ratio(_dense(12, k, n), candidate, 1) > 2.0
