@@ -30,6 +30,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from onnxq.passes.plan import all_layers, closest_candidate
 
 from onnxq.evaluate import PlanEvaluator
 from onnxq.graph import GraphView
@@ -62,6 +63,9 @@ EXTRA_MEASURED_PLANS = 2
 #: Deploy-shape feeds timed per latency measurement, and the time budget of one measurement.
 LATENCY_FEEDS = 4
 LATENCY_BUDGET_SECONDS = 1.5
+#: Uniform plans measured beside the front (the one-precision models users would otherwise make
+#: with onnxruntime's quantize_static / quantize_dynamic): a mixed plan must beat them to win.
+ANCHOR_CANDIDATES = ("int8/dyn-uint8", "int8/uint8")
 #: The predicted-cost axis the front is built on, per objective.
 OBJECTIVE_AXIS = {Objective.LATENCY: "latency", Objective.SIZE: "size", Objective.BALANCED: "balanced"}
 
@@ -403,6 +407,7 @@ class SearchPass(Pass):
         meter = _PlanMeter(ctx, evaluator)
         passing = self._bisect(front, meter, options.max_drop, options.progress, spec.integer_only)
         self._measure_extra(front, meter, passing)
+        self._measure_anchors(ctx, front, meter)
         choice = choose(list(meter.results.values()), options.max_drop, objective)
         target_met = choice is not None
         if choice is None:
@@ -420,7 +425,8 @@ class SearchPass(Pass):
         search: dict[str, Any] = {
             "mode": "max-drop", "max_drop": options.max_drop, "objective": objective.value,
             "evaluations": evaluator.evaluations, "plans_considered": len(front), "chosen_index": chosen,
-            "predicted_loss": loss, "measured_drop": drop, "metric": evaluator.metric_name or options.metric,
+            "predicted_loss": loss if math.isfinite(loss) else None, "measured_drop": drop,
+            "metric": evaluator.metric_name or options.metric,
             "latency_measured": meter.timed, "deploy_batch": meter.batch,
             "solver_seconds": round(solver_seconds, 4),
             "sensitivity_evaluations": ctx.artifacts["sensitivity"].get("evaluations"),
@@ -460,6 +466,26 @@ class SearchPass(Pass):
         return passing
 
     @staticmethod
+    def _measure_anchors(ctx: PassContext, front: list[tuple[dict[str, Candidate], float, float]],
+                         meter: _PlanMeter) -> None:
+        """Append the uniform plans of :data:`ANCHOR_CANDIDATES` the spec runs to the front and
+        measure them: the cost model may not see that one precision everywhere is the fastest."""
+        spec: HardwareSpec = ctx.artifacts["spec"]
+        keep_float = ctx.artifacts.get("keep_float", frozenset())
+        layers = all_layers(ctx)
+        known = {tuple(sorted((k, str(v)) for k, v in p.items() if v != FP32)) for p, _, _ in front}
+        for word in ANCHOR_CANDIDATES:
+            candidate = Candidate.parse(word)
+            plan = {name: chosen for name, layer in layers.items() if name not in keep_float
+                    and (chosen := closest_candidate(layer, candidate, spec)) is not None}
+            key = tuple(sorted((k, str(v)) for k, v in plan.items()))
+            if not plan or key in known:
+                continue
+            known.add(key)
+            front.append((plan, math.nan, math.nan))
+            meter.measure(len(front) - 1, plan)
+
+    @staticmethod
     def _measure_extra(front: Sequence[tuple[dict[str, Candidate], float, float]], meter: _PlanMeter,
                        passing: int | None) -> None:
         """Measure a few more plans between the bisection's answer and the end of the front:
@@ -479,7 +505,8 @@ class SearchPass(Pass):
                measured: MeasuredPlan | float | None) -> dict[str, Any]:
         estimate = costs.estimate(plan)
         balanced = estimate["latency_seconds"] / costs.fp32_latency + estimate["size_bytes"] / max(1.0, costs.estimate({})["size_bytes"])
-        entry: dict[str, Any] = {"cost": round(balanced, 6), **estimate, "predicted_loss": loss,
+        predicted = loss if math.isfinite(loss) else None  # uniform anchors are measured, not predicted
+        entry: dict[str, Any] = {"cost": round(balanced, 6), **estimate, "predicted_loss": predicted,
                                  "plan": plan_summary({k: v for k, v in plan.items() if v != FP32})}
         if isinstance(measured, MeasuredPlan):
             entry["measured_drop"] = measured.drop
