@@ -347,9 +347,12 @@ class SearchPass(Pass):
             solution = cheapest
             model = evaluator.build(dict(cheapest.plan or {}))
             reached = byte_size(model) if axis == "size" else cheapest.cost + fixed
+            if axis == "size" and reached <= budget:  # the smallest plan fits once written
+                target_met, shortfall = True, None
             what = "the smallest written model is" if axis == "size" else "the cheapest plan reaches"
-            shortfall = (f"no plan the spec allows meets the {unit} target of {describe(budget)}: {what} "
-                         f"{describe(reached)}, {describe(reached - budget)} over it")
+            if not target_met:
+                shortfall = (f"no plan the spec allows meets the {unit} target of {describe(budget)}: {what} "
+                             f"{describe(reached)}, {describe(reached - budget)} over it")
         plan = dict(solution.plan or {})
         measured = evaluator.measure_model(model if model is not None else evaluator.build(plan))
         estimate = costs.estimate(plan)
