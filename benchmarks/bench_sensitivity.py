@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-plans", type=int, default=24,
                         help="random plans quantized for real (onnxq.quantize) to validate against")
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--method", default="central", choices=["central", "hutchinson"])
+    parser.add_argument("--method", default="onesided", choices=["onesided", "central", "hutchinson"])
     parser.add_argument("--candidates", default="spec", choices=["spec", "w8w4"],
                         help="spec: every candidate the spec allows; w8w4: int8/uint8 and int4/uint8 only")
     parser.add_argument("--spec", default="ort-cpu-x86")

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk analysis cache")
+    q.add_argument("--memory-budget", type=float, metavar="MB",
+                   help="bound on the activations the sensitivity analysis caches (default: 1/4 of available memory)")
     _common(q)
 
     s = sub.add_parser("sensitivity", help="per-layer sensitivity analysis")
@@ -67,12 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", required=True)
     s.add_argument("--calib")
     s.add_argument("-o", "--output", required=True)
-    s.add_argument("--method", default="central", choices=["central", "hutchinson"])
+    s.add_argument("--method", default="onesided", choices=["onesided", "central", "hutchinson"])
     s.add_argument("--radius", type=int, default=1)
     s.add_argument("--random-plans", type=int, default=20)
     s.add_argument("--workers", type=int, default=0)
     s.add_argument("--executor", default="local")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--memory-budget", type=float, metavar="MB",
+                   help="bound on the activations cached between evaluations (default: 1/4 of available memory)")
     _common(s)
 
     v = sub.add_parser("validate", help="check a QDQ model against a hardware spec")
@@ -243,12 +247,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     html_path = check_output_path(args.report_html, [*inputs, out, report_path]) if args.report_html else None
     if args.max_drop < 0 or args.max_drop >= 1:
         raise UsageError(f"--max-drop {args.max_drop} is outside [0, 1)", "give an absolute drop such as 0.01")
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        raise UsageError(f"--memory-budget {args.memory_budget} must be positive", "e.g. --memory-budget 512 (MB)")
     options = QuantizeOptions(
         precision=args.precision, plan_path=args.plan, max_drop=args.max_drop, target_size_mb=args.target_size,
         target_latency_ratio=args.target_latency_ratio, target_bits=args.target_bits, metric=args.metric,
         evaluator=args.evaluator, calibration=args.calibration, seed=args.seed, workers=args.workers,
         executor=args.executor, progress=not args.quiet and sys.stderr.isatty(), batch_size=args.batch_size,
-        cache_dir="" if args.no_cache else None,
+        cache_dir="" if args.no_cache else None, memory_budget_mb=args.memory_budget,
     )
     calib = _resolve_calib(args.model, args.calib)
     result = quantize(args.model, calib, args.spec, options=options)

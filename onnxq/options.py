@@ -37,6 +37,9 @@ class QuantizeOptions:
     progress: bool = field(default_factory=lambda: sys.stderr.isatty())
     cache_dir: str | None = None
     batch_size: int = 16
+    #: bound (MB) on the activations the sensitivity analysis caches; ``None``: a quarter of the
+    #: available memory
+    memory_budget_mb: float | None = None
 
     @property
     def mode(self) -> str:

@@ -162,7 +162,8 @@ class SearchPass(Pass):
                 break
         candidates = {name: list(space.quantized(name)) for name in space.layers if space.quantized(name)}
         sens = analyze(ctx.model, chosen_feeds, spec, candidates, pairs=True, workers=options.workers,
-                       executor=options.executor, cache_dir=options.cache_path(), progress=options.progress, seed=options.seed)
+                       executor=options.executor, cache_dir=options.cache_path(), progress=options.progress, seed=options.seed,
+                       memory_budget_mb=options.memory_budget_mb)
         ctx.add_time("search:sensitivity", time.perf_counter() - started)
         ctx.artifacts["sensitivity"] = sens
         problem = _problem(space, sens, costs, axis)
@@ -214,6 +215,7 @@ class SearchPass(Pass):
             "predicted_loss": solution.loss, "measured_drop": measured.drop, "metric": evaluator.metric_name,
             "solver_seconds": round(solver_seconds, 4), "solver_status": solution.status,
             "sensitivity_evaluations": ctx.artifacts["sensitivity"].get("evaluations"),
+            "sensitivity_memory": ctx.artifacts["sensitivity"].get("memory"),
         }
         if shortfall:
             search["shortfall"] = shortfall
@@ -305,6 +307,7 @@ class SearchPass(Pass):
             "measured_drop": measured[chosen], "metric": evaluator.metric_name or options.metric,
             "solver_seconds": round(solver_seconds, 4),
             "sensitivity_evaluations": ctx.artifacts["sensitivity"].get("evaluations"),
+            "sensitivity_memory": ctx.artifacts["sensitivity"].get("memory"),
         }
         if not target_met:
             search["shortfall"] = (f"no plan met --max-drop {options.max_drop}: the best measured drop is "

@@ -66,6 +66,11 @@ LOSSES = ("kl", "mse")
 USE_CUT_SESSIONS = True
 #: Float initializers at least this big are shared by all sessions instead of copied into each.
 SHARED_MIN_BYTES = 4096
+#: ... except convolution weights, which onnxruntime reorders into its blocked layout when they
+#: are constant (1.5× faster cut sessions on the bundled ResNet): copied below this size.
+SHARED_CONV_MIN_BYTES = 1 << 20
+#: Ops whose weights run markedly faster as constants.
+_CONV_OPS = ("Conv", "ConvTranspose")
 
 
 @dataclass(frozen=True)
@@ -286,8 +291,10 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
 
 
-def split_shared_weights(model: onnx.ModelProto, min_bytes: int = SHARED_MIN_BYTES) -> dict[str, np.ndarray]:
-    """Move ``model``'s float initializers of at least ``min_bytes`` out of it (in place).
+def split_shared_weights(model: onnx.ModelProto, min_bytes: int = SHARED_MIN_BYTES,
+                         conv_min_bytes: int = SHARED_CONV_MIN_BYTES) -> dict[str, np.ndarray]:
+    """Move ``model``'s float initializers of at least ``min_bytes`` (``conv_min_bytes`` for
+    those a convolution consumes) out of it, in place.
 
     Each one becomes a graph input of the same name, type and shape, and its value is returned:
     every session built from the model is then fed the same arrays (onnxruntime does not copy
@@ -296,11 +303,13 @@ def split_shared_weights(model: onnx.ModelProto, min_bytes: int = SHARED_MIN_BYT
     Small tensors (shapes, biases, scalars) stay initializers: constant folding needs them.
     """
     graph = model.graph
+    conv_inputs = {t for node in graph.node if node.op_type in _CONV_OPS for t in node.input}
     shared: dict[str, np.ndarray] = {}
     keep = []
     for tensor in graph.initializer:
         nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * 4
-        if tensor.data_type == onnx.TensorProto.FLOAT and nbytes >= min_bytes:
+        if tensor.data_type == onnx.TensorProto.FLOAT and nbytes >= (
+                conv_min_bytes if tensor.name in conv_inputs else min_bytes):
             shared[tensor.name] = onnx.numpy_helper.to_array(tensor)
         else:
             keep.append(tensor)
@@ -360,7 +369,7 @@ def plan_chunks(feeds: Sequence[Mapping[str, np.ndarray]], bytes_per_input_byte:
     """
     chunks: list[list[dict[str, np.ndarray]]] = []
     current: list[dict[str, np.ndarray]] = []
-    used = 0.0
+    used = largest = 0.0
     for feed in feeds:
         pieces = [dict(feed)]
         rows = len(next(iter(feed.values()))) if splittable else 1
@@ -372,14 +381,15 @@ def plan_chunks(feeds: Sequence[Mapping[str, np.ndarray]], bytes_per_input_byte:
             if current and used + need > budget:
                 chunks.append(current)
                 current, used = [], 0.0
-            if need > budget:
-                logger.warning("sensitivity: one calibration feed needs %.0f MB of cached activations, above "
-                               "the memory budget of %.0f MB (its batch cannot be split); running it alone",
-                               need / 2**20, budget / 2**20)
+            largest = max(largest, need)
             current.append(piece)
             used += need
     if current:
         chunks.append(current)
+    if largest > budget:
+        logger.warning("sensitivity: %s needs %.1f MB of cached activations, above the memory budget of "
+                       "%.1f MB; such chunks run alone, over the budget", "one sample" if splittable else
+                       "one calibration feed (its batch cannot be split)", largest / 2**20, budget / 2**20)
     return chunks
 
 
