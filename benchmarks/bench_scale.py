@@ -11,13 +11,13 @@ pooling, tanh pooler and a 4-class head; opset 17, dynamic batch, sequence lengt
 runs every measurement in its own subprocess under ``ulimit -v`` and a timeout, with the peak
 RSS from ``os.wait4``:
 
-* ``depth``: ``onnxq.sensitivity.analyze`` (every candidate of the spec, pairs on, 32 samples)
+* ``depth``: ``onnxq.sensitivity.analyze`` (every candidate of the spec, pairs on, ``--depth-samples``)
   on 2-, 4- and 8-layer encoders of the 22M width; cost in plain-inference equivalents (the
   analysis' seconds over one fp32 pass over the same samples, measured in the same process)
   per layer × candidate;
 * ``e22``: ``onnxq quantize --max-drop 0.01`` on the 6-layer, 22M-parameter encoder (MiniLM
   layout: vocab 30522, hidden 384, 6 heads, intermediate 1536);
-* ``s22``: ``onnxq sensitivity`` alone on it, 128 samples, every candidate;
+* ``s22``: ``onnxq.sensitivity.analyze`` alone on it, 128 samples, every candidate, pairs on;
 * ``e110``: ``onnxq quantize --max-drop 0.01`` on a 12-layer, 110M-parameter BERT-base-size
   encoder (hidden 768, 12 heads, intermediate 3072).
 
@@ -218,12 +218,12 @@ def _result(run: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def task_depth(workdir: Path, timeout: float, vmem_kb: int) -> list[str]:
+def task_depth(workdir: Path, timeout: float, vmem_kb: int, samples: int) -> list[str]:
     lines = ["| layers | analysed layers | layer×candidate entries | pairs | evaluations | seconds | plain pass ms | "
              "cost (plain passes) | plain passes per entry | peak RSS MiB | load |", "|" + "---|" * 11]
     for depth in (2, 4, 8):
         path = write_encoder(workdir, f"enc{depth}", EncoderShape(depth, 384, 6, 1536))
-        run = run_limited(_python(_DEPTH_CODE) + [str(path), str(path.with_suffix(".calib.npz")), "32"],
+        run = run_limited(_python(_DEPTH_CODE) + [str(path), str(path.with_suffix(".calib.npz")), str(samples)],
                           timeout, vmem_kb)
         r = _result(run)
         if not r:
@@ -247,9 +247,8 @@ def task_cli(workdir: Path, stem: str, shape: EncoderShape, command: str, timeou
     if command == "quantize":
         argv = [sys.executable, "-m", "onnxq", "quantize", str(path), "-o", str(out.with_suffix(".onnx")),
                 "--spec", SPEC, "--max-drop", "0.01", "--no-cache", "--report", str(out.with_suffix(".json"))]
-    else:
-        argv = [sys.executable, "-m", "onnxq", "sensitivity", str(path), "--spec", SPEC, "-o",
-                str(out.with_suffix(".json")), "--random-plans", "0", "--samples", "128"]
+    else:  # the CLI uses 64 samples; the API takes 128
+        argv = _python(_DEPTH_CODE) + [str(path), str(path.with_suffix(".calib.npz")), "128"]
     run = run_limited(argv, timeout, vmem_kb, env={"PYTHONPATH": str(ROOT), "ONNXQ_CACHE_DIR": tempfile.mkdtemp()})
     if run["exit"] != 0:
         print(run["output"], file=sys.stderr)
@@ -267,12 +266,13 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["depth", "e22", "s22", "e110"])
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--vmem-kb", type=int, default=20_000_000)
+    parser.add_argument("--depth-samples", type=int, default=32, help="calibration samples of the depth table")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lines = [f"load average at start: {load()}, {os.cpu_count()} CPUs", ""]
     if "depth" in args.tasks:
-        lines += task_depth(workdir, args.timeout, args.vmem_kb) + [""]
+        lines += task_depth(workdir, args.timeout, args.vmem_kb, args.depth_samples) + [""]
     header = ["| model | command | ok | seconds | peak RSS MiB | load |", "|---|---|---|---|---|---|"]
     rows = []
     if "e22" in args.tasks:

@@ -625,7 +625,8 @@ def analyze(
         "evaluations": len(jobs) + 1,
         "options": {k: v for k, v in options_key.items() if k in ("method", "radius", "pairs", "random_plans", "seed")},
         "conventions": ("delta = predicted loss increase when only that layer takes the candidate: "
-                        "weight term 1/2 dWᵀH dW (central: 1/2(L(W+dW)+L(W-dW)-2L(W)); hutchinson: "
+                        "weight term 1/2 dWᵀH dW (onesided: L(W+dW)-L(W), second order since L is minimal at the "
+                        "fp32 W; central: 1/2(L(W+dW)+L(W-dW)-2L(W)); hutchinson: "
                         "1/2 Tr(H)/n |dW|²) + measured loss change with the layer's input activations "
                         "fake-quantized; cross = L(a+b) - L(a) - L(b) + L(0) measured at the pair's "
                         "most aggressive candidates (scaling 'measured') and, for every other candidate "
