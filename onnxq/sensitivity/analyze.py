@@ -649,7 +649,7 @@ def analyze(
         }
     result["seconds"] = round(time.perf_counter() - start, 3)
     result["memory"] = {"peak_rss_mib": round(peak_rss_mib(), 1), "budget_mib": round(context.cache_bytes / 2**20, 1),
-                        "chunks": len(local.chunks()), "cached_mib": round(local.cached_bytes / 2**20, 1)}
+                        "chunks": local.planned_chunks, "cached_mib": round(local.cached_bytes / 2**20, 1)}
     _store_cached(cache_dir, key, result)
     return result
 

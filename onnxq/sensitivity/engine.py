@@ -752,6 +752,11 @@ class Evaluator:
                                 self.context.cache_bytes / 2**20)
         return self._chunks
 
+    @property
+    def planned_chunks(self) -> int:
+        """Chunks of feeds this evaluator has run (0 before its first segment job)."""
+        return len(self._chunks or ())
+
     def _load(self, index: int) -> list[tuple[np.ndarray, ...]]:
         """Make chunk ``index`` current; its fp32 reference outputs."""
         chunk = self.chunks()[index]
