@@ -697,8 +697,12 @@ class Evaluator:
 
                 _constant_to_initializer(model.graph, name)
         self.shared = split_shared_weights(model)
-        #: the model without its shared weights (they are graph inputs)
-        self.model = model
+        #: the model without its shared weights (they are graph inputs); parsed again so that
+        #: the protobuf arena that held the weights is released
+        self.model = onnx.ModelProto()
+        self.model.ParseFromString(model.SerializeToString())
+        del model
+        model = self.model
         self._fq: FakeQuantModel | None = None
         self.suffix: SuffixRunner | None = None
         self.fallbacks: dict[str, int] = {}
@@ -728,10 +732,10 @@ class Evaluator:
 
     @property
     def fq(self) -> FakeQuantModel:
-        """The one fake-quant session (built on first use, from the model with its weights)."""
+        """The one fake-quant session (built on first use; fed the shared weights like the cut sessions)."""
         if self._fq is None:
-            self._fq = FakeQuantModel(with_weights(self.model, self.shared), self.context.activation_tensors,
-                                      self.context.weight_tensors)
+            self._fq = FakeQuantModel(self.model, self.context.activation_tensors,
+                                      [w for w in self.context.weight_tensors if w not in self.shared])
         return self._fq
 
     def chunks(self) -> list[list[dict[str, np.ndarray]]]:
@@ -824,7 +828,9 @@ class Evaluator:
             return self.suffix.run(keys, weights, acts)  # type: ignore[union-attr,return-value]
         reason = "no cut sessions" if self.suffix is None else "the job's layers cannot be chained in cut sessions"
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
-        return self.fq.run_all(feeds, acts, weights)  # type: ignore[arg-type]
+        shared = {k: weights.get(k, v) for k, v in self.shared.items()}
+        own = {k: v for k, v in weights.items() if k not in self.shared}
+        return self.fq.run_all([{**shared, **f} for f in feeds], acts, own)  # type: ignore[arg-type]
 
     def _plan_outputs(self, job: Job) -> list[Sequence[np.ndarray]]:
         """A validation plan's outputs: a model built for it, fed the unperturbed shared weights."""
