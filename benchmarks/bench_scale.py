@@ -29,7 +29,9 @@ Results 2026-11-30 (2 cores, shared; onnxruntime 1.32.0):
 |---|---|---|---|
 | bert22m quantize --max-drop 0.01, engine before (eef2698) | killed at 870 (timeout) | 8455 at kill | 10-11 |
 | bert22m quantize --max-drop 0.01, this engine | 619 | 1720 | 9.6 |
+| bert22m quantize --max-drop 0.01, engine before (eef2698) | 169.9 | 8444 | 2.5 |
 | bert22m quantize --max-drop 0.01, this engine | 91.5 | 1766 | 2.0 |
+| bert22m analyze, 128 samples, every candidate (663 evaluations), this engine | killed at 500 (timeout) | 3099 at kill | 4-5 |
 
 Depth table (``--depth-samples 8``, load 8-11, so the plain-pass denominators are noisy):
 
