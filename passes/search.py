@@ -309,7 +309,8 @@ class SearchPass(Pass):
         candidates = {name: list(space.quantized(name)) for name in space.layers if space.quantized(name)}
         sens = analyze(ctx.model, _sensitivity_feeds(ctx.artifacts["feeds"].calibration), spec, candidates, pairs=True,
                        workers=options.workers, executor=options.executor, cache_dir=options.cache_path(),
-                       progress=options.progress, seed=options.seed, calibration=options.calibration)
+                       progress=options.progress, seed=options.seed, calibration=options.calibration,
+                       memory_budget_mb=options.memory_budget_mb)
         ctx.add_time("search:sensitivity", time.perf_counter() - started)
         ctx.artifacts["sensitivity"] = sens
         problem = build_problem(space, sens, costs, axis)
@@ -367,6 +368,7 @@ class SearchPass(Pass):
             "predicted_loss": solution.loss, "measured_drop": measured.drop, "metric": evaluator.metric_name,
             "solver_seconds": round(solver_seconds, 4), "solver_status": solution.status,
             "sensitivity_evaluations": ctx.artifacts["sensitivity"].get("evaluations"),
+            "sensitivity_memory": ctx.artifacts["sensitivity"].get("memory"),
         }
         if shortfall:
             search["shortfall"] = shortfall
@@ -433,6 +435,7 @@ class SearchPass(Pass):
             "latency_measured": meter.timed, "deploy_batch": meter.batch,
             "solver_seconds": round(solver_seconds, 4),
             "sensitivity_evaluations": ctx.artifacts["sensitivity"].get("evaluations"),
+            "sensitivity_memory": ctx.artifacts["sensitivity"].get("memory"),
         }
         if choice.notice:
             search["notice"] = choice.notice
