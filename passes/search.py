@@ -30,6 +30,8 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
+import onnx.shape_inference
 from onnxq.passes.plan import all_layers, closest_candidate
 
 from onnxq.evaluate import PlanEvaluator
@@ -55,6 +57,8 @@ SENSITIVITY_SAMPLES = 32
 FRONT_POINTS = 8
 #: Use the sensitivity pair cross terms in the predicted loss (benchmarks turn it off to compare).
 USE_PAIRS = True
+#: Above this the deploy-shape inference for the cost model is skipped (protobuf's 2 GB limit).
+MAX_SHAPE_INFERENCE_BYTES = 1 << 30
 #: Rounds of building a size-budget plan's model and shrinking the layers' share by its excess.
 SIZE_BUDGET_ROUNDS = 4
 #: Plans measured beyond the bisection, spread between its answer and fp32 (latency may order
@@ -284,6 +288,35 @@ def predicted_front(problem: Problem) -> tuple[list[tuple[dict[str, Candidate], 
     return front, seconds
 
 
+def _deploy_shaped(view: GraphView, ctx: PassContext) -> GraphView:
+    """``view`` with every tensor shape inferred at the deploy shape (batch ``--deploy-batch``,
+    sequence lengths of the first held-back feed), so the cost model counts the real MACs of
+    layers whose shapes are symbolic (a transformer's sequence axis); ``view`` itself when the
+    shapes cannot be inferred."""
+    feeds = deploy_feeds(list(ctx.artifacts["feeds"].held_back)[:1], int(getattr(ctx.options, "deploy_batch", 1) or 1))
+    if not feeds or ctx.model.ByteSize() > MAX_SHAPE_INFERENCE_BYTES:
+        return view
+    model = onnx.ModelProto()
+    model.CopyFrom(ctx.model)
+    for value in model.graph.input:
+        array = feeds[0].get(value.name)
+        if array is None or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != array.ndim:
+            continue
+        for dim, size in zip(dims, array.shape, strict=True):
+            dim.Clear()
+            dim.dim_value = int(size)
+    del model.graph.value_info[:]
+    try:
+        shaped = onnx.shape_inference.infer_shapes(model)
+    except Exception as error:  # noqa: BLE001 - the symbolic shapes still give a cost estimate
+        logger.info("cost model keeps the symbolic shapes: %s", error)
+        return view
+    return GraphView(shaped, view.layer_ops)
+
+
 class SearchPass(Pass):
     """Choose a mixed-precision plan for the options' target (budget or accuracy range)."""
 
@@ -296,7 +329,7 @@ class SearchPass(Pass):
         options = ctx.options
         spec: HardwareSpec = ctx.artifacts["spec"]
         views: list[GraphView] = [ctx.analysis("graph_view"), *(sv.view for sv in ctx.analysis("scope_views"))]
-        costs = _Costs(views, spec)
+        costs = _Costs([_deploy_shaped(views[0], ctx), *views[1:]], spec)
         mode = options.mode
         objective = Objective(getattr(options, "objective", Objective.LATENCY.value))
         axis = OBJECTIVE_AXIS[objective] if mode == "max-drop" else "latency"
