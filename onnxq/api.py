@@ -14,17 +14,17 @@ from typing import Any
 
 import onnx
 
-from onnxq import __version__
 from onnxq.data import load_feeds
 from onnxq.errors import UsageError
-from onnxq.graph import GraphView
+from onnxq.graph import GraphView, layer_ops_for, scope_views
 from onnxq.model import check_quantizable_dtypes, load_model
 from onnxq.options import QuantizeOptions, excluded_layers
 from onnxq.pipeline import Pass, PassContext, Pipeline
 from onnxq.precision import Candidate
 from onnxq.rewrite import plan_summary
 from onnxq.spec import HardwareSpec, load_spec
-from onnxq.subgraphs import ensure_unique_node_names, scope_views
+from onnxq.subgraphs import ensure_unique_node_names
+from onnxq.version import __version__
 
 __all__ = ["QuantizeResult", "quantize", "build_pipeline", "layer_ops_for"]
 
@@ -38,15 +38,6 @@ class QuantizeResult:
     model: onnx.ModelProto
     report: dict[str, Any]
     target_met: bool = True
-
-
-def layer_ops_for(spec: HardwareSpec) -> set[str]:
-    """Op types that are layers on this target: the defaults plus what the spec quantizes."""
-    ops = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"}
-    for op_type, rule in spec.ops.items():
-        if any(not c.is_float or c.weights.value == "fp16" for c in rule.candidates):
-            ops.add(op_type)
-    return ops
 
 
 def build_pipeline(options: QuantizeOptions, plan: Mapping[str, Candidate] | None = None) -> Pipeline:

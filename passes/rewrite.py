@@ -7,13 +7,13 @@ import logging
 
 from onnxq.passes.plan import plan_to_json
 
-from onnxq import __version__
 from onnxq.calibration import weight_ranges
 from onnxq.model import model_opset
 from onnxq.pipeline import Pass, PassContext
 from onnxq.precision import Precision, bits
 from onnxq.rewrite import RewriteResult, apply_layout
 from onnxq.subgraphs import unwrap, wrap
+from onnxq.version import __version__
 
 __all__ = ["RewritePass"]
 

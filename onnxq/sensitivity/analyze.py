@@ -82,7 +82,7 @@ import onnx
 from onnxq.calibration import cache as _cache
 from onnxq.calibration import collect_ranges
 from onnxq.errors import CalibrationError, ModelError, PlanError, UsageError
-from onnxq.graph import GraphView, Layer
+from onnxq.graph import GraphView, Layer, layer_ops_for, scope_views
 from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
 from onnxq.model import model_opset, upgrade_opset
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
@@ -101,7 +101,7 @@ from onnxq.sensitivity.executors import require_executor, run_jobs
 from onnxq.sensitivity.scoped import MAIN_SCOPE, ScopeChange, ScopedEvaluator, ScopedJob
 from onnxq.simulate import WeightFormat, weight_format
 from onnxq.spec.model import Granularity, HardwareSpec
-from onnxq.subgraphs import expose, scope_views
+from onnxq.subgraphs import expose
 
 __all__ = ["SENSITIVITY_FORMAT", "METHODS", "ALGORITHM_VERSION", "analyze", "predicted_loss", "bounded_cross",
            "spec_digest", "EVALUATION_COUNTER"]
@@ -133,12 +133,6 @@ class _Counter:
 
 
 EVALUATION_COUNTER = _Counter()
-
-
-def _layer_ops(spec: HardwareSpec) -> set[str]:
-    from onnxq.api import layer_ops_for  # noqa: PLC0415 - api imports the passes; keep it lazy
-
-    return set(layer_ops_for(spec))
 
 
 def _default_candidates(layer: Layer, spec: HardwareSpec) -> list[Candidate]:
@@ -633,8 +627,8 @@ def analyze(
         work = onnx.shape_inference.infer_shapes(work, strict_mode=False)
     except Exception as exc:  # noqa: BLE001 - shapes only feed MACs
         logger.debug("shape inference failed (%s)", exc)
-    view = GraphView(work, _layer_ops(spec))
-    scoped_views = {sv.scope.key: sv for sv in scope_views(work, _layer_ops(spec))}
+    view = GraphView(work, layer_ops_for(spec))
+    scoped_views = {sv.scope.key: sv for sv in scope_views(work, layer_ops_for(spec))}
     views: dict[str, GraphView] = {MAIN_SCOPE: view, **{k: sv.view for k, sv in scoped_views.items()}}
     chosen, home = _choose(views, spec, candidates)
     layer_names = list(home)
