@@ -31,9 +31,6 @@ FACES: tuple[str, ...] = ("onnxq.cli", "onnxq.api")
 #: Optional dependencies, the only ones a function may import lazily.
 OPTIONAL_DEPS: frozenset[str] = frozenset({"ray", "matplotlib", "nncf", "psutil"})
 
-XFAIL_REASON = ("issue 14: violations present before the layering refactor; the lead removes this mark once "
-                "the merged branches fix them")
-
 
 @dataclass(frozen=True)
 class ImportEdge:
@@ -251,28 +248,23 @@ def _fail(problems: list[str], what: str) -> None:
         pytest.fail(f"{len(problems)} {what}:\n" + "\n".join(problems), pytrace=False)
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
 def test_no_import_cycles(package: ImportScan) -> None:
     _fail(import_cycles(package), "import cycles")
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
 def test_no_import_cycles_once_function_local_imports_are_hoisted(package: ImportScan) -> None:
     """The cycles that function-local imports hide today (rule 4 would turn them into real ones)."""
     _fail(import_cycles(package, function_local=True), "import cycles counting function-local imports")
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
 def test_no_private_names_across_modules(package: ImportScan) -> None:
     _fail(private_imports(package), "private cross-module imports")
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
 def test_analyses_do_not_import_the_cli_or_api(package: ImportScan) -> None:
     _fail(analyses_importing_faces(package), "analysis imports of the CLI/API")
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
 def test_function_local_imports_only_for_optional_dependencies(package: ImportScan) -> None:
     _fail(function_local_imports(package), "function-local imports of required modules")
 

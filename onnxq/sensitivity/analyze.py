@@ -78,13 +78,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+from scipy.stats import spearmanr
 
 from onnxq.calibration import cache as _cache
 from onnxq.calibration import collect_ranges
 from onnxq.errors import CalibrationError, ModelError, PlanError, UsageError
 from onnxq.graph import GraphView, Layer, layer_ops_for, scope_views
 from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
-from onnxq.model import model_opset, upgrade_opset
+from onnxq.model import atomic_write_text, model_opset, upgrade_opset
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
 from onnxq.rewrite import weight_axis
 from onnxq.sensitivity.engine import (
@@ -369,8 +370,6 @@ def _store_cached(cache_dir: str | os.PathLike[str] | None, key: str, result: di
     path = _cache_path(cache_dir, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        from onnxq.model import atomic_write_text  # noqa: PLC0415
-
         atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True))
     except OSError as exc:
         logger.warning("cannot write sensitivity cache %s (%s)", path, exc)
@@ -388,8 +387,6 @@ def _resolve_loss(loss: str, reference: Sequence[Sequence[np.ndarray]]) -> str:
 def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    from scipy.stats import spearmanr  # noqa: PLC0415
-
     value = float(spearmanr(x, y).statistic)
     return None if not np.isfinite(value) else value
 

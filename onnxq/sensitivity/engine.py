@@ -19,13 +19,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from onnxq.calibration import weight_ranges
 from onnxq.calibration.sweep import MAX_IR_VERSION, make_session
 from onnxq.numerics import fake_quantize, qparams_from_range
 from onnxq.precision import Precision, is_integer
 from onnxq.qdq_patterns import fake_quantize_blockwise
-from onnxq.simulate import DynamicQuant, FakeQuantModel, bake, fake_quantize_array
+from onnxq.runtime import create_session
+from onnxq.simulate import (
+    DynamicQuant,
+    FakeQuantModel,
+    bake,
+    constant_to_initializer,
+    fake_quant_input_name,
+    fake_quantize_array,
+    insert_fake_quant,
+)
 
 __all__ = [
     "LOSSES",
@@ -232,10 +242,6 @@ def _session(model: onnx.ModelProto) -> object:
     """An optimized CPU session for many short runs: intra-op threads do not spin between runs
     (spinning threads cost more than they save when the runs last milliseconds or the CPU is
     shared)."""
-    import onnxruntime as ort  # noqa: PLC0415
-
-    from onnxq.runtime import create_session  # noqa: PLC0415
-
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -281,12 +287,10 @@ class SuffixRunner:
         inits = {t.name for t in model.graph.initializer}
         constant_weights = [w for seg in segments for w in seg.weights if w not in inits]
         if constant_weights:  # Constant-node weights become initializers, so they can be fed
-            from onnxq.simulate import _constant_to_initializer  # noqa: PLC0415
-
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             for w in constant_weights:
-                _constant_to_initializer(copy.graph, w)
+                constant_to_initializer(copy.graph, w)
             model = copy
         self.model = model
         graph = model.graph
@@ -398,10 +402,8 @@ class SuffixRunner:
         model.functions.extend(self.model.functions)
         if self.internal[key]:
             # always-on fake-quant (no Where) of the layer's own activations produced in the suffix
-            from onnxq.simulate import _insert_fake_quant  # noqa: PLC0415
-
             types = {t: self.types[t].tensor_type.elem_type for t in self.internal[key]}
-            _insert_fake_quant(model.graph, self.internal[key], types)
+            insert_fake_quant(model.graph, self.internal[key], types)
             keep = [i for i in model.graph.input if not i.name.endswith("/enable")]
             del model.graph.input[:]
             model.graph.input.extend(keep)
@@ -477,8 +479,6 @@ class SuffixRunner:
             acts: Mapping[str, object]) -> list[tuple[np.ndarray, ...]]:
         """The graph outputs per feed with ``weights`` replaced and ``acts`` fake-quantized,
         running the sessions ``keys`` (from :meth:`plan`) in order."""
-        from onnxq.simulate import _input_name  # noqa: PLC0415
-
         out = []
         for f, cache in enumerate(self.cache):
             values: dict[str, np.ndarray] = {}
@@ -494,10 +494,10 @@ class SuffixRunner:
                 for t in self.internal[key]:
                     q = acts[t]
                     dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.types[t].tensor_type.elem_type))
-                    feed[_input_name(t, "scale")] = np.asarray(q.scale, dtype=dt)  # type: ignore[attr-defined]
-                    feed[_input_name(t, "zero_point")] = np.asarray(q.zero_point).astype(dt)  # type: ignore[attr-defined]
-                    feed[_input_name(t, "qmin")] = np.asarray(q.qmin, dtype=dt)  # type: ignore[attr-defined]
-                    feed[_input_name(t, "qmax")] = np.asarray(q.qmax, dtype=dt)  # type: ignore[attr-defined]
+                    feed[fake_quant_input_name(t, "scale")] = np.asarray(q.scale, dtype=dt)  # type: ignore[attr-defined]
+                    feed[fake_quant_input_name(t, "zero_point")] = np.asarray(q.zero_point).astype(dt)  # type: ignore[attr-defined]
+                    feed[fake_quant_input_name(t, "qmin")] = np.asarray(q.qmin, dtype=dt)  # type: ignore[attr-defined]
+                    feed[fake_quant_input_name(t, "qmax")] = np.asarray(q.qmax, dtype=dt)  # type: ignore[attr-defined]
                 for w in self.segments[key[2:]].weights:
                     if w in weights:
                         feed[w] = weights[w]
