@@ -16,12 +16,16 @@ The checker itself is tested on a small synthetic package, so it can fail.
 from __future__ import annotations
 
 import ast
+import configparser
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
 import pytest
+
+import onnxq
+from onnxq.version import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Package name -> folder, as setup.cfg's package_dir maps them.
@@ -312,3 +316,12 @@ def test_checker_finds_each_kind_of_violation(tmp_path: Path) -> None:
     local = function_local_imports(result)
     assert "pkg/core.py:7: pkg.core imports json inside a function" in local
     assert not any(" ray " in line for line in local)
+
+
+def test_version_lives_in_a_leaf_module_that_setup_cfg_reads(package: ImportScan) -> None:
+    """setup.cfg reads the version without importing the API, and ``onnxq.__version__`` still names it."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    assert config["metadata"]["version"].strip() == "attr: onnxq.version.__version__"
+    assert not [e for e in package.edges if e.importer == "onnxq.version" and e.target.startswith("onnxq")]
+    assert onnxq.__version__ == __version__
