@@ -4,7 +4,7 @@ Usage (from the repository root; the model comes from ``models/export_minilm.py`
 
     python models/export_minilm.py            # once: writes models/.cache/minilm/
     ulimit -v 20000000; python benchmarks/bench_encoder.py [--out benchmarks/ENCODER.md]
-        [--variants ort-dynamic ort-static onnxq-max-drop onnxq-max-drop-padded onnxq-int8]
+        [--variants ort-dynamic ort-static onnxq-max-drop onnxq-max-drop-padded onnxq-int8 onnxq-dyn]
         [--timeout 900] [--threads 1] [--budget 20] [--layer-budget 150]
 
 1. Quantizes ``minilm.onnx`` once per variant, each in its own subprocess (wall time, peak RSS
@@ -18,7 +18,8 @@ Usage (from the repository root; the model comes from ``models/export_minilm.py`
      ``PYTHONPATH`` at the repository root);
    * ``onnxq-max-drop-padded``: the same with the calibration sentences padded into one ``.npz``
      (a workaround while ragged feeds fail in the search);
-   * ``onnxq-int8``: ``onnxq quantize --spec ort-cpu-x86 --precision int8/uint8``.
+   * ``onnxq-int8``: ``onnxq quantize --spec ort-cpu-x86 --precision int8/uint8``;
+   * ``onnxq-dyn``: ``onnxq quantize --spec ort-cpu-x86 --precision int8/dyn-uint8``.
 
    The calibration feeds are ``minilm.calib/`` (one ``.npz`` per sentence, each at its own length).
 2. In this process: the task metrics of every model, each sentence run at batch 1 at its own
@@ -57,7 +58,7 @@ from onnxq.latency import LatencyTable, build_latency_table, machine_id, region_
 
 MODEL_DIR = ROOT / "models" / ".cache" / "minilm"
 WORK_DIR = ROOT / "benchmarks" / ".cache" / "encoder"
-VARIANTS = ("ort-dynamic", "ort-static", "onnxq-max-drop", "onnxq-max-drop-padded", "onnxq-int8")
+VARIANTS = ("ort-dynamic", "ort-static", "onnxq-max-drop", "onnxq-max-drop-padded", "onnxq-int8", "onnxq-dyn")
 MEMORY_LIMIT = 20_000_000 * 1024  # the `ulimit -v 20000000` of the brief, for every worker
 TITLES = {
     "fp32": "fp32 (reference)",
@@ -66,6 +67,7 @@ TITLES = {
     "onnxq-max-drop": "onnxq quantize --max-drop 0.01 --spec ort-cpu-x86",
     "onnxq-max-drop-padded": "same, calibration padded to one length (workaround)",
     "onnxq-int8": "onnxq quantize --precision int8/uint8 --spec ort-cpu-x86",
+    "onnxq-dyn": "onnxq quantize --precision int8/dyn-uint8 --spec ort-cpu-x86",
 }
 
 
@@ -122,7 +124,8 @@ def padded_calibration(model: Path, out: Path) -> Path:
 def command(variant: str, model: Path, out: Path, report: Path) -> list[str]:
     if variant.startswith("ort-"):
         return ["python", "benchmarks/bench_encoder.py", "--worker", variant, "--model", str(model), "--output", str(out)]
-    mode = ["--precision", "int8/uint8"] if variant == "onnxq-int8" else ["--max-drop", "0.01"]
+    precision = {"onnxq-int8": "int8/uint8", "onnxq-dyn": "int8/dyn-uint8"}.get(variant)
+    mode = ["--precision", precision] if precision else ["--max-drop", "0.01"]
     if variant == "onnxq-max-drop-padded":
         mode += ["--calib", str(out.parent / "calib_padded.npz")]
     return ["python", "-m", "onnxq", "quantize", str(model), "-o", str(out), "--spec", "ort-cpu-x86",

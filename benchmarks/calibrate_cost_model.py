@@ -1085,6 +1085,108 @@ def write_spec_cost(path: Path, cost: Mapping[str, object], info: Mapping[str, s
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+# -- encoder layers: candidates that run slower than fp32 at transformer shapes ----------------------
+ENCODER_SECTION = "## Encoder layers: measured vs estimated (per layer, with boundaries)"
+#: (title, rows per sample, K, N, batch); N = 0: activation x activation (12 heads, head size 32)
+ENCODER_LAYERS = (
+    ("12x384 by 384x384 (batch 1)", 12, 384, 384, 1),
+    ("12x384 by 384x1536 (batch 1)", 12, 384, 1536, 1),
+    ("12x1536 by 1536x384 (batch 1)", 12, 1536, 384, 1),
+    ("32x19x384 by 384x384 (batch 32)", 19, 384, 384, 32),
+    ("32x19x384 by 384x1536 (batch 32)", 19, 384, 1536, 32),
+    ("32x19x1536 by 1536x384 (batch 32)", 19, 1536, 384, 32),
+    ("attention 12 heads 12x32 by 32x12 (batch 1)", 12, 32, 0, 1),
+    ("attention 12 heads 19x32 by 32x19 (batch 32)", 19, 32, 0, 32),
+    ("1x2048 by 2048x2048 (one row)", 1, 2048, 2048, 1),
+)
+ENCODER_CANDIDATES = ("int8/fp32", "fp16/fp16", "int8/dyn-uint8", "int8/uint8", "int4b32/fp32", "int16/int16")
+
+
+def _encoder_layer(rows: int, k: int, n: int, rng: np.random.Generator) -> tuple[onnx.ModelProto, LayerCost]:
+    if n:
+        w = numpy_helper.from_array((rng.standard_normal((k, n)) * 0.05).astype(np.float32), "W")
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])]
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "layer", inputs,
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])], [w])
+        cost = LayerCost("mm", "MatMul", rows * k * n, k * n, rows * k, rows * n, weight_channels=n)
+    else:
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 12, "s", k]),
+                  helper.make_tensor_value_info("k", TensorProto.FLOAT, ["b", 12, k, "s"])]
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "k"], ["y"], name="mm")], "layer", inputs,
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 12, "s", "s"])])
+        cost = LayerCost("mm", "MatMul", 12 * rows * k * rows, 0, 2 * 12 * rows * k, 12 * rows * rows)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), cost
+
+
+def _layer_feeds(model: onnx.ModelProto, rows: int, batch: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    feeds = []
+    for _ in range(3):
+        feed = {}
+        for value in model.graph.input:
+            dims = [d.dim_value or (batch if d.dim_param == "b" else rows) for d in value.type.tensor_type.shape.dim]
+            feed[value.name] = rng.standard_normal(dims).astype(np.float32)
+        feeds.append(feed)
+    return feeds
+
+
+def encoder_layer_section(spec: HardwareSpec, previous: HardwareSpec, threads: int, budget: float = 3.0) -> str:
+    """Markdown: each encoder-shaped layer alone (onnxq's rewrite of it, boundary Q/DQ included),
+    interleaved with fp32 (median ratio of rounds), against the estimates of both specs."""
+    from onnxq.api import quantize
+    from onnxq.latency import time_interleaved
+
+    rng = np.random.default_rng(SEED)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    lines = [ENCODER_SECTION, "",
+             f"Measured {dt.date.today()} by `python benchmarks/calibrate_cost_model.py --encoder-layers` "
+             f"(intra-op threads {threads}, interleaved rounds, median ratio). Integer rows include the "
+             "layer's boundary Q/DQ, which the layer-only estimate leaves to the boundary terms, so "
+             "int8/uint8 is not scored.", "",
+             "| layer | candidate | measured x fp32 | previous spec | this spec |", "|---|---|---:|---:|---:|"]
+    errors: dict[str, list[float]] = {"previous": [], "new": []}
+    wrong = {"previous": 0, "new": 0}
+    for title, rows, k, n, batch in ENCODER_LAYERS:
+        model, cost = _encoder_layer(rows, k, n, rng)
+        feeds = _layer_feeds(model, rows, batch, rng)
+        candidates = ENCODER_CANDIDATES if n else ("uint8/uint8", "fp16/fp16")
+        sessions = {"fp32": ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])}
+        for word in candidates:
+            quantized = quantize(model, feeds, spec, plan={"mm": word}).model
+            sessions[word] = ort.InferenceSession(quantized.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        timing = time_interleaved(sessions, feeds[:1], "fp32", budget_seconds=budget, min_rounds=7)
+        for word in candidates:
+            measured = timing[word].ratio
+            estimates = {name: estimate([cost], {"mm": word}, s, batch=batch).latency_seconds
+                         / estimate([cost], {}, s, batch=batch).latency_seconds
+                         for name, s in (("previous", previous), ("new", spec))}
+            lines.append(f"| {title} | {word} | {measured:.2f} | {estimates['previous']:.2f} | {estimates['new']:.2f} |")
+            if word == "int8/uint8":
+                continue
+            for name, value in estimates.items():
+                errors[name].append(abs(math.log(value / measured)))
+                wrong[name] += int(abs(measured - 1) > 0.05 and (value > 1) != (measured > 1))
+    lines += ["", "Error (all rows but int8/uint8): mean |log(estimate / measured)| previous spec "
+              f"{np.mean(errors['previous']):.2f} (x{math.exp(np.mean(errors['previous'])):.2f}), this spec "
+              f"{np.mean(errors['new']):.2f} (x{math.exp(np.mean(errors['new'])):.2f}); layers estimated on the "
+              f"wrong side of fp32 (measured more than 5% away from it): previous {wrong['previous']}, this spec "
+              f"{wrong['new']}.", ""]
+    return "\n".join(lines)
+
+
+def write_encoder_section(report: Path, section: str) -> None:
+    """Replace (or append) the encoder section of the report."""
+    text = report.read_text(encoding="utf-8") if report.exists() else ""
+    start = text.find(ENCODER_SECTION)
+    if start >= 0:
+        end = text.find("\n## ", start + len(ENCODER_SECTION))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    report.write_text(text, encoding="utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1099,7 +1201,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 32])
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "COST_MODEL.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the spec and the report alone")
+    parser.add_argument("--encoder-layers", action="store_true",
+                        help="only measure encoder-shaped layers per candidate against the spec's estimates "
+                             "(and --previous-spec's) and write that section of the report")
+    parser.add_argument("--previous-spec", type=Path, help="the spec to compare with in --encoder-layers")
     args = parser.parse_args(argv)
+    if args.encoder_layers:
+        spec = load_spec(args.spec)
+        section = encoder_layer_section(spec, load_spec(args.previous_spec) if args.previous_spec else spec, args.threads)
+        print(section)
+        if not args.no_write:
+            write_encoder_section(args.report, section)
+        return 0
     logging.basicConfig(level=logging.WARNING)
     np.random.seed(SEED)
     timer = Timer(threads=args.threads, repeats=args.repeats, stat=args.stat)

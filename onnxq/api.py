@@ -192,7 +192,7 @@ def build_report(ctx: PassContext, spec: HardwareSpec, opts: QuantizeOptions, se
         "plan": plan_to_json(plan, spec.name),
         "layers": {"total": layers_total, "quantized": len(quantized), "by_candidate": plan_summary(quantized),
                    "fp32": layers_total - len(quantized)},
-        "metric": {k: measurement[k] for k in ("name", "fp32", "quantized", "drop", "max_drop") if k in measurement},
+        "metric": {k: measurement[k] for k in ("name", "fp32", "quantized", "drop", "max_drop", "interval95") if k in measurement},
         "sizes": {"fp32_bytes": measurement.get("size_fp32"), "quantized_bytes": measurement.get("size_quantized")},
         "latency": measurement.get("latency", {}),
         "calibration": {"method": opts.calibration, "samples": ctx.artifacts["feeds"].samples,

@@ -75,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--target-latency-ratio", type=float, metavar="R", help="budget: batch-1 latency relative to fp32 (planned with the cost model, checked by measurement)")
     mode.add_argument("--target-bits", type=float, metavar="B", help="budget: average weight bits")
     q.add_argument("--max-drop", type=float, default=0.01, help="accuracy-degradation range for the search (default 0.01)")
-    q.add_argument("--metric", default="auto", choices=["auto", "agreement", "cosine", "sqnr"],
-                   help="label-free fidelity to fp32 on held-back feeds (auto: top-1 agreement for logits, else cosine)")
+    q.add_argument("--metric", default="auto", choices=["auto", "soft-agreement", "agreement", "cosine", "sqnr"],
+                   help="label-free fidelity to fp32 on held-back feeds (auto: soft agreement, 1 - total variation of the class "
+                        "distributions, for classifier logits; cosine for embeddings and other outputs)")
     q.add_argument("--evaluator", help="MODULE:FUNCTION, f(onnx_path) -> float, higher is better")
     q.add_argument("--calibration", default="minmax", choices=["minmax", "percentile", "entropy", "mse", "lapq"],
                    help="how activation ranges are chosen from the calibration data (default minmax)")

@@ -15,11 +15,16 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from onnxq.graph import GraphView
+from onnxq.numerics import QParams, dequantize, qparams_from_range, quantize
 from onnxq.precision import Candidate, Precision, bits, is_integer
 from onnxq.spec.model import HardwareSpec
 
-__all__ = ["TensorQuant", "Layout", "plan_layout", "effective_candidate", "activation_symmetric"]
+__all__ = ["TensorQuant", "Layout", "plan_layout", "effective_candidate", "activation_symmetric",
+           "gathers_on_integers", "LOOKUP_TABLE_PRECISIONS",
+           "compressible_constants", "constant_int8_qparams"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,25 @@ SHARED_SCALE_DEFAULT = frozenset({
     "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice",
     "Split", "Gather", "Resize", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
 })
+
+
+#: Table precisions a Gather can look up directly (onnxruntime's CPU Gather has no 4-bit kernel).
+LOOKUP_TABLE_PRECISIONS = frozenset({Precision.INT8, Precision.UINT8})
+
+
+def gathers_on_integers(view: GraphView, name: str, candidate: Candidate) -> bool:
+    """Whether an embedding Gather with a weight-only table (``int8/fp32``) gathers the integer
+    codes and dequantizes only the rows it returns.
+
+    ``DequantizeLinear(table) -> Gather`` dequantizes the whole table on every call (a 30522x384
+    word embedding: 189x the fp32 Gather's time, measured on MiniLM-L6); ``Gather(codes) ->
+    DequantizeLinear`` reads as many rows as there are ids, as quantize_dynamic writes it. The
+    table then takes one per-tensor scale (row scales would have to be gathered too).
+    """
+    layer = view.layers.get(name)
+    return (layer is not None and layer.op_type == "Gather" and layer.weight is not None
+            and candidate.weights in LOOKUP_TABLE_PRECISIONS and not is_integer(candidate.activations)
+            and not candidate.block_size)
 
 
 def effective_candidate(layer_has_weight: bool, candidate: Candidate) -> Candidate:
@@ -84,6 +108,11 @@ class Layout:
     #: integer-only targets: compute nodes outside the plan (a bias Add, a LayerNorm) that run on
     #: integers too, with the precision of their activations
     integer_nodes: dict[str, Precision] = field(default_factory=dict)
+    #: weight-only Gather layers that look up integer codes, a DequantizeLinear after the Gather
+    integer_lookups: set[str] = field(default_factory=set)
+    #: float constants outside the plan stored as int8 + DequantizeLinear (size only; see
+    #: :func:`compressible_constants`)
+    compressed_constants: set[str] = field(default_factory=set)
 
     def calibration_targets(self) -> dict[str, Precision]:
         """Tensors whose ranges calibration must provide, with the finest bit width needed."""
@@ -213,8 +242,11 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
             seen.add(root)
             root = tensors[root].range_of
         quant.range_of = root
+    lookups = {name for name, candidate in effective.items() if gathers_on_integers(view, name, candidate)}
+    compressed = compressible_constants(view) if any(is_integer(c.weights) for c in effective.values()) else set()
     return Layout(plan=dict(effective), tensors=tensors, folded_relus=folded, float_layers=float_layers,
-                  fp16_layers=fp16_layers, integer_nodes=integer_nodes)
+                  fp16_layers=fp16_layers, integer_nodes=integer_nodes, integer_lookups=lookups,
+                  compressed_constants=compressed)
 
 
 def _share_concat_grids(view: GraphView, spec: HardwareSpec, shared_ops: AbstractSet[str],
@@ -260,3 +292,48 @@ def _integer_only_nodes(view: GraphView, spec: HardwareSpec, planned: AbstractSe
             symmetric = activation_symmetric(spec, node.op_type, precision)
             tensors[output] = TensorQuant(output, precision, symmetric, output, from_layer=True)
     return nodes
+
+
+#: Elementwise ops whose large constant operands (attention biases, scales) may be stored as int8
+#: when the plan stores weights in integers. Add and Sub are not among them: a table added to the
+#: activations (position or token-type embeddings, biases) carries its rounding error straight
+#: into the residual stream (digits_transformer, int8/dyn-uint8: cosine to fp32 0.997 with its
+#: position table in int8, 0.9998 with it float).
+_COMPRESSIBLE_CONSUMERS = frozenset({"Mul", "Div", "Where", "Concat"})
+_MIN_COMPRESSED_ELEMENTS = 1024
+#: relative RMS round-trip error below which int8 storage is taken as lossless for the task
+_MAX_RELATIVE_RMS_ERROR = 0.002
+
+
+def constant_int8_qparams(value: np.ndarray) -> QParams:
+    """Per-tensor symmetric narrow int8 grid of a float constant."""
+    return qparams_from_range(np.asarray(value.min()), np.asarray(value.max()), Precision.INT8, True, narrow=True)
+
+
+def compressible_constants(view: GraphView) -> set[str]:
+    """Large float constants outside the plan that are stored as int8 + DequantizeLinear.
+
+    They are not layers (no integer kernel reads them) and only count toward the model's size, so
+    one is compressed only where that costs nothing measurable: every consumer is a
+    multiplicative elementwise op (:data:`_COMPRESSIBLE_CONSUMERS`), the values are finite, and
+    per-tensor int8 keeps the relative RMS error under 0.2%.
+    """
+    chosen: set[str] = set()
+    for tensor, (location, _entry) in sorted(view.constants.items()):
+        if location.value != "initializer" or tensor in view.graph_outputs:
+            continue
+        consumers = view.consumers.get(tensor, [])
+        if not consumers or any(c not in view.nodes or view.nodes[c].op_type not in _COMPRESSIBLE_CONSUMERS
+                                for c in consumers):
+            continue
+        value = view.weight_value(tensor)
+        if value is None or value.dtype != np.float32 or value.size < _MIN_COMPRESSED_ELEMENTS:
+            continue
+        if not np.isfinite(value).all():
+            continue  # an attention mask's -inf has no place on an integer grid
+        q = constant_int8_qparams(value)
+        rms = float(np.sqrt(np.mean(np.square(value.astype(np.float64)))))
+        error = float(np.sqrt(np.mean(np.square(dequantize(quantize(value, q), q).astype(np.float64) - value))))
+        if error <= _MAX_RELATIVE_RMS_ERROR * rms and rms > 0:  # written so that NaN refuses
+            chosen.add(tensor)
+    return chosen

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
 import onnx
 import onnx.numpy_helper
+import onnx.shape_inference
 from onnx import helper
 
 from onnxq.errors import PassError
 from onnxq.graph import GraphView, constant_value
-from onnxq.layout import Layout, TensorQuant, activation_symmetric
-from onnxq.numerics import QParams, bias_safe_weight_scale, dequantize, qparams_from_range, quantize
+from onnxq.layout import Layout, TensorQuant, activation_symmetric, constant_int8_qparams
+from onnxq.numerics import QParams, bias_safe_weight_scale, qparams_from_range, quantize
 from onnxq.precision import Candidate, Precision, is_integer, numpy_dtype, onnx_dtype
 from onnxq.qdq_patterns import (
     dynamic_weight_layout,
@@ -246,8 +248,8 @@ def apply_layout(
         producer_name = view.producer.get(tensor, "")
         table = _integer_lookup_table(view, layout, producer_name, quant.precision)
         if table is not None:
-            # DQ(table) -> Gather -> Q runs on integers when both share one grid: the table's,
-            # which covers every row the lookup can return
+            # the table and the Gather's output share one grid, the table's (it covers every row
+            # the lookup can return): the Gather reads the codes and its output is quantized as is
             q = qparams_from_range(np.asarray(table.min()), np.asarray(table.max()), quant.precision, quant.symmetric)
             table_grids[producer_name] = q
         scale, zp = _qparam_initializers(b, tensor, q)
@@ -256,7 +258,10 @@ def apply_layout(
             # a weight-only layer (int8 table Gather, int4 weight-only MatMul) computes in float:
             # its output is quantized for its consumers, not by it
             source = b.node("Identity", [source], f"{tensor}_boundary_out", f"{tensor}_BoundaryOut")
-        quantized_name = b.node("QuantizeLinear", [source, scale, zp], f"{tensor}_quantized", f"{tensor}_QuantizeLinear")
+        if table is not None:
+            quantized_name = _gather_codes(b, nodes[producer_name], table, q, tensor)
+        else:
+            quantized_name = b.node("QuantizeLinear", [source, scale, zp], f"{tensor}_quantized", f"{tensor}_QuantizeLinear")
         if is_output:
             b.new_nodes.append(helper.make_node("DequantizeLinear", [quantized_name, scale, zp], [tensor],
                                                 name=b.unique(f"{tensor}_DequantizeLinear")))
@@ -328,18 +333,27 @@ def apply_layout(
         if pattern_bytes is not None:
             weight_bytes += pattern_bytes
             continue
-        wq = table_grids.get(layer_name) or weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges,
-                                                           per_channel_ok=per_channel_ok)
+        if layer_name in table_grids:
+            weight_bytes += w.size  # the Gather reads the table's codes (step 2)
+            continue
+        wq = weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges, per_channel_ok=per_channel_ok)
         x_q = input_qparams.get((layer_name, layer.activations[0])) if layer.activations else None
         if _int32_bias(layer.bias, x_q, node, candidate):
             bias = view.weight_value(layer.bias or "")
             if bias is not None and bias.ndim == 1 and np.isfinite(bias).all() and x_q is not None:
                 wq = replace(wq, scale=bias_safe_weight_scale(wq.scale, x_q.scale, bias))
+        lookup = layer_name in layout.integer_lookups
+        if lookup and wq.axis is not None:
+            wq = weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges, per_channel_ok=False)
         axis = wq.axis
         codes = quantize(w, wq).astype(numpy_dtype(candidate.weights))
         base = layer.weight.tensor
         q_name = b.initializer(f"{base}_quantized", codes, onnx_dtype(candidate.weights))
         scale, zp = _qparam_initializers(b, base, wq)
+        if lookup:
+            _dequantize_after_gather(b, node, q_name, scale, zp)
+            weight_bytes += codes.size * codes.itemsize
+            continue
         attrs = {"axis": axis} if axis is not None else {}
         dq = b.node("DequantizeLinear", [q_name, scale, zp], f"{base}_dequantized", f"{base}_DequantizeLinear", **attrs)
         node.input[list(node.input).index(layer.weight.tensor)] = dq
@@ -370,55 +384,29 @@ def apply_layout(
 
     for name, precision in sorted(layout.integer_nodes.items()):
         _quantize_constant_operands(b, view, nodes[name], precision, activation_symmetric(spec, nodes[name].op_type, precision))
-    if any(is_integer(c.weights) for c in layout.plan.values()):
-        weight_bytes += _compress_constant_operands(b, view, nodes)
+    weight_bytes += _compress_constant_operands(b, view, nodes, layout.compressed_constants)
     graph.node.extend(b.new_nodes)
     _drop_unused_initializers(graph, initializers)
     toposort_nodes(graph)
-    del graph.value_info[:]
+    _infer_value_info(model)
     return RewriteResult(model=model, quantized_layers=summary, weight_bytes=weight_bytes)
 
 
-#: Elementwise ops whose large constant operands (attention biases, position tables, scales) are
-#: stored as int8 when the plan stores weights in integers.
-_COMPRESSIBLE_CONSUMERS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Concat"})
-_MIN_COMPRESSED_ELEMENTS = 1024
-_MAX_RELATIVE_RMS_ERROR = 0.02
-
-
-def _compress_constant_operands(b: _Builder, view: GraphView, nodes: Mapping[str, onnx.NodeProto]) -> int:
-    """Store large float constants that feed only elementwise ops as int8 + DequantizeLinear.
-
-    They are not layers (no integer kernel reads them), but they count toward the model's size: a
-    transformer's attention biases and position tables can be a third of it. A constant is
-    compressed only when per-tensor symmetric int8 keeps its relative RMS error under 2% (the
-    error onnxruntime's quantize_static accepts for such operands, which it quantizes as 8-bit
-    activations); the measured fidelity in the report covers the effect.
-    """
+def _compress_constant_operands(b: _Builder, view: GraphView, nodes: Mapping[str, onnx.NodeProto],
+                                tensors: AbstractSet[str]) -> int:
+    """Store the constants the layout chose (:func:`onnxq.layout.compressible_constants`) as
+    int8 + DequantizeLinear; the bytes saved."""
     saved = 0
-    for tensor, (location, _entry) in sorted(view.constants.items()):
-        if location.value != "initializer" or tensor in view.graph_outputs:
-            continue
-        consumers = view.consumers.get(tensor, [])
-        if not consumers or any(nodes[c].op_type not in _COMPRESSIBLE_CONSUMERS for c in consumers if c in nodes):
-            continue
-        if any(c not in nodes for c in consumers):
-            continue
+    for tensor in sorted(tensors):
         value = view.weight_value(tensor)
-        if value is None or value.dtype != np.float32 or value.size < _MIN_COMPRESSED_ELEMENTS:
+        if value is None:
             continue
-        if not np.isfinite(value).all():
-            continue  # an attention mask's -inf has no place on an integer grid
-        q = qparams_from_range(np.asarray(value.min()), np.asarray(value.max()), Precision.INT8, True, narrow=True)
+        q = constant_int8_qparams(value)
         codes = quantize(value, q)
-        rms = float(np.sqrt(np.mean(np.square(value.astype(np.float64)))))
-        error = float(np.sqrt(np.mean(np.square(dequantize(codes, q).astype(np.float64) - value))))
-        if not error <= _MAX_RELATIVE_RMS_ERROR * rms or rms == 0:  # written so that NaN refuses
-            continue
         q_name = b.initializer(f"{tensor}_quantized", codes.astype(np.int8))
         scale, zp = _qparam_initializers(b, tensor, q)
         dq = b.node("DequantizeLinear", [q_name, scale, zp], f"{tensor}_dequantized", f"{tensor}_DequantizeLinear")
-        for consumer in consumers:
+        for consumer in view.consumers.get(tensor, []):
             node = nodes[consumer]
             for i, name in enumerate(node.input):
                 if name == tensor:
@@ -437,6 +425,47 @@ def _integer_lookup_table(view: GraphView, layout: Layout, layer_name: str, prec
         return None
     table = view.weight_value(layer.weight.tensor)
     return None if table is None or table.dtype.kind != "f" or not np.isfinite(table).all() else table.astype(np.float32)
+
+
+def _infer_value_info(model: onnx.ModelProto) -> None:
+    """Replace the graph's value_info with freshly inferred shapes.
+
+    onnxruntime fuses Add + LayerNormalization into SkipLayerNormalization only where it knows
+    both Add inputs are 3-D of one shape; dimensions it cannot name on its own differ for it,
+    while onnx's inference names them (``unk__N``) consistently (MiniLM-L6: 6 of 12 LayerNorms
+    fused with inferred value_info, none without, as after quantize_dynamic, which writes them
+    too). Not with ``data_prop``: that fuses all 12 and measured 5% slower at batch 32. Models
+    onnx cannot infer (over 2 GB, unknown domains) keep no value_info.
+    """
+    del model.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as error:
+        logger.debug("no shape inference on the rewritten model: %s", error)
+        return
+    model.graph.value_info.extend(inferred.graph.value_info)
+
+
+def _gather_codes(b: _Builder, node: onnx.NodeProto, table: np.ndarray, q: QParams, tensor: str) -> str:
+    """Make Gather ``node`` look up the codes of ``table`` on grid ``q``; its output, named after
+    ``tensor``, is then the quantized tensor itself (no QuantizeLinear after the Gather, no
+    DequantizeLinear over the whole table before it, which onnxruntime does not drop)."""
+    weight = node.input[0]
+    codes = quantize(table, q).astype(numpy_dtype(q.precision))
+    node.input[0] = b.initializer(f"{weight}_quantized", codes, onnx_dtype(q.precision))
+    quantized_name = b.unique(f"{tensor}_quantized")
+    node.output[0] = quantized_name
+    return quantized_name
+
+
+def _dequantize_after_gather(b: _Builder, node: onnx.NodeProto, codes: str, scale: str, zero_point: str) -> None:
+    """``Gather(codes, ids) -> DequantizeLinear``: only the gathered rows are dequantized."""
+    node.input[0] = codes
+    output = node.output[0]
+    gathered = b.unique(f"{output}_quantized")
+    node.output[0] = gathered
+    b.new_nodes.append(helper.make_node("DequantizeLinear", [gathered, scale, zero_point], [output],
+                                        name=b.unique(f"{node.name or output}_DequantizeLinear")))
 
 
 def _int32_bias(bias: str | None, x_q: QParams | None, node: onnx.NodeProto, candidate: Candidate) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 
 from onnxq.data import batch_axes, first_sample
 from onnxq.latency import deploy_feeds, time_interleaved
-from onnxq.metrics import fidelity, nonfinite_feeds, resolve_metric
+from onnxq.metrics import fidelity, fidelity_interval, nonfinite_feeds, resolve_metric
 from onnxq.model import byte_size
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.runtime import make_session, run_all
@@ -84,6 +84,7 @@ class MeasurePass(Pass):
             "quantized": value,
             "drop": 1.0 - value,
             "max_drop": ctx.options.max_drop,
+            "interval95": fidelity_interval(metric, reference, outputs, seed=ctx.options.seed),
             "feeds": len(feeds),
             "nonfinite_feeds": nonfinite_feeds(reference, outputs),
             "size_fp32": byte_size(fp32_model),

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 from onnxq.passes.evaluate import PlanEvaluator
+from onnxq.passes.plan import all_layers, closest_candidate
 from tqdm import tqdm
 
 from onnxq.cost import boundary_edges, estimate, layer_costs, weight_bytes
@@ -56,12 +57,17 @@ SENSITIVITY_SAMPLES = 32
 FRONT_POINTS = 8
 #: Use the sensitivity pair cross terms in the predicted loss (benchmarks turn it off to compare).
 USE_PAIRS = True
+#: Rounds of building a size-budget plan's model and shrinking the layers' share by its excess.
+SIZE_BUDGET_ROUNDS = 4
 #: Plans measured beyond the bisection, spread between its answer and fp32 (latency may order
 #: them differently from the cost model).
 EXTRA_MEASURED_PLANS = 2
 #: Deploy-shape feeds timed per latency measurement, and the time budget of one measurement.
 LATENCY_FEEDS = 4
 LATENCY_BUDGET_SECONDS = 1.5
+#: Uniform plans measured beside the front (the one-precision models users would otherwise make
+#: with onnxruntime's quantize_static / quantize_dynamic): a mixed plan must beat them to win.
+ANCHOR_CANDIDATES = ("int8/dyn-uint8", "int8/uint8")
 #: The predicted-cost axis the front is built on, per objective.
 OBJECTIVE_AXIS = {Objective.LATENCY: "latency", Objective.SIZE: "size", Objective.BALANCED: "balanced"}
 
@@ -328,19 +334,24 @@ class SearchPass(Pass):
         else:
             budget, unit = options.target_latency_ratio * fp32["latency_seconds"], "estimated latency"
             describe = lambda v: f"{v / fp32['latency_seconds']:.3f}× fp32"  # noqa: E731
-        solution = solve(problem, max_cost=budget - fixed, minimize="loss")
-        solver_seconds = solution.seconds
+        evaluator = PlanEvaluator(ctx)
+        layer_budget = budget - fixed
+        if axis == "size":  # the file also holds what is not a layer weight: graph, biases, other constants
+            layer_budget -= max(0.0, byte_size(ctx.artifacts["fp32_model"]) - costs.fp32_size)
+        solution, solver_seconds, model = self._solve_within(problem, layer_budget, budget, axis, evaluator)
         target_met = solution.plan is not None
         shortfall = None
         if solution.plan is None:
             cheapest = solve(problem, minimize="cost")
             solver_seconds += cheapest.seconds
             solution = cheapest
-            shortfall = (f"no plan the spec allows meets the {unit} target of {describe(budget)}: the cheapest plan reaches "
-                         f"{describe(cheapest.cost + fixed)}, {describe(cheapest.cost + fixed - budget)} over it")
+            model = evaluator.build(dict(cheapest.plan or {}))
+            reached = byte_size(model) if axis == "size" else cheapest.cost + fixed
+            what = "the smallest written model is" if axis == "size" else "the cheapest plan reaches"
+            shortfall = (f"no plan the spec allows meets the {unit} target of {describe(budget)}: {what} "
+                         f"{describe(reached)}, {describe(reached - budget)} over it")
         plan = dict(solution.plan or {})
-        evaluator = PlanEvaluator(ctx)
-        measured = evaluator.measure(plan)
+        measured = evaluator.measure_model(model if model is not None else evaluator.build(plan))
         estimate = costs.estimate(plan)
         front_entry = self._entry(plan, solution.loss, costs, measured.drop)
         ctx.artifacts["plan"] = plan
@@ -359,6 +370,30 @@ class SearchPass(Pass):
             logger.warning("target not met: %s", shortfall)
         ctx.artifacts["search"] = search
 
+    @staticmethod
+    def _solve_within(problem: Problem, layer_budget: float, budget: float, axis: str,
+                      evaluator: PlanEvaluator) -> tuple[Solution, float, Any]:
+        """The least-loss plan under ``layer_budget``; for a size budget the plan's model is built
+        and, while the written bytes exceed ``budget``, the layers' share shrinks by the excess
+        (Q/DQ parameters and compressed constants are not in the per-layer costs)."""
+        solution = solve(problem, max_cost=layer_budget, minimize="loss")
+        seconds = solution.seconds
+        if axis != "size":
+            return solution, seconds, None
+        for attempt in range(1, SIZE_BUDGET_ROUNDS + 1):
+            if solution.plan is None:
+                return solution, seconds, None
+            model = evaluator.build(solution.plan)
+            excess = byte_size(model) - budget
+            if excess <= 0:
+                return solution, seconds, model
+            logger.info("the planned model is %d bytes over the size target: shrinking the layers' share", excess)
+            layer_budget -= excess * (1.0 + 0.25 * attempt)
+            solution = solve(problem, max_cost=layer_budget, minimize="loss")
+            seconds += solution.seconds
+        failed = Solution(None, math.inf, math.inf, solution.seconds, "infeasible: over the size target once written")
+        return failed, seconds, None
+
     # -- accuracy range ---------------------------------------------------------------------
 
     def _max_drop(self, ctx: PassContext, problem: Problem, costs: _Costs, fixed: float) -> None:
@@ -372,6 +407,7 @@ class SearchPass(Pass):
         meter = _PlanMeter(ctx, evaluator)
         passing = self._bisect(front, meter, options.max_drop, options.progress, spec.integer_only)
         self._measure_extra(front, meter, passing)
+        self._measure_anchors(ctx, front, meter)
         choice = choose(list(meter.results.values()), options.max_drop, objective)
         target_met = choice is not None
         if choice is None:
@@ -389,7 +425,8 @@ class SearchPass(Pass):
         search: dict[str, Any] = {
             "mode": "max-drop", "max_drop": options.max_drop, "objective": objective.value,
             "evaluations": evaluator.evaluations, "plans_considered": len(front), "chosen_index": chosen,
-            "predicted_loss": loss, "measured_drop": drop, "metric": evaluator.metric_name or options.metric,
+            "predicted_loss": loss if math.isfinite(loss) else None, "measured_drop": drop,
+            "metric": evaluator.metric_name or options.metric,
             "latency_measured": meter.timed, "deploy_batch": meter.batch,
             "solver_seconds": round(solver_seconds, 4),
             "sensitivity_evaluations": ctx.artifacts["sensitivity"].get("evaluations"),
@@ -427,6 +464,26 @@ class SearchPass(Pass):
         return passing
 
     @staticmethod
+    def _measure_anchors(ctx: PassContext, front: list[tuple[dict[str, Candidate], float, float]],
+                         meter: _PlanMeter) -> None:
+        """Append the uniform plans of :data:`ANCHOR_CANDIDATES` the spec runs to the front and
+        measure them: the cost model may not see that one precision everywhere is the fastest."""
+        spec: HardwareSpec = ctx.artifacts["spec"]
+        keep_float = ctx.artifacts.get("keep_float", frozenset())
+        layers = all_layers(ctx)
+        known = {tuple(sorted((k, str(v)) for k, v in p.items() if v != FP32)) for p, _, _ in front}
+        for word in ANCHOR_CANDIDATES:
+            candidate = Candidate.parse(word)
+            plan = {name: chosen for name, layer in layers.items() if name not in keep_float
+                    and (chosen := closest_candidate(layer, candidate, spec)) is not None}
+            key = tuple(sorted((k, str(v)) for k, v in plan.items()))
+            if not plan or key in known:
+                continue
+            known.add(key)
+            front.append((plan, math.nan, math.nan))
+            meter.measure(len(front) - 1, plan)
+
+    @staticmethod
     def _measure_extra(front: Sequence[tuple[dict[str, Candidate], float, float]], meter: _PlanMeter,
                        passing: int | None) -> None:
         """Measure a few more plans between the bisection's answer and the end of the front:
@@ -446,7 +503,8 @@ class SearchPass(Pass):
                measured: MeasuredPlan | float | None) -> dict[str, Any]:
         estimate = costs.estimate(plan)
         balanced = estimate["latency_seconds"] / costs.fp32_latency + estimate["size_bytes"] / max(1.0, costs.estimate({})["size_bytes"])
-        entry: dict[str, Any] = {"cost": round(balanced, 6), **estimate, "predicted_loss": loss,
+        predicted = loss if math.isfinite(loss) else None  # uniform anchors are measured, not predicted
+        entry: dict[str, Any] = {"cost": round(balanced, 6), **estimate, "predicted_loss": predicted,
                                  "plan": plan_summary({k: v for k, v in plan.items() if v != FP32})}
         if isinstance(measured, MeasuredPlan):
             entry["measured_drop"] = measured.drop
