@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude", action="append", default=[], metavar="LAYER",
                    help="keep layers in fp32: a layer name, re:PATTERN (whole name) or op:TYPE; repeatable")
     q.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk analysis cache")
+    q.add_argument("--memory-budget", type=float, metavar="MB",
+                   help="bound on the activations the sensitivity analysis caches (default: 1/4 of available memory)")
     _common(q)
 
     s = sub.add_parser("sensitivity", help="per-layer sensitivity analysis")
@@ -102,11 +104,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", required=True, help="built-in spec name or spec JSON path (its candidates are measured)")
     s.add_argument("--calib", help="calibration .npz or folder (default: <model stem>.calib.npz beside the model)")
     s.add_argument("-o", "--output", required=True, help="sensitivity JSON to write")
-    s.add_argument("--method", default="central", choices=["central", "hutchinson"],
-                   help="per-layer loss estimate: central finite differences or a Hutchinson trace (default central)")
+    s.add_argument("--method", default="onesided", choices=["onesided", "central", "hutchinson"],
+                   help="per-layer weight term: one-sided difference along the quantization noise (default), "
+                        "central differences, or a Hutchinson trace")
     s.add_argument("--radius", type=int, default=1, help="graph distance up to which layer pairs get cross terms (default 1)")
     s.add_argument("--random-plans", type=int, default=20, help="random mixed plans measured to check the prediction (default 20)")
     _parallel(s)
+    s.add_argument("--memory-budget", type=float, metavar="MB",
+                   help="bound on the activations cached between evaluations (default: 1/4 of available memory)")
     _common(s)
 
     v = sub.add_parser("validate", help="check a QDQ model against a hardware spec")
@@ -245,6 +250,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"--deploy-batch {args.deploy_batch} is not a batch size", "give 1 or more")
     if args.max_drop < 0 or args.max_drop >= 1:
         raise UsageError(f"--max-drop {args.max_drop} is outside [0, 1)", "give an absolute drop such as 0.01")
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        raise UsageError(f"--memory-budget {args.memory_budget} must be positive", "e.g. --memory-budget 512 (MB)")
     options = QuantizeOptions(
         precision=args.precision, plan_path=args.plan, max_drop=args.max_drop, target_size_mb=args.target_size,
         target_latency_ratio=args.target_latency_ratio, target_bits=args.target_bits, metric=args.metric,
@@ -252,6 +259,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         executor=args.executor, progress=not args.quiet and sys.stderr.isatty(), batch_size=args.batch_size,
         cache_dir="" if args.no_cache else None, exclude=tuple(args.exclude),
         objective=args.objective, deploy_batch=args.deploy_batch,
+        memory_budget_mb=args.memory_budget,
     )
     calib = resolve_calibration_path(args.model, args.calib)
     result = quantize(args.model, calib, args.spec, options=options)

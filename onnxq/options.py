@@ -93,6 +93,9 @@ class QuantizeOptions:
     progress: bool = field(default_factory=lambda: sys.stderr.isatty())
     cache_dir: str | None = None
     batch_size: int = 16
+    #: bound (MB) on the activations the sensitivity analysis caches; ``None``: a quarter of the
+    #: available memory
+    memory_budget_mb: float | None = None
     #: what the accuracy-range search optimises among plans inside the range (``--objective``)
     objective: str = "latency"
     #: batch size latency is measured at, as the user deploys (``--deploy-batch``)

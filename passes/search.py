@@ -30,6 +30,8 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
+import onnx.shape_inference
 from onnxq.passes.evaluate import PlanEvaluator
 from onnxq.passes.plan import all_layers, closest_candidate
 from tqdm import tqdm
@@ -57,6 +59,8 @@ SENSITIVITY_SAMPLES = 32
 FRONT_POINTS = 8
 #: Use the sensitivity pair cross terms in the predicted loss (benchmarks turn it off to compare).
 USE_PAIRS = True
+#: Above this the deploy-shape inference for the cost model is skipped (protobuf's 2 GB limit).
+MAX_SHAPE_INFERENCE_BYTES = 1 << 30
 #: Rounds of building a size-budget plan's model and shrinking the layers' share by its excess.
 SIZE_BUDGET_ROUNDS = 4
 #: Plans measured beyond the bisection, spread between its answer and fp32 (latency may order
@@ -284,6 +288,35 @@ def predicted_front(problem: Problem) -> tuple[list[tuple[dict[str, Candidate], 
     return front, seconds
 
 
+def _deploy_shaped(view: GraphView, ctx: PassContext) -> GraphView:
+    """``view`` with every tensor shape inferred at the deploy shape (batch ``--deploy-batch``,
+    sequence lengths of the first held-back feed), so the cost model counts the real MACs of
+    layers whose shapes are symbolic (a transformer's sequence axis); ``view`` itself when the
+    shapes cannot be inferred."""
+    feeds = deploy_feeds(list(ctx.artifacts["feeds"].held_back)[:1], int(getattr(ctx.options, "deploy_batch", 1) or 1))
+    if not feeds or ctx.model.ByteSize() > MAX_SHAPE_INFERENCE_BYTES:
+        return view
+    model = onnx.ModelProto()
+    model.CopyFrom(ctx.model)
+    for value in model.graph.input:
+        array = feeds[0].get(value.name)
+        if array is None or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != array.ndim:
+            continue
+        for dim, size in zip(dims, array.shape, strict=True):
+            dim.Clear()
+            dim.dim_value = int(size)
+    del model.graph.value_info[:]
+    try:
+        shaped = onnx.shape_inference.infer_shapes(model)
+    except Exception as error:  # noqa: BLE001 - the symbolic shapes still give a cost estimate
+        logger.info("cost model keeps the symbolic shapes: %s", error)
+        return view
+    return GraphView(shaped, view.layer_ops)
+
+
 class SearchPass(Pass):
     """Choose a mixed-precision plan for the options' target (budget or accuracy range)."""
 
@@ -296,7 +329,7 @@ class SearchPass(Pass):
         options = ctx.options
         spec: HardwareSpec = ctx.artifacts["spec"]
         views: list[GraphView] = [ctx.analysis("graph_view"), *(sv.view for sv in ctx.analysis("scope_views"))]
-        costs = _Costs(views, spec)
+        costs = _Costs([_deploy_shaped(views[0], ctx), *views[1:]], spec)
         mode = options.mode
         objective = Objective(getattr(options, "objective", Objective.LATENCY.value))
         axis = OBJECTIVE_AXIS[objective] if mode == "max-drop" else "latency"
@@ -309,7 +342,8 @@ class SearchPass(Pass):
         candidates = {name: list(space.quantized(name)) for name in space.layers if space.quantized(name)}
         sens = analyze(ctx.model, _sensitivity_feeds(ctx.artifacts["feeds"].calibration), spec, candidates, pairs=True,
                        workers=options.workers, executor=options.executor, cache_dir=options.cache_path(),
-                       progress=options.progress, seed=options.seed, calibration=options.calibration)
+                       progress=options.progress, seed=options.seed, calibration=options.calibration,
+                       memory_budget_mb=options.memory_budget_mb)
         ctx.add_time("search:sensitivity", time.perf_counter() - started)
         ctx.artifacts["sensitivity"] = sens
         problem = build_problem(space, sens, costs, axis)
@@ -347,9 +381,12 @@ class SearchPass(Pass):
             solution = cheapest
             model = evaluator.build(dict(cheapest.plan or {}))
             reached = byte_size(model) if axis == "size" else cheapest.cost + fixed
+            if axis == "size" and reached <= budget:  # the smallest plan fits once written
+                target_met, shortfall = True, None
             what = "the smallest written model is" if axis == "size" else "the cheapest plan reaches"
-            shortfall = (f"no plan the spec allows meets the {unit} target of {describe(budget)}: {what} "
-                         f"{describe(reached)}, {describe(reached - budget)} over it")
+            if not target_met:
+                shortfall = (f"no plan the spec allows meets the {unit} target of {describe(budget)}: {what} "
+                             f"{describe(reached)}, {describe(reached - budget)} over it")
         plan = dict(solution.plan or {})
         measured = evaluator.measure_model(model if model is not None else evaluator.build(plan))
         estimate = costs.estimate(plan)
@@ -364,6 +401,7 @@ class SearchPass(Pass):
             "predicted_loss": solution.loss, "measured_drop": measured.drop, "metric": evaluator.metric_name,
             "solver_seconds": round(solver_seconds, 4), "solver_status": solution.status,
             "sensitivity_evaluations": ctx.artifacts["sensitivity"].get("evaluations"),
+            "sensitivity_memory": ctx.artifacts["sensitivity"].get("memory"),
         }
         if shortfall:
             search["shortfall"] = shortfall
@@ -430,6 +468,7 @@ class SearchPass(Pass):
             "latency_measured": meter.timed, "deploy_batch": meter.batch,
             "solver_seconds": round(solver_seconds, 4),
             "sensitivity_evaluations": ctx.artifacts["sensitivity"].get("evaluations"),
+            "sensitivity_memory": ctx.artifacts["sensitivity"].get("memory"),
         }
         if choice.notice:
             search["notice"] = choice.notice

@@ -87,7 +87,8 @@ def test_budget_modes_respect_the_budget(cache_dir: str, target: dict[str, float
         return
     if "target_latency_ratio" in target:
         # the budget holds for the measured latency of the written model, not for the cost model's estimate
-        assert chosen["latency_seconds"] <= target["target_latency_ratio"] * fp32["latency_seconds"] * (1 + 1e-6)
+        if "shortfall" not in result.report["search"]:  # the solver found a plan predicted inside it
+            assert chosen["latency_seconds"] <= target["target_latency_ratio"] * fp32["latency_seconds"] * (1 + 1e-6)
         measured = result.report["latency"]["ratio"]
         assert result.target_met == (measured <= target["target_latency_ratio"]), result.report.get("shortfall")
         return

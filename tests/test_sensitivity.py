@@ -136,17 +136,16 @@ def test_cross_terms_cover_every_candidate_combination(cnn_run) -> None:  # type
 def test_cut_sessions_match_the_fake_quant_session(cnn, spec) -> None:  # type: ignore[no-untyped-def]
     import importlib
 
-    module = importlib.import_module("onnxq.sensitivity.analyze")
+    module = importlib.import_module("onnxq.sensitivity.engine")
     feeds = _feeds(CNN, 16, 16)
     only = ["/blocks/blocks.0/dw/dw.0/Conv", "/blocks/blocks.0/pw/pw.0/Conv", "/blocks/blocks.0/Add"]
     kwargs = dict(candidates={n: [W4, A8] if "Add" not in n else [A8] for n in only}, seed=1)
     fast = analyze(cnn, feeds, spec, **kwargs)
-    old = module.CUT_CACHE_BYTES
-    module.CUT_CACHE_BYTES = 0  # no cut sessions: everything through the one fake-quant session
+    module.USE_CUT_SESSIONS = False  # everything through the one fake-quant session
     try:
         slow = analyze(cnn, feeds, spec, **kwargs)
     finally:
-        module.CUT_CACHE_BYTES = old
+        module.USE_CUT_SESSIONS = True
     for a, b in zip(fast["layers"], slow["layers"], strict=True):
         for c, entry in a["candidates"].items():
             assert entry["delta"] == pytest.approx(b["candidates"][c]["delta"], rel=0.05, abs=1e-8)

@@ -14,6 +14,13 @@ Conventions (also written into the JSON under ``"conventions"``):
 * ``delta`` of layer ``i`` at candidate ``c`` = weight term + activation term, the predicted
   increase of ``L`` when only that layer takes ``c``:
 
+  - weight term, ``onesided`` (the default): ``L(W+ΔW) − L(W)`` with ``ΔW = Q(W) − W`` (below).
+    The loss is measured against the fp32 outputs, so ``L`` has its minimum at the fp32 weights
+    ``W``: ``L(W) = 0`` and ``∇L(W) = 0``. Taylor's expansion there gives ``L(W+ΔW) − L(W) = ½
+    ΔWᵀHΔW + O(‖ΔW‖³)``: the one-sided difference is already the second-order term, without the
+    first-order error a one-sided difference has elsewhere, and it is exactly the loss that
+    quantizing the layer causes. The ``W−ΔW`` run of ``central`` only cancels the third-order
+    term, at the price of a third of the single-layer runs.
   - weight term, ``central``: ``½ (L(W+ΔW) + L(W−ΔW) − 2 L(W)) ≈ ½ ΔWᵀHΔW`` with
     ``ΔW = Q(W) − W`` at the candidate's weight precision (the spec's weight rule: symmetric,
     narrow range, per-channel along :func:`onnxq.rewrite.weight_axis` when preferred, MSE
@@ -49,14 +56,14 @@ Conventions (also written into the JSON under ``"conventions"``):
   up to 256 when the batch dimension is dynamic — only feeds of the same shape are batched
   together (one feed per sentence, each of its own length, gives one batch per length).
 
-How evaluations run (:mod:`onnxq.sensitivity.engine`): one fp32 run caches, per feed, every
-tensor where a layer's suffix of the graph is cut off; a single-layer evaluation then runs only
-the nodes downstream of that layer, with the layer's weight as the session's one weight input
-and its input activations fake-quantized in numpy (no fake-quant nodes in the graph); a pair
-chains its two layers' cut sessions. Validation plans run in a model built for the plan. When
-the cut tensors would not fit :data:`CUT_CACHE_BYTES`, or the model has control flow, every
-evaluation goes through one :class:`~onnxq.simulate.FakeQuantModel` session instead. Jobs that
-touch a layer inside a subgraph run in a model baked for the job (:mod:`onnxq.sensitivity.scoped`).
+How evaluations run (:mod:`onnxq.sensitivity.engine`): one fp32 run per chunk of feeds caches
+every tensor where a layer's suffix of the graph is cut off (chunks sized to the memory budget);
+a single-layer evaluation then runs only the nodes downstream of that layer, with its input
+activations fake-quantized in numpy (no fake-quant nodes in the graph); a pair chains its two
+layers' cut sessions. All sessions share one copy of the weights. Validation plans run in a
+model built for the plan. When the model has control flow, evaluations go through one
+:class:`~onnxq.simulate.FakeQuantModel` session instead (logged as a warning). Jobs that touch a layer inside a subgraph run in a model baked for the job
+(:mod:`onnxq.sensitivity.scoped`).
 * When one activation tensor feeds layers at different precisions (a plan, a pair), the
   simulation quantizes it once at the lowest bit width among them.
 """
@@ -96,6 +103,8 @@ from onnxq.sensitivity.engine import (
     Segment,
     WeightPerturbation,
     WeightQuantizer,
+    default_memory_budget,
+    peak_rss_mib,
     weight_noise,
 )
 from onnxq.sensitivity.executors import require_executor, run_jobs
@@ -110,7 +119,7 @@ __all__ = ["SENSITIVITY_FORMAT", "METHODS", "ALGORITHM_VERSION", "analyze", "pre
 logger = logging.getLogger(__name__)
 
 SENSITIVITY_FORMAT = "onnxq-sensitivity/1"
-METHODS = ("central", "hutchinson")
+METHODS = ("onesided", "central", "hutchinson")
 #: Rademacher directions per layer for ``method="hutchinson"``.
 HUTCHINSON_DIRECTIONS = 4
 #: Bumped whenever the numbers this module computes change (part of the cache key).
@@ -120,8 +129,6 @@ DEFAULT_SAMPLES = 64
 #: Feeds are concatenated into batches of up to this many samples when the model's inputs have
 #: a dynamic leading (batch) dimension: one run of a batch of 64 is far cheaper than 64 runs.
 MAX_BATCH = 256
-#: Bound on the cached fp32 cut tensors of the cut sessions (above it: the slow single-session path).
-CUT_CACHE_BYTES = 1 << 30
 #: The opset from which the rewrite writes per-channel weight scales (the prepare pass's floor).
 PER_CHANNEL_OPSET = 13
 
@@ -558,7 +565,7 @@ def analyze(
     spec: HardwareSpec,
     candidates: Mapping[str, Sequence[Candidate]] | None = None,
     *,
-    method: str = "central",
+    method: str = "onesided",
     radius: int = 1,
     pairs: bool = True,
     random_plans: int = 0,
@@ -570,6 +577,7 @@ def analyze(
     loss: str = "auto",
     max_samples: int | None = DEFAULT_SAMPLES,
     calibration: str = "minmax",
+    memory_budget_mb: float | None = None,
 ) -> dict:
     """Sensitivity of every layer × candidate, pair terms, and an optional validation.
 
@@ -581,7 +589,8 @@ def analyze(
             ``None``: every non-fp32 candidate the spec allows for the layer's op (weightless
             layers use the activation side on both, see :func:`onnxq.layout.effective_candidate`).
             Layers left out of the mapping are not analysed.
-        method: ``central`` (finite differences along the quantization noise) or
+        method: ``onesided`` (``L(W+ΔW) − L(W)``), ``central`` (finite differences along the
+            quantization noise) or
             ``hutchinson`` (trace estimate × ‖ΔW‖²/n).
         radius: layer hops of the chain pairs (:meth:`GraphView.dependent_pairs`).
         pairs: measure the inter-layer cross terms.
@@ -598,6 +607,9 @@ def analyze(
             the model's batch dimension is dynamic (only feeds of equal shapes are merged).
         calibration: the activation range method (``--calibration``), as the calibrate pass
             will use it: each tensor calibrated at the finest precision analysed for it.
+            the model's batch dimension is dynamic.
+        memory_budget_mb: bound on the activations cached between evaluations (the feeds are
+            processed in chunks that fit); ``None``: a quarter of the available memory.
 
     Returns:
         The ``onnxq-sensitivity/1`` JSON dict (DESIGN.md), plus ``method``, ``spec``,
@@ -607,7 +619,7 @@ def analyze(
         UsageError: bad options. CalibrationError: no feeds.
     """
     if method not in METHODS:
-        raise UsageError(f"unknown sensitivity method {method!r}", "use central or hutchinson")
+        raise UsageError(f"unknown sensitivity method {method!r}", "use onesided, central or hutchinson")
     if radius < 1:
         raise UsageError(f"radius {radius} must be at least 1", "e.g. --radius 1")
     if random_plans < 0 or workers < 0:
@@ -682,7 +694,7 @@ def analyze(
     context = EvalContext(
         model_bytes=work.SerializeToString(), feeds=tuple(feed_list), activation_tensors=tuple(act_tensors),
         weight_tensors=tuple(weight_tensors), ranges=ranges, loss="mse", segments=tuple(segments),
-        cache_bytes=CUT_CACHE_BYTES,
+        cache_bytes=int(memory_budget_mb * 2**20) if memory_budget_mb else default_memory_budget(),
     )
     local = Evaluator(context)
     reference = local.fp32_outputs()
@@ -696,10 +708,13 @@ def analyze(
     jobs: list[Job | ScopedJob] = []
     index: dict[tuple, int] = {}
 
+    by_job: dict[Job | ScopedJob, int] = {}
+
     def add(tag: tuple, job: Job | ScopedJob) -> None:
-        if tag not in index:
-            index[tag] = len(jobs)
-            jobs.append(job)
+        if tag not in index:  # an identical job (a pair's single at a float activation) runs once
+            index[tag] = by_job.setdefault(job, len(jobs))
+            if index[tag] == len(jobs):
+                jobs.append(job)
 
     weights_cache: dict[str, np.ndarray] = {}
     scoped_weights: dict[tuple[str, str], np.ndarray] = {}
@@ -714,10 +729,10 @@ def analyze(
                 scoped_weights[(scope, layer.weight.tensor)] = value.astype(np.float32)
         wprecs = [p for p in dict.fromkeys(planner.weight_format(name, c) for c in chosen[name])
                   if (name, p) in quantizers]
-        if method == "central":
+        if method in ("central", "onesided"):
             for p in wprecs:
                 q = quantizers[(name, p)]
-                for sign in (1.0, -1.0):
+                for sign in ((1.0, -1.0) if method == "central" else (1.0,)):
                     add(("w", name, p, sign), planner.job({scope: ([WeightPerturbation(q.tensor, sign, q)], [])},
                                                           (name,)))
         elif wprecs and layer.weight is not None:
@@ -779,6 +794,8 @@ def analyze(
             if (name, fmt) in quantizers:
                 if method == "central":
                     w_term = 0.5 * (measured(("w", name, fmt, +1)) + measured(("w", name, fmt, -1)))
+                elif method == "onesided":
+                    w_term = measured(("w", name, fmt, +1))
                 elif trace is not None:
                     w_term = 0.5 * trace / weights_cache[name].size * noise_sq[(name, fmt)]
             a_terms = {planner.term_name(name, q.tensor): measured(("t", scope, q.tensor, q.precision, q.symmetric,
@@ -823,7 +840,8 @@ def analyze(
         "options": {k: v for k, v in options_key.items() if k in ("method", "radius", "pairs", "random_plans", "seed",
                                                                     "calibration")},
         "conventions": ("delta = predicted loss increase when only that layer takes the candidate: "
-                        "weight term 1/2 dWᵀH dW (central: 1/2(L(W+dW)+L(W-dW)-2L(W)); hutchinson: "
+                        "weight term 1/2 dWᵀH dW (onesided: L(W+dW)-L(W), second order since L is minimal at the "
+                        "fp32 W; central: 1/2(L(W+dW)+L(W-dW)-2L(W)); hutchinson: "
                         "1/2 Tr(H)/n |dW|², Tr(H) = mean of v'Hv) + measured loss change with each tensor "
                         "the layer's Q/DQ quantize (inputs, and its output where the layout puts a Q) "
                         "fake-quantized; cross = L(a+b) - L(a) - L(b) + L(0) measured at the pair's "
@@ -847,6 +865,8 @@ def analyze(
             "predicted_without_pairs": predicted_without,
         }
     result["seconds"] = round(time.perf_counter() - start, 3)
+    result["memory"] = {"peak_rss_mib": round(peak_rss_mib(), 1), "budget_mib": round(context.cache_bytes / 2**20, 1),
+                        "chunks": local.planned_chunks, "cached_mib": round(local.cached_bytes / 2**20, 1)}
     _store_cached(cache_dir, key, result)
     return result
 

@@ -61,6 +61,9 @@ def run_sensitivity_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers {args.workers} is negative", "0 runs in-process")
     if args.radius < 1:
         raise UsageError(f"--radius {args.radius} must be at least 1", "e.g. --radius 1")
+    budget = getattr(args, "memory_budget", None)
+    if budget is not None and budget <= 0:
+        raise UsageError(f"--memory-budget {budget} must be positive", "e.g. --memory-budget 512 (MB)")
     loaded = load_model(args.model)
     out = check_output_path(args.output, [Path(args.model)])
     spec = load_spec(args.spec)
@@ -72,6 +75,7 @@ def run_sensitivity_command(args: argparse.Namespace) -> int:
         random_plans=args.random_plans, workers=args.workers, executor=args.executor,
         cache_dir=default_cache_dir(), progress=not quiet and sys.stderr.isatty(), seed=args.seed,
         calibration=getattr(args, "calibration", None) or "minmax",
+        memory_budget_mb=budget,
     )
     atomic_write_text(out, json.dumps(sens, indent=2, sort_keys=True) + "\n")
     if getattr(args, "json", False):
@@ -90,4 +94,8 @@ def run_sensitivity_command(args: argparse.Namespace) -> int:
               f"{_fmt(validation['spearman_without_pairs'])} without")
     print(f"{len(sens['layers'])} layers, {len(sens['pairs'])} pairs, {sens['evaluations']} evaluations, "
           f"{sens['seconds']:.1f} s ({sens['loss']} loss); wrote {out}")
+    memory = sens.get("memory")
+    if memory:
+        print(f"peak memory {memory['peak_rss_mib']:.0f} MiB (cached activations {memory['cached_mib']:.0f} MiB "
+              f"in {memory['chunks']} chunk(s), budget {memory['budget_mib']:.0f} MiB)")
     return 0

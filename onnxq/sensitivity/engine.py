@@ -3,8 +3,13 @@
 A :class:`Job` describes one perturbation *symbolically* (which weights move, by which noise,
 which activations are fake-quantized at which precision), so that it is small, hashable and
 cheap to send to a worker process or a Ray actor; an :class:`Evaluator` turns it into a feed of
-its one :class:`~onnxq.simulate.FakeQuantModel` session and returns the label-free loss of the
-outputs against the fp32 reference outputs.
+the sessions that run it and returns the label-free loss of the outputs against the fp32
+reference outputs.
+
+Memory is bounded by the model plus a budget: the large weights live once, as arrays every
+session is fed (:func:`split_shared_weights`), and the fp32 activations cached where the graph
+is cut are held for one chunk of the feeds at a time (:func:`plan_chunks`), with every job run
+inside each chunk.
 
 Everything here is deterministic: weight noise is a pure function of the weight and the
 quantizer, Rademacher directions come from ``numpy.random.default_rng([seed, index])``.
@@ -13,8 +18,10 @@ quantizer, Rademacher directions come from ``numpy.random.default_rng([seed, ind
 from __future__ import annotations
 
 import logging
+import os
+import resource
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,12 +57,31 @@ __all__ = [
     "weight_noise",
     "rademacher",
     "loss_between",
+    "loss_terms",
+    "split_shared_weights",
+    "with_weights",
+    "batch_splittable",
+    "plan_chunks",
+    "SHARED_MIN_BYTES",
+    "USE_CUT_SESSIONS",
+    "default_memory_budget",
+    "peak_rss_mib",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Label-free losses: KL(softmax(fp32) ‖ softmax(quantized)) per sample, or mean squared error.
 LOSSES = ("kl", "mse")
+#: ``False``: every evaluation runs in the one fake-quant session (the slow reference path that
+#: tests compare the cut sessions with).
+USE_CUT_SESSIONS = True
+#: Float initializers at least this big are shared by all sessions instead of copied into each.
+SHARED_MIN_BYTES = 4096
+#: ... except convolution weights, which onnxruntime reorders into its blocked layout when they
+#: are constant (1.5× faster cut sessions on the bundled ResNet): copied below this size.
+SHARED_CONV_MIN_BYTES = 1 << 20
+#: Ops whose weights run markedly faster as constants.
+_CONV_OPS = ("Conv", "ConvTranspose")
 
 
 @dataclass(frozen=True)
@@ -148,8 +174,8 @@ class EvalContext:
         loss: ``kl`` or ``mse``.
         reference: fp32 outputs per feed (set once by the parent; workers never recompute it).
         segments: the layers that get a cut session (jobs with ``segments`` run through them).
-        cache_bytes: bound on the cached fp32 cut tensors; above it every job runs in the one
-            :class:`FakeQuantModel` session (the slow, always available path).
+        cache_bytes: memory budget of the cached fp32 cut tensors: the feeds are processed in
+            chunks that fit it (:func:`plan_chunks`).
     """
 
     model_bytes: bytes
@@ -216,6 +242,17 @@ def loss_between(
     ``kl``: mean over samples of KL(softmax(ref) ‖ softmax(out)) on 2-D logit outputs (other
     outputs add their MSE); ``mse``: mean squared error over all output elements.
     """
+    total, count = loss_terms(kind, reference, outputs, reference_log_probs)
+    return total / max(count, 1)
+
+
+def loss_terms(
+    kind: str,
+    reference: Sequence[Sequence[np.ndarray]],
+    outputs: Sequence[Sequence[np.ndarray]],
+    reference_log_probs: Sequence[Sequence[np.ndarray | None]] | None = None,
+) -> tuple[float, int]:
+    """:func:`loss_between` as ``(sum over samples, samples)``, so that chunks of feeds add up."""
     total = 0.0
     count = 0
     for f, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
@@ -235,17 +272,23 @@ def loss_between(
                 rows = r.shape[0] if r.ndim else 1
                 total += float(np.sum(diff * diff)) / max(r.size // max(rows, 1), 1)
                 count += rows
-    return total / max(count, 1)
+    return total, count
 
 
 def _session(model: onnx.ModelProto) -> object:
-    """An optimized CPU session for many short runs: intra-op threads do not spin between runs
-    (spinning threads cost more than they save when the runs last milliseconds or the CPU is
-    shared)."""
+    """An optimized CPU session for many short runs.
+
+    Intra-op threads do not spin between runs (spinning costs more than it saves when runs last
+    milliseconds or the CPU is shared); no memory arena, so a session idle between its jobs keeps
+    no activation buffers (dozens of cut sessions live at once); no weight prepacking, which
+    would give every session its own packed copy of the shared weights.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         return create_session(model, options, ["CPUExecutionProvider"])
     except Exception:  # noqa: BLE001 - the shared helper reports the error in onnxq's words
@@ -263,47 +306,141 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
 
 
+def split_shared_weights(model: onnx.ModelProto, min_bytes: int = SHARED_MIN_BYTES,
+                         conv_min_bytes: int = SHARED_CONV_MIN_BYTES) -> dict[str, np.ndarray]:
+    """Move ``model``'s float initializers of at least ``min_bytes`` (``conv_min_bytes`` for
+    those a convolution consumes) out of it, in place.
+
+    Each one becomes a graph input of the same name, type and shape, and its value is returned:
+    every session built from the model is then fed the same arrays (onnxruntime does not copy
+    contiguous CPU inputs), so no session holds a copy of the weights. ``add_initializer`` with
+    shared OrtValues was measured to cost a full copy per session anyway (onnxruntime 1.32).
+    Small tensors (shapes, biases, scalars) stay initializers: constant folding needs them.
+    """
+    graph = model.graph
+    conv_inputs = {t for node in graph.node if node.op_type in _CONV_OPS for t in node.input}
+    shared: dict[str, np.ndarray] = {}
+    keep = []
+    for tensor in graph.initializer:
+        nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * 4
+        if tensor.data_type == onnx.TensorProto.FLOAT and nbytes >= (
+                conv_min_bytes if tensor.name in conv_inputs else min_bytes):
+            shared[tensor.name] = onnx.numpy_helper.to_array(tensor)
+        else:
+            keep.append(tensor)
+    if not shared:
+        return shared
+    inputs = {i.name for i in graph.input}
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for name, value in shared.items():
+        if name not in inputs:
+            graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(value.shape)))
+    return shared
+
+
+def with_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs named in ``weights`` are initializers again."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    keep = [i for i in copy.graph.input if i.name not in weights]
+    del copy.graph.input[:]
+    copy.graph.input.extend(keep)
+    copy.graph.initializer.extend(onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in weights.items())
+    return copy
+
+
+def _feed_bytes(feed: Mapping[str, np.ndarray]) -> int:
+    return sum(np.asarray(v).nbytes for v in feed.values())
+
+
+def _split_feed(feed: Mapping[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    rows = len(next(iter(feed.values())))
+    return [{k: v[i:i + size] for k, v in feed.items()} for i in range(0, rows, size)]
+
+
+def batch_splittable(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> bool:
+    """Whether the feeds can be cut along axis 0: every graph input declares a dynamic leading
+    dimension and every array of a feed has the same leading size."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits and any(i.name in f for f in feeds)]
+    if not inputs or not all(i.type.tensor_type.HasField("shape") and len(i.type.tensor_type.shape.dim) > 0
+                             and not i.type.tensor_type.shape.dim[0].HasField("dim_value") for i in inputs):
+        return False
+    for feed in feeds:
+        if len({np.asarray(v).shape[0] if np.ndim(v) else -1 for v in feed.values()} - {-1}) != 1:
+            return False
+        if any(np.ndim(v) == 0 for v in feed.values()):
+            return False
+    return True
+
+
+def plan_chunks(feeds: Sequence[Mapping[str, np.ndarray]], bytes_per_input_byte: float, budget: int,
+                splittable: bool) -> list[list[dict[str, np.ndarray]]]:
+    """Group (and, when ``splittable``, cut) the feeds into chunks whose cached cut tensors,
+    estimated as ``bytes_per_input_byte`` × the feeds' own bytes, stay within ``budget``.
+
+    A feed that cannot be cut and alone exceeds the budget gets a chunk of its own (logged).
+    """
+    chunks: list[list[dict[str, np.ndarray]]] = []
+    current: list[dict[str, np.ndarray]] = []
+    used = largest = 0.0
+    for feed in feeds:
+        pieces = [dict(feed)]
+        rows = len(next(iter(feed.values()))) if splittable else 1
+        per_row = bytes_per_input_byte * _feed_bytes(feed) / max(rows, 1)
+        if splittable and per_row * rows > budget:
+            pieces = _split_feed(feed, max(1, int(budget // max(per_row, 1.0))))
+        for piece in pieces:
+            need = bytes_per_input_byte * _feed_bytes(piece)
+            if current and used + need > budget:
+                chunks.append(current)
+                current, used = [], 0.0
+            largest = max(largest, need)
+            current.append(piece)
+            used += need
+    if current:
+        chunks.append(current)
+    if largest > budget:
+        logger.warning("sensitivity: %s needs %.1f MB of cached activations, above the memory budget of "
+                       "%.1f MB; such chunks run alone, over the budget", "one sample" if splittable else
+                       "one calibration feed (its batch cannot be split)", largest / 2**20, budget / 2**20)
+    return chunks
+
+
 class SuffixRunner:
     """Cut sessions: each segment's suffix of the graph, fed from cached fp32 cut tensors.
 
     An evaluation of layer ``i`` runs only the nodes downstream of ``i``'s weight and input
     activations; the activations themselves are fake-quantized in numpy
     (:func:`onnxq.simulate.fake_quantize_array`, the same arithmetic as the graph), so the cut
-    sessions carry no fake-quant nodes and only the segment's weight as an input. Sessions are
-    built lazily, once per segment.
+    sessions carry no fake-quant nodes. Every session takes the shared weights
+    (:func:`split_shared_weights`) as inputs fed from one set of arrays. The cut tensors are
+    cached for one chunk of feeds at a time (:meth:`load`); sessions are built lazily, once per
+    segment, and serve every chunk.
 
     Raises:
-        ValueError: the model has control-flow subgraphs, a cut tensor has no known type, or
-            the cached cut tensors would exceed ``cache_bytes`` (the caller falls back).
+        ValueError: the model has control-flow subgraphs or a cut tensor has no known type.
     """
 
     #: Bytes of fake-quantized cut tensors kept between jobs.
     FQ_CACHE_BYTES = 128 << 20
 
-    def __init__(self, model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]],
-                 segments: Sequence[Segment], cache_bytes: int) -> None:
+    def __init__(self, model: onnx.ModelProto, segments: Sequence[Segment], shared: Mapping[str, np.ndarray],
+                 dynamic_batch: bool = False) -> None:
         if _has_subgraphs(model):
             raise ValueError("control-flow subgraphs")
-        inits = {t.name for t in model.graph.initializer}
-        constant_weights = [w for seg in segments for w in seg.weights if w not in inits]
-        if constant_weights:  # Constant-node weights become initializers, so they can be fed
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            for w in constant_weights:
-                constant_to_initializer(copy.graph, w)
-            model = copy
         self.model = model
+        self.shared = shared
+        self.dynamic_batch = dynamic_batch
+        #: keep the cut tensors' dims that are the same over the first loaded chunk (off when
+        #: several chunks of uncuttable feeds may differ in shape)
+        self.static_shapes = True
         graph = model.graph
         self.nodes = list(graph.node)
         self.output_names = [o.name for o in graph.output]
-        self.initializers = {t.name for t in graph.initializer}
+        self.initializers = {t.name for t in graph.initializer} | set(shared)
         self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializers]
-        producer = {o: i for i, node in enumerate(self.nodes) for o in node.output if o}
-        consumers: dict[str, list[int]] = {}
-        for i, node in enumerate(self.nodes):
-            for t in node.input:
-                if t:
-                    consumers.setdefault(t, []).append(i)
         self.segments = {seg.name: seg for seg in segments}
         #: per session key (``w:<layer>`` weight-only, ``a:<layer>`` weight and activations):
         #: the suffix's node indices, its cut tensors, and the layer activations it produces
@@ -311,6 +448,34 @@ class SuffixRunner:
         self.suffix: dict[str, list[int]] = {}
         self.cuts: dict[str, list[str]] = {}
         self.internal: dict[str, list[str]] = {}
+        self._index_suffixes(segments)
+        self.start = {key: (order[0] if order else len(self.nodes)) for key, order in self.suffix.items()}
+        types = _value_types(model)
+        self.wanted = list(dict.fromkeys(t for cut in self.cuts.values() for t in cut if t not in self.graph_inputs))
+        missing = [t for t in self.wanted if t not in types]
+        if missing:
+            raise ValueError(f"no type for cut tensor {missing[0]!r}")
+        self.types = types
+        # keys with the same nodes and internal fake-quants share one session (exposing the
+        # weights of all of them): a Conv's weight-only and activation suffixes usually coincide
+        self.signature = {key: (tuple(order), tuple(self.internal[key])) for key, order in self.suffix.items()}
+        self.group: dict[tuple, list[str]] = {}
+        for key, sig in self.signature.items():
+            self.group.setdefault(sig, []).append(key)
+        self._sessions: dict[tuple, tuple[object, list[str], dict[str, np.ndarray]]] = {}
+        self._probe: tuple[object, list[str]] | None = None
+        self.cache: list[dict[str, np.ndarray]] = []
+        self.reference: list[tuple[np.ndarray, ...]] = []
+        self._fq_cache: OrderedDict[object, np.ndarray] = OrderedDict()
+        self._fq_bytes = 0
+
+    def _index_suffixes(self, segments: Sequence[Segment]) -> None:
+        producer = {o: i for i, node in enumerate(self.nodes) for o in node.output if o}
+        consumers: dict[str, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            for t in node.input:
+                if t:
+                    consumers.setdefault(t, []).append(i)
         for seg in segments:
             for kind, starts in (("w", seg.weights), ("a", (*seg.weights, *seg.activations))):
                 key = f"{kind}:{seg.name}"
@@ -336,45 +501,40 @@ class SuffixRunner:
                 self.suffix[key] = order
                 self.cuts[key] = list(dict.fromkeys(cut))
                 self.internal[key] = [t for t in seg.activations if t in produced] if kind == "a" else []
-        self.start = {key: (order[0] if order else len(self.nodes)) for key, order in self.suffix.items()}
-        types = _value_types(model)
-        wanted = list(dict.fromkeys(t for cut in self.cuts.values() for t in cut if t not in self.graph_inputs))
-        missing = [t for t in wanted if t not in types]
-        if missing:
-            raise ValueError(f"no type for cut tensor {missing[0]!r}")
-        self.types = types
-        # one fp32 run with every cut tensor as an extra output: the reference and the cache
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        probe.ir_version = min(probe.ir_version, MAX_IR_VERSION)
-        present = set(self.output_names)
-        for t in wanted:
-            if t not in present:
-                probe.graph.output.append(onnx.helper.make_tensor_value_info(t, types[t].tensor_type.elem_type, None))
-        session = _session(probe)
-        names = [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
-        self.cache: list[dict[str, np.ndarray]] = []
-        self.reference: list[tuple[np.ndarray, ...]] = []
+
+    def _probe_session(self) -> tuple[object, list[str]]:
+        """The fp32 model with every cut tensor as an extra output (the reference and the cache)."""
+        if self._probe is None:
+            probe = onnx.ModelProto()
+            probe.CopyFrom(self.model)
+            probe.ir_version = min(probe.ir_version, MAX_IR_VERSION)
+            present = set(self.output_names)
+            for t in self.wanted:
+                if t not in present:
+                    probe.graph.output.append(onnx.helper.make_tensor_value_info(
+                        t, self.types[t].tensor_type.elem_type, None))
+            session = _session(probe)
+            self._probe = session, [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
+        return self._probe
+
+    def load(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> int:
+        """Run fp32 over ``feeds`` and cache their cut tensors and outputs (replacing the
+        previous chunk); returns the cached bytes."""
+        session, names = self._probe_session()
+        self.cache, self.reference = [], []
+        self._fq_cache.clear()
+        self._fq_bytes = 0
         used = 0
         for feed in feeds:
-            values = dict(zip(names, session.run(names, dict(feed)), strict=True))  # type: ignore[attr-defined]
-            values.update({k: np.asarray(v) for k, v in feed.items()})
-            used += sum(values[t].nbytes for t in wanted)
-            if used > cache_bytes:
-                raise ValueError(f"cut tensors exceed {cache_bytes} bytes")
+            values = dict(zip(names, session.run(names, {**self.shared, **feed}), strict=True))  # type: ignore[attr-defined]
+            kept = {t: values[t] for t in self.wanted}
+            kept.update({k: np.asarray(v) for k, v in feed.items()})
+            used += sum(v.nbytes for v in kept.values())
             self.reference.append(tuple(values[o] for o in self.output_names))
-            self.cache.append(values)
-        # keys with the same nodes and internal fake-quants share one session (exposing the
-        # weights of all of them): a Conv's weight-only and activation suffixes usually coincide
-        self.signature = {key: (tuple(order), tuple(self.internal[key])) for key, order in self.suffix.items()}
-        self.group: dict[tuple, list[str]] = {}
-        for key, sig in self.signature.items():
-            self.group.setdefault(sig, []).append(key)
-        self._sessions: dict[tuple, tuple[object, list[str]]] = {}
-        self._fq_cache: OrderedDict[object, np.ndarray] = OrderedDict()
-        self._fq_bytes = 0
+            self.cache.append(kept)
+        return used
 
-    def _build(self, key: str) -> tuple[object, list[str]]:
+    def _build(self, key: str) -> tuple[object, list[str], dict[str, np.ndarray]]:
         members = [self.segments[k[2:]] for k in self.group[self.signature[key]]]
         order = self.suffix[key]
         produced = {o for i in order for o in self.nodes[i].output}
@@ -383,9 +543,11 @@ class SuffixRunner:
         outputs = list(dict.fromkeys([o for o in self.output_names if o in produced] + partner_cuts))
         used = {t for i in order for t in self.nodes[i].input}
         graph = self.model.graph
+        shared = {t: self.shared[t] for t in used if t in self.shared}
         new = onnx.helper.make_graph(
             [self.nodes[i] for i in order], f"onnxq_suffix/{key}",
-            [self._value_info(t, self.cache[0][t]) for t in self.cuts[key]],
+            [self._value_info(t, self.cache[0][t]) for t in self.cuts[key]]
+            + [onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, list(v.shape)) for t, v in shared.items()],
             [onnx.helper.make_tensor_value_info(o, self.types[o].tensor_type.elem_type, None)
              if o in self.types else onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None)
              for o in outputs],
@@ -401,24 +563,29 @@ class SuffixRunner:
                                        ir_version=min(self.model.ir_version, MAX_IR_VERSION))
         model.functions.extend(self.model.functions)
         if self.internal[key]:
-            # always-on fake-quant (no Where) of the layer's own activations produced in the suffix
-            types = {t: self.types[t].tensor_type.elem_type for t in self.internal[key]}
-            insert_fake_quant(model.graph, self.internal[key], types)
-            keep = [i for i in model.graph.input if not i.name.endswith("/enable")]
-            del model.graph.input[:]
-            model.graph.input.extend(keep)
-            for node in model.graph.node:
-                if node.op_type == "Where" and node.name.startswith("onnxq_fq/") and node.name.endswith("/Where"):
-                    node.op_type = "Identity"
-                    fq = node.input[1]
-                    del node.input[:]
-                    node.input.append(fq)
-        session = _session(model)
-        return session, outputs
+            self._insert_internal_fake_quant(model, self.internal[key])
+        return _session(model), outputs, shared
+
+    def _insert_internal_fake_quant(self, model: onnx.ModelProto, tensors: Sequence[str]) -> None:
+        """Always-on fake-quant (no ``Where``) of the layer's own activations produced in the suffix."""
+        types = {t: self.types[t].tensor_type.elem_type for t in tensors}
+        insert_fake_quant(model.graph, list(tensors), types)
+        keep = [i for i in model.graph.input if not i.name.endswith("/enable")]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        for node in model.graph.node:
+            if node.op_type == "Where" and node.name.startswith("onnxq_fq/") and node.name.endswith("/Where"):
+                node.op_type = "Identity"
+                fq = node.input[1]
+                del node.input[:]
+                node.input.append(fq)
+
     def _value_info(self, name: str, first: np.ndarray) -> onnx.ValueInfoProto:
         shapes = {tuple(c[name].shape) for c in self.cache}
-        dims: list[int | str] = [first.shape[k] if all(len(s) == first.ndim and s[k] == first.shape[k] for s in shapes)
-                                 else f"d{k}" for k in range(first.ndim)]
+        dims: list[int | str] = [
+            first.shape[k] if all(len(s) == first.ndim and s[k] == first.shape[k] for s in shapes)
+            and self.static_shapes and not (k == 0 and self.dynamic_batch) else f"d{k}"
+            for k in range(first.ndim)]
         elem = onnx.helper.np_dtype_to_tensor_dtype(first.dtype)
         return onnx.helper.make_tensor_value_info(name, elem, dims)
 
@@ -438,8 +605,9 @@ class SuffixRunner:
             self._fq_cache.move_to_end(key)
         return hit
 
-    def session(self, key: str) -> tuple[object, list[str]]:
-        """The cut session of ``key`` (``w:<layer>`` or ``a:<layer>``) and its output names."""
+    def session(self, key: str) -> tuple[object, list[str], dict[str, np.ndarray]]:
+        """The cut session of ``key`` (``w:<layer>`` or ``a:<layer>``), its output names and
+        the shared weights it is fed."""
         sig = self.signature[key]
         hit = self._sessions.get(sig)
         if hit is None:
@@ -451,7 +619,11 @@ class SuffixRunner:
 
         A segment whose activations the job quantizes runs its ``a:`` session, otherwise its
         ``w:`` one. Every quantized activation must enter every session that computes it either
-        as a cut tensor (fake-quantized in numpy) or as one of its internal fake-quants.
+        as a cut tensor (fake-quantized in numpy) or as one of its internal fake-quants; a
+        session may also compute a quantized activation of a later ``a:`` session (a pair's
+        second layer): that session takes it as a cut tensor, fake-quantized, or computes it
+        again and fake-quantizes it inside, and recomputes everything downstream of it (an
+        ``a:`` suffix holds every consumer of the layer's activations).
         """
         keys = []
         for name in dict.fromkeys(segments):
@@ -463,12 +635,17 @@ class SuffixRunner:
                 keys.append(key)
         keys.sort(key=lambda k: (self.start[k], k))
         for k, key in enumerate(keys):
-            later = {other[2:] for other in keys[k + 1:]}
-            if not later <= set(self.segments[key[2:]].partners):
+            later = keys[k + 1:]
+            if not {other[2:] for other in later} <= set(self.segments[key[2:]].partners):
                 return None
             produced = {o for i in self.suffix[key] for o in self.nodes[i].output}
-            if any(t in produced and t not in self.internal[key] for t in acts):
-                return None
+            for t in acts:
+                if t in produced and isinstance(acts[t], DynamicQuant) and t not in self.internal[key]:
+                    return None  # a per-call range is not passed between sessions
+                if t in produced and t not in self.internal[key] and not any(
+                        other.startswith("a:") and t in self.segments[other[2:]].activations
+                        and (t in self.cuts[other] or t in self.internal[other]) for other in later):
+                    return None
             if any(t not in acts or isinstance(acts[t], DynamicQuant) for t in self.internal[key]):
                 return None  # per-call ranges of tensors computed inside a session: not here
         if not any(t in self.cuts[key] or t in self.internal[key] for key in keys for t in acts) and acts:
@@ -477,14 +654,14 @@ class SuffixRunner:
 
     def run(self, keys: Sequence[str], weights: Mapping[str, np.ndarray],
             acts: Mapping[str, object]) -> list[tuple[np.ndarray, ...]]:
-        """The graph outputs per feed with ``weights`` replaced and ``acts`` fake-quantized,
-        running the sessions ``keys`` (from :meth:`plan`) in order."""
+        """The graph outputs per cached feed with ``weights`` replaced and ``acts``
+        fake-quantized, running the sessions ``keys`` (from :meth:`plan`) in order."""
         out = []
         for f, cache in enumerate(self.cache):
             values: dict[str, np.ndarray] = {}
             for key in keys:
-                session, names = self.session(key)
-                feed = {}
+                session, names, shared = self.session(key)
+                feed = dict(shared)
                 for t in self.cuts[key]:
                     q = acts.get(t)
                     if t in values:
@@ -508,8 +685,12 @@ class SuffixRunner:
 
 class Evaluator:
     """Evaluates :class:`Job` s: cut sessions (:class:`SuffixRunner`) for the single-layer and
-    pair jobs, a model built per job for the validation plans, and the one
-    :class:`FakeQuantModel` session as the fallback when cut sessions are not possible.
+    pair jobs, chunk by chunk of the feeds; a model built per job for the validation plans; the
+    one :class:`FakeQuantModel` session where cut sessions are not possible (logged).
+
+    Memory: the model's weights once (:func:`split_shared_weights`; every session is fed the
+    same arrays) plus one chunk of cached cut tensors, at most ``context.cache_bytes``
+    (:func:`plan_chunks`). Jobs run inside each chunk, so a chunk's fp32 pass is run once.
 
     Args:
         context: model, feeds, tensors, ranges and loss; ``context.reference`` may be ``None``
@@ -523,52 +704,102 @@ class Evaluator:
         self.context = context
         model = onnx.ModelProto()
         model.ParseFromString(context.model_bytes)
-        self.model = model
+        inits = {t.name for t in model.graph.initializer}
+        for name in context.weight_tensors:  # Constant-node weights become initializers, so they can be fed
+            if name not in inits:
+                constant_to_initializer(model.graph, name)
+        self.shared = split_shared_weights(model)
+        #: the model without its shared weights (they are graph inputs); parsed again so that
+        #: the protobuf arena that held the weights is released
+        self.model = onnx.ModelProto()
+        self.model.ParseFromString(model.SerializeToString())
+        del model
+        model = self.model
         self._fq: FakeQuantModel | None = None
         self.suffix: SuffixRunner | None = None
-        if context.segments:
+        self.fallbacks: dict[str, int] = {}
+        if context.segments and USE_CUT_SESSIONS:
             try:
-                self.suffix = SuffixRunner(model, context.feeds, context.segments, context.cache_bytes)
+                self.suffix = SuffixRunner(model, context.segments, self.shared,
+                                           batch_splittable(model, context.feeds))
             except ValueError as exc:
-                logger.info("sensitivity: no cut sessions (%s); using one fake-quant session", exc)
-        inits = {t.name: t for t in model.graph.initializer}
+                logger.warning("sensitivity: no cut sessions (%s); every evaluation runs the whole model "
+                               "in one fake-quant session (slower)", exc)
+        small = {t.name: t for t in model.graph.initializer}
         self.weights: dict[str, np.ndarray] = {}
         for name in context.weight_tensors:
-            if name in inits:
-                self.weights[name] = onnx.numpy_helper.to_array(inits[name]).astype(np.float32)
-        for node in model.graph.node:
-            if node.op_type == "Constant" and node.output and node.output[0] in context.weight_tensors:
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        self.weights[node.output[0]] = onnx.numpy_helper.to_array(attr.t).astype(np.float32)
+            if name in self.shared:
+                self.weights[name] = self.shared[name]
+            elif name in small:
+                self.weights[name] = onnx.numpy_helper.to_array(small[name]).astype(np.float32)
         self._noise: OrderedDict[object, np.ndarray] = OrderedDict()
         self._noise_bytes = 0
         self._log_probs: list[list[np.ndarray | None]] | None = None
+        self._chunks: list[list[dict[str, np.ndarray]]] | None = None
+        self._loaded: int | None = None
         self.evaluations = 0
+        self.cached_bytes = 0
         if context.reference is not None:
             self.set_reference(context.reference)
 
     @property
     def fq(self) -> FakeQuantModel:
-        """The one fake-quant session (built on first use)."""
+        """The one fake-quant session (built on first use; fed the shared weights like the cut sessions)."""
         if self._fq is None:
-            self._fq = FakeQuantModel(self.model, self.context.activation_tensors, self.context.weight_tensors)
+            self._fq = FakeQuantModel(self.model, self.context.activation_tensors,
+                                      [w for w in self.context.weight_tensors if w not in self.shared])
         return self._fq
 
+    def chunks(self) -> list[list[dict[str, np.ndarray]]]:
+        """The feeds in chunks whose cached cut tensors fit ``context.cache_bytes``."""
+        if self._chunks is None:
+            feeds = [dict(f) for f in self.context.feeds]
+            if self.suffix is None or not feeds:
+                self._chunks = [feeds]
+            else:
+                first = _split_feed(feeds[0], 1)[0] if self.suffix.dynamic_batch else feeds[0]
+                ratio = self.suffix.load([first]) / max(_feed_bytes(first), 1)
+                self._chunks = plan_chunks(feeds, ratio, self.context.cache_bytes, self.suffix.dynamic_batch)
+                self._loaded = None
+                self.suffix.static_shapes = len(self._chunks) == 1 or self.suffix.dynamic_batch
+                if len(self._chunks) > 1:
+                    logger.info("sensitivity: feeds in %d chunks (about %.0f MB of cached activations per "
+                                "input MB; memory budget %.0f MB)", len(self._chunks), ratio,
+                                self.context.cache_bytes / 2**20)
+        return self._chunks
+
+    @property
+    def planned_chunks(self) -> int:
+        """Chunks of feeds this evaluator has run (0 before its first segment job)."""
+        return len(self._chunks or ())
+
+    def _load(self, index: int) -> list[tuple[np.ndarray, ...]]:
+        """Make chunk ``index`` current; its fp32 reference outputs."""
+        chunk = self.chunks()[index]
+        if self.suffix is None:
+            assert len(self.chunks()) == 1
+            return list(self.reference)
+        if self._loaded != index:
+            self.cached_bytes = max(self.cached_bytes, self.suffix.load(chunk))
+            self._loaded = index
+        return self.suffix.reference
+
+    def _full_session(self, model: onnx.ModelProto) -> tuple[object, list[str]]:
+        session = _session(model)
+        return session, [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
+
     def fp32_outputs(self) -> tuple[tuple[np.ndarray, ...], ...]:
-        """Outputs of the model with nothing perturbed (the reference)."""
-        if self.suffix is not None:
-            return tuple(self.suffix.reference)
-        session = make_session(self.model, optimize=True)
-        names = [o.name for o in session.get_outputs()]
-        return tuple(tuple(session.run(names, dict(f))) for f in self.context.feeds)
+        """Outputs of the model with nothing perturbed (the reference), one fp32 pass."""
+        session, names = self._full_session(self.model)
+        return tuple(tuple(session.run(names, {**self.shared, **f})) for f in self.context.feeds)  # type: ignore[attr-defined]
 
     def set_reference(self, reference: Sequence[Sequence[np.ndarray]]) -> None:
         self.reference = reference
-        self._log_probs = [
-            [_log_softmax(r) if self.context.loss == "kl" and _is_logits(r) else None for r in ref]
-            for ref in reference
-        ]
+        self._log_probs = self._log_probs_of(reference)
+
+    def _log_probs_of(self, reference: Sequence[Sequence[np.ndarray]]) -> list[list[np.ndarray | None]]:
+        return [[_log_softmax(r) if self.context.loss == "kl" and _is_logits(r) else None for r in ref]
+                for ref in reference]
 
     def _cached(self, key: object, make) -> np.ndarray:  # type: ignore[no-untyped-def]
         hit = self._noise.get(key)
@@ -614,25 +845,89 @@ class Evaluator:
                 out[tensor] = qparams_from_range(lo, hi, q.precision, False)
         return out
 
-    def outputs(self, job: Job) -> list[Sequence[np.ndarray]]:
-        """The perturbed model's outputs per feed."""
+    def _chunk_outputs(self, job: Job, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[Sequence[np.ndarray]]:
+        """A segment job's outputs on the current chunk (cut sessions, else the fake-quant session)."""
         weights, acts = self.job_feeds(job)
-        if not job.weights and not job.activations:
-            return list(self.reference)
-        keys = self.suffix.plan(job.segments, acts) if job.segments and self.suffix is not None else None
+        keys = self.suffix.plan(job.segments, acts) if self.suffix is not None else None
         if keys is not None:
             return self.suffix.run(keys, weights, acts)  # type: ignore[union-attr,return-value]
-        if not job.segments:
-            session = _session(bake(self.model, acts, weights))  # type: ignore[arg-type]
-            names = [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
-            return [session.run(names, dict(f)) for f in self.context.feeds]  # type: ignore[attr-defined]
-        return self.fq.run_all(self.context.feeds, self._calibrated(acts), weights)  # type: ignore[arg-type]
+        reason = "no cut sessions" if self.suffix is None else "the job's layers cannot be chained in cut sessions"
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+        shared = {k: weights.get(k, v) for k, v in self.shared.items()}
+        own = {k: v for k, v in weights.items() if k not in self.shared}
+        return self.fq.run_all([{**shared, **f} for f in feeds], self._calibrated(acts), own)  # type: ignore[arg-type]
+
+    def _plan_outputs(self, job: Job) -> list[Sequence[np.ndarray]]:
+        """A validation plan's outputs: a model built for it, fed the unperturbed shared weights."""
+        weights, acts = self.job_feeds(job)
+        model = bake(with_weights(self.model, {k: v for k, v in weights.items() if k in self.shared}),
+                     acts, {k: v for k, v in weights.items() if k not in self.shared})  # type: ignore[arg-type]
+        session, names = self._full_session(model)
+        rest = {k: v for k, v in self.shared.items() if k not in weights}
+        return [session.run(names, {**rest, **f}) for f in self.context.feeds]  # type: ignore[attr-defined]
+
+    def losses(self, jobs: Sequence[Job], advance: Callable[[int], object] | None = None) -> list[float]:
+        """The loss of each job against the fp32 reference.
+
+        Segment jobs run chunk by chunk (each chunk's fp32 pass once, then every job on it) and
+        their loss sums over the chunks; plan jobs run over all feeds in a model built for them.
+        ``advance`` is called with 1 after every job × chunk run.
+        """
+        totals = np.zeros(len(jobs))
+        counts = np.zeros(len(jobs))
+        segment = [i for i, job in enumerate(jobs) if job.segments and (job.weights or job.activations)]
+        for index, chunk in enumerate(self.chunks() if segment else []):
+            reference = self._load(index)
+            log_probs = self._log_probs_of(reference) if self.suffix is not None else self._log_probs
+            for i in segment:
+                t, c = loss_terms(self.context.loss, reference, self._chunk_outputs(jobs[i], chunk), log_probs)
+                totals[i] += t
+                counts[i] += c
+                if advance is not None:
+                    advance(1)
+        for i, job in enumerate(jobs):
+            if job.segments and (job.weights or job.activations):
+                continue
+            if job.weights or job.activations:
+                totals[i], counts[i] = loss_terms(self.context.loss, self.reference, self._plan_outputs(job),
+                                                  self._log_probs)
+            if advance is not None:
+                advance(1)
+        self.evaluations += len(jobs)
+        for reason, count in sorted(self.fallbacks.items()):
+            logger.warning("sensitivity: %d job runs on the whole-model fake-quant session (%s)", count, reason)
+        self.fallbacks.clear()
+        return [float(t / c) if c else 0.0 for t, c in zip(totals, counts, strict=True)]
+
+    def runs(self, jobs: Sequence[Job]) -> int:
+        """Session runs :meth:`losses` reports through ``advance`` for ``jobs``."""
+        segment = sum(1 for job in jobs if job.segments and (job.weights or job.activations))
+        return segment * len(self.chunks()) + len(jobs) - segment
 
     def loss(self, job: Job) -> float:
-        """The loss of the perturbed model against the fp32 reference."""
-        outputs = self.outputs(job)
-        self.evaluations += 1
-        return loss_between(self.context.loss, self.reference, outputs, self._log_probs)
+        """The loss of one perturbed model against the fp32 reference."""
+        return self.losses([job])[0]
 
-    def losses(self, jobs: Sequence[Job]) -> list[float]:
-        return [self.loss(job) for job in jobs]
+
+def default_memory_budget() -> int:
+    """A quarter of the memory the kernel reports available (``MemAvailable``), at least 64 MiB."""
+    available = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if not available:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 4 << 30
+    return max(64 << 20, available // 4)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

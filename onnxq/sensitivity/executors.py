@@ -2,16 +2,19 @@
 
 Every executor returns the losses in the order of the jobs, and every worker builds the same
 session from the same :class:`~onnxq.sensitivity.engine.EvalContext` (the fp32 reference is
-computed once by the parent), so the numbers do not depend on the executor.
+computed once by the parent), so the numbers do not depend on the executor. Worker processes
+split the memory budget (``EvalContext.cache_bytes``) between them and take large batches of
+jobs, since each batch runs the fp32 pass of every chunk of feeds once.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import math
 import multiprocessing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tqdm import tqdm
 
@@ -22,8 +25,11 @@ __all__ = ["ExecutorSpec", "parse_executor", "require_executor", "run_jobs"]
 
 logger = logging.getLogger(__name__)
 
-#: Jobs sent to a worker at once (amortises inter-process traffic, keeps progress smooth).
+#: Fewest jobs sent to a worker at once (amortises inter-process traffic and the worker's fp32
+#: passes over the chunks of feeds).
 CHUNK = 8
+#: Batches of jobs per worker (more: smoother progress; fewer: fewer fp32 passes).
+BATCHES_PER_WORKER = 4
 
 _WORKER: Evaluator | None = None
 
@@ -82,7 +88,8 @@ def _run_chunk(jobs: Sequence[Job]) -> list[float]:
     return _WORKER.losses(jobs)
 
 
-def _chunks(jobs: Sequence[Job], size: int) -> list[list[Job]]:
+def _chunks(jobs: Sequence[Job], workers: int) -> list[list[Job]]:
+    size = max(CHUNK, math.ceil(len(jobs) / (BATCHES_PER_WORKER * max(workers, 1))))
     return [list(jobs[i:i + size]) for i in range(0, len(jobs), size)]
 
 
@@ -102,31 +109,36 @@ def run_jobs(
         jobs: the evaluations.
         workers: ``0``/``1``: in this process; ``N > 1``: N local processes (or N Ray actors).
         executor: ``local``, ``ray`` or ``ray:ADDRESS``.
-        progress: a tqdm bar over the evaluations.
+        progress: a tqdm bar (runs done, rate, ETA) over the evaluations × chunks of feeds.
         local: an in-process evaluator to reuse when running in this process.
     """
     spec = parse_executor(executor)
     if not jobs:
         return []
-    bar = tqdm(total=len(jobs), desc="sensitivity", unit="eval", disable=not progress, leave=False)
+    if spec.kind == "ray" or workers > 1:
+        count = max(1, workers)
+        worker_context = replace(context, cache_bytes=max(1, context.cache_bytes // count))
+        bar = tqdm(total=len(jobs), desc=f"sensitivity: {len(jobs)} evaluations, {count} workers", unit="eval",
+                   disable=not progress, leave=False)
+        try:
+            if spec.kind == "ray":
+                return _run_ray(worker_context, jobs, count, spec.address, bar.update)
+            return _run_processes(worker_context, jobs, count, bar.update)
+        finally:
+            bar.close()
+    evaluator = local or Evaluator(context)
+    chunks = len(evaluator.chunks())
+    bar = tqdm(total=evaluator.runs(jobs), desc=f"sensitivity: {len(jobs)} evaluations × {chunks} chunk(s)",
+               unit="run", disable=not progress, leave=False)
     try:
-        if spec.kind == "ray":
-            return _run_ray(context, jobs, max(1, workers), spec.address, bar.update)
-        if workers <= 1:
-            evaluator = local or Evaluator(context)
-            out = []
-            for job in jobs:
-                out.append(evaluator.loss(job))
-                bar.update(1)
-            return out
-        return _run_processes(context, jobs, workers, bar.update)
+        return evaluator.losses(jobs, bar.update)
     finally:
         bar.close()
 
 
 def _run_processes(context: EvalContext, jobs: Sequence[Job], workers: int,
                    advance: Callable[[int], object]) -> list[float]:
-    chunks = _chunks(jobs, CHUNK)
+    chunks = _chunks(jobs, workers)
     results: list[list[float] | None] = [None] * len(chunks)
     ctx = multiprocessing.get_context("spawn")  # onnxruntime thread pools do not survive fork
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
@@ -155,7 +167,7 @@ def _run_ray(context: EvalContext, jobs: Sequence[Job], actors: int, address: st
 
     ref = ray.put(context)
     pool = [_Actor.remote(ref) for _ in range(actors)]
-    chunks = _chunks(jobs, CHUNK)
+    chunks = _chunks(jobs, actors)
     pending = {pool[i % actors].losses.remote(chunk): i for i, chunk in enumerate(chunks)}
     results: list[list[float] | None] = [None] * len(chunks)
     while pending:
