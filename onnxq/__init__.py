@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import os as _os
 
 # Run from a source checkout (``python -m onnxq`` or ``python -m pytest`` in the repository root),
@@ -16,5 +14,6 @@ if _os.path.isfile(_os.path.join(_root, "setup.cfg")) and _os.path.isfile(_os.pa
 
 from onnxq.api import QuantizeResult, quantize  # noqa: E402
 from onnxq.errors import OnnxqError  # noqa: E402
+from onnxq.version import __version__  # noqa: E402
 
 __all__ = ["__version__", "quantize", "QuantizeResult", "OnnxqError"]

@@ -14,17 +14,30 @@ from typing import Any
 
 import onnx
 
-from onnxq import __version__
 from onnxq.data import load_feeds
 from onnxq.errors import UsageError
-from onnxq.graph import GraphView
+from onnxq.graph import GraphView, layer_ops_for, scope_views
 from onnxq.model import check_quantizable_dtypes, load_model
 from onnxq.options import QuantizeOptions, excluded_layers
+from onnxq.passes import (
+    CalibratePass,
+    ExplicitPlanPass,
+    LayoutPass,
+    MeasurePass,
+    PreparePass,
+    RewritePass,
+    UniformPlanPass,
+    ValidatePass,
+)
+from onnxq.passes.exclude import KeepFloatPass
+from onnxq.passes.plan import plan_to_json, read_plan
+from onnxq.passes.search import SearchPass
 from onnxq.pipeline import Pass, PassContext, Pipeline
 from onnxq.precision import Candidate
 from onnxq.rewrite import plan_summary
 from onnxq.spec import HardwareSpec, load_spec
-from onnxq.subgraphs import ensure_unique_node_names, scope_views
+from onnxq.subgraphs import ensure_unique_node_names
+from onnxq.version import __version__
 
 __all__ = ["QuantizeResult", "quantize", "build_pipeline", "layer_ops_for"]
 
@@ -40,27 +53,7 @@ class QuantizeResult:
     target_met: bool = True
 
 
-def layer_ops_for(spec: HardwareSpec) -> set[str]:
-    """Op types that are layers on this target: the defaults plus what the spec quantizes."""
-    ops = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"}
-    for op_type, rule in spec.ops.items():
-        if any(not c.is_float or c.weights.value == "fp16" for c in rule.candidates):
-            ops.add(op_type)
-    return ops
-
-
 def build_pipeline(options: QuantizeOptions, plan: Mapping[str, Candidate] | None = None) -> Pipeline:
-    from onnxq.passes import (
-        CalibratePass,
-        ExplicitPlanPass,
-        LayoutPass,
-        MeasurePass,
-        PreparePass,
-        RewritePass,
-        UniformPlanPass,
-        ValidatePass,
-    )
-
     planner: Pass
     if options.mode == "uniform":
         planner = UniformPlanPass(Candidate.parse(options.precision or "int8/uint8"))
@@ -69,11 +62,7 @@ def build_pipeline(options: QuantizeOptions, plan: Mapping[str, Candidate] | Non
             raise UsageError("--plan needs a plan", "pass --plan PLAN.json")
         planner = ExplicitPlanPass(plan)
     else:
-        from onnxq.passes.search import SearchPass  # the search comes with its own analyses
-
         planner = SearchPass()
-    from onnxq.passes.exclude import KeepFloatPass
-
     return Pipeline([planner, KeepFloatPass(), PreparePass(), LayoutPass(), CalibratePass(), RewritePass(), ValidatePass(),
                      MeasurePass()])
 
@@ -111,8 +100,6 @@ def quantize(
             explicit_plan = {str(k): v if isinstance(v, Candidate) else Candidate.parse(str(v)) for k, v in plan.items()}
             opts = replace(opts, plan_path="<mapping>", precision=None)
         else:
-            from onnxq.passes.plan import read_plan
-
             explicit_plan, _ = read_plan(plan)
             opts = replace(opts, plan_path=str(plan), precision=None)
     if precision is not None:
@@ -120,8 +107,6 @@ def quantize(
     if options is None or max_drop != 0.01:
         opts = replace(opts, max_drop=max_drop)
     if opts.mode == "plan" and explicit_plan is None and opts.plan_path:
-        from onnxq.passes.plan import read_plan
-
         explicit_plan, _ = read_plan(opts.plan_path)
     if exclude is not None:
         opts = replace(opts, exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude))
@@ -192,8 +177,6 @@ def _recurrent_notes(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def build_report(ctx: PassContext, spec: HardwareSpec, opts: QuantizeOptions, seconds: float, pipeline: str) -> dict[str, Any]:
-    from onnxq.passes.plan import plan_to_json
-
     plan: dict[str, Candidate] = ctx.artifacts["plan"]
     measurement = dict(ctx.artifacts.get("measurement", {}))
     fp32 = ctx.artifacts["fp32_model"]

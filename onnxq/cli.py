@@ -16,8 +16,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from onnxq import __version__
+import onnx
+
+from onnxq.api import quantize
+from onnxq.data import find_sibling_calibration, resolve_calibration_path
 from onnxq.errors import OnnxqError, UsageError
+from onnxq.graph import GraphView, scope_views
+from onnxq.model import atomic_write_text, check_output_path, check_quantizable_dtypes, load_model, save_model
+from onnxq.options import QuantizeOptions
+from onnxq.report_html import render_html
+from onnxq.sensitivity.cli import run_sensitivity_command
+from onnxq.spec import builtin_specs, check_spec_file, load_spec
+from onnxq.subgraphs import ensure_unique_node_names
+from onnxq.validate import validate_model
+from onnxq.version import __version__
 
 __all__ = ["main"]
 
@@ -136,10 +148,6 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from onnxq.graph import GraphView
-    from onnxq.model import load_model
-    from onnxq.subgraphs import ensure_unique_node_names, scope_views
-
     loaded = load_model(args.model)
     ensure_unique_node_names(loaded.proto)
     view = GraphView(loaded.proto)
@@ -171,8 +179,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_specs(args: argparse.Namespace) -> int:
-    from onnxq.spec import builtin_specs
-
     specs = builtin_specs()
     if args.json:
         print(json.dumps([{"name": n, "summary": s} for n, s in specs], indent=2))
@@ -184,8 +190,6 @@ def _cmd_specs(args: argparse.Namespace) -> int:
 
 
 def _cmd_spec_check(args: argparse.Namespace) -> int:
-    from onnxq.spec import check_spec_file
-
     if Path(args.spec).is_dir():
         raise UsageError(f"spec path {args.spec!r} is a directory", "pass the path of a spec JSON file")
     if not Path(args.spec).is_file():
@@ -203,10 +207,6 @@ def _cmd_spec_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from onnxq.model import load_model
-    from onnxq.spec import load_spec
-    from onnxq.validate import validate_model
-
     spec = load_spec(args.spec)
     loaded = load_model(args.model)
     violations = validate_model(loaded.proto, spec)
@@ -220,29 +220,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if violations else 0
 
 
-def _resolve_calib(model: str, calib: str | None) -> str:
-    from onnxq.data import find_sibling_calibration
-    from onnxq.errors import CalibrationError
-
-    if calib:
-        return calib
-    found = find_sibling_calibration(Path(model))
-    if found is None:
-        raise CalibrationError(f"no calibration data for {model!r}: --calib is missing and there is no "
-                               f"{Path(model).stem}.calib.npz beside it", "pass --calib DATA (onnxq never calibrates on random data)")
-    return str(found)
-
-
 def _refuse_half_precision(model_path: Path) -> None:
     """Refuse float16/bfloat16 models before any work (the rewrite quantizes float32 graphs only).
 
     Only the graph is parsed (external data stays on disk); a file that does not parse is left
     to :func:`onnxq.model.load_model`, which reports it properly.
     """
-    import onnx
-
-    from onnxq.model import check_quantizable_dtypes
-
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
     except Exception:  # reported by load_model with a proper message
@@ -252,15 +235,10 @@ def _refuse_half_precision(model_path: Path) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from onnxq.api import quantize
-    from onnxq.model import check_output_path, load_model, save_model
-    from onnxq.options import QuantizeOptions
-
     model_path = Path(args.model)
     if not model_path.is_file():
         load_model(args.model)  # raises the standard missing-file / directory error
     _refuse_half_precision(model_path)
-    from onnxq.data import find_sibling_calibration
 
     sibling = None if args.calib else find_sibling_calibration(model_path)
     inputs: list[Path | None] = [model_path, sibling,
@@ -283,19 +261,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         objective=args.objective, deploy_batch=args.deploy_batch,
         memory_budget_mb=args.memory_budget,
     )
-    calib = _resolve_calib(args.model, args.calib)
+    calib = resolve_calibration_path(args.model, args.calib)
     result = quantize(args.model, calib, args.spec, options=options)
     save_model(result.model, out)
     report = dict(result.report)
     report["output"] = str(out)
     if report_path is not None:
-        from onnxq.model import atomic_write_text
-
         atomic_write_text(report_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
     if html_path is not None:
-        from onnxq.model import atomic_write_text
-        from onnxq.report_html import render_html
-
         atomic_write_text(html_path, render_html(report))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
@@ -377,8 +350,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         _setup_logging(args)
         if args.command == "sensitivity":
-            from onnxq.sensitivity.cli import run_sensitivity_command
-
             code = run_sensitivity_command(args)
         else:
             code = _COMMANDS[args.command](args)

@@ -61,7 +61,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from onnxq.layout import SHARED_SCALE_DEFAULT, plan_layout
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
+from onnxq.rewrite import weight_axis
 from onnxq.spec.model import Granularity, HardwareSpec
 
 if TYPE_CHECKING:
@@ -263,8 +265,6 @@ def boundaries(view: GraphView, plan: Mapping[str, Candidate | str], spec: Hardw
     Returns:
         The boundaries in a deterministic order, with per-sample element counts.
     """
-    from onnxq.layout import SHARED_SCALE_DEFAULT, plan_layout
-
     chosen = {name: _candidate(c) for name, c in plan.items() if name in view.layers}
     layout = plan_layout(view, chosen, spec)
     integer = _integer_layers(layout.plan) - layout.fp16_layers
@@ -334,8 +334,6 @@ def boundary_edges(view: GraphView, spec: HardwareSpec | None = None) -> list[tu
     Returns:
         Edges in a deterministic order, per-sample elements.
     """
-    from onnxq.layout import SHARED_SCALE_DEFAULT
-
     through = ((spec.shared_scale_ops if spec is not None else frozenset()) or SHARED_SCALE_DEFAULT) | _INTEGER_TRANSPARENT
 
     def passes(node_name: str) -> bool:
@@ -398,8 +396,6 @@ def boundary_edges(view: GraphView, spec: HardwareSpec | None = None) -> list[tu
 
 def layer_costs(view: GraphView) -> list[LayerCost]:
     """The :class:`LayerCost` of every layer of ``view`` (per sample), in graph order."""
-    from onnxq.rewrite import weight_axis
-
     rows = []
     for layer in view.layers.values():
         channels = 1

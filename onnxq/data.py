@@ -21,7 +21,8 @@ import onnx
 
 from onnxq.errors import CalibrationError
 
-__all__ = ["InputSpec", "FeedSet", "model_inputs", "batch_axes", "first_sample", "load_feeds", "find_sibling_calibration"]
+__all__ = ["InputSpec", "FeedSet", "model_inputs", "batch_axes", "first_sample", "load_feeds", "find_sibling_calibration",
+           "resolve_calibration_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,17 @@ def find_sibling_calibration(model_path: Path) -> Path | None:
         if candidate.exists():
             return candidate
     return None
+
+
+def resolve_calibration_path(model: str, calib: str | None) -> str:
+    """The calibration data to use: ``calib`` if given, else the model's sibling (never random data)."""
+    if calib:
+        return calib
+    found = find_sibling_calibration(Path(model))
+    if found is None:
+        raise CalibrationError(f"no calibration data for {model!r}: --calib is missing and there is no "
+                               f"{Path(model).stem}.calib.npz beside it", "pass --calib DATA (onnxq never calibrates on random data)")
+    return str(found)
 
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")

@@ -20,8 +20,14 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
+from onnxq.spec.model import HardwareSpec
+from onnxq.subgraphs import Scope, Wrapped, outer_references, scopes, wrap
+
 __all__ = [
     "DEFAULT_LAYER_OPS",
+    "layer_ops_for",
+    "ScopeView",
+    "scope_views",
     "WeightLocation",
     "Weight",
     "Layer",
@@ -36,6 +42,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"})
 _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def layer_ops_for(spec: HardwareSpec) -> set[str]:
+    """Op types that are layers on this target: the defaults plus what the spec quantizes."""
+    ops = set(DEFAULT_LAYER_OPS)
+    for op_type, rule in spec.ops.items():
+        if any(not c.is_float or c.weights.value == "fp16" for c in rule.candidates):
+            ops.add(op_type)
+    return ops
 
 
 class WeightLocation(enum.StrEnum):
@@ -208,8 +223,6 @@ class GraphView:
             subgraphs = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
             subgraphs += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
             if subgraphs:
-                from onnxq.subgraphs import outer_references
-
                 implicit = set().union(*(outer_references(g) for g in subgraphs)) - set(node.input)
                 for tensor in sorted(implicit):
                     self.consumers.setdefault(tensor, []).append(node.name)
@@ -444,3 +457,22 @@ class GraphView:
                 "inputs": ",".join(self.producers(layer.name)) or "(graph input)",
             })
         return rows
+
+
+@dataclass(frozen=True)
+class ScopeView:
+    """A subgraph scope with its standalone wrapper model and graph view."""
+
+    scope: Scope
+    wrapper: onnx.ModelProto
+    wrapped: Wrapped
+    view: GraphView
+
+
+def scope_views(model: onnx.ModelProto, layer_ops: set[str] | frozenset[str]) -> list[ScopeView]:
+    """Graph views of every subgraph of ``model`` (empty for models without control flow)."""
+    views = []
+    for scope in scopes(model):
+        wrapper, wrapped = wrap(model, scope)
+        views.append(ScopeView(scope, wrapper, wrapped, GraphView(wrapper, layer_ops)))
+    return views

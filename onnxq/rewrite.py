@@ -30,6 +30,7 @@ from onnxq.qdq_patterns import (
     make_tensor,
 )
 from onnxq.spec.model import Granularity, HardwareSpec
+from onnxq.subgraphs import outer_references
 
 __all__ = ["RangeLike", "RewriteResult", "weight_axis", "weight_qparams", "apply_layout", "toposort_nodes"]
 
@@ -141,8 +142,6 @@ def _activation_qparams(quant: TensorQuant, precision: Precision, ranges: Mappin
 
 def toposort_nodes(graph: onnx.GraphProto) -> None:
     """Reorder ``graph.node`` topologically (stable for already ordered parts)."""
-    from onnxq.subgraphs import outer_references
-
     available = {i.name for i in graph.initializer} | {v.name for v in graph.input} | {""}
     produced = {o for n in graph.node for o in n.output}
     available |= {t for n in graph.node for t in n.input if t not in produced}  # outer scope
@@ -586,8 +585,6 @@ def _to_fp16(b: _Builder, view: GraphView, node: onnx.NodeProto, layer: object) 
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto, originals: Mapping[str, onnx.TensorProto]) -> None:
-    from onnxq.subgraphs import outer_references
-
     used = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
     for node in graph.node:
         for attr in node.attribute:

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.errors import ModelError
+from onnxq.model import is_large, save_model
 
 __all__ = ["create_session", "make_session", "run_all", "optimized_op_types"]
 
@@ -33,7 +34,6 @@ def create_session(model: onnx.ModelProto | bytes, options: ort.SessionOptions,
     with external data (protobuf cannot serialise them in one piece)."""
     if isinstance(model, bytes):
         return ort.InferenceSession(model, options, providers=list(providers))
-    from onnxq.model import is_large, save_model
 
     if not is_large(model):
         return ort.InferenceSession(_serialise(model), options, providers=list(providers))

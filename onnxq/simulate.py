@@ -44,7 +44,10 @@ __all__ = [
     "WeightFormat",
     "activation_qparams",
     "bake",
+    "constant_to_initializer",
+    "fake_quant_input_name",
     "fake_quantize_array",
+    "insert_fake_quant",
     "per_call_qparams",
     "weight_format",
 ]
@@ -126,7 +129,7 @@ def per_call_qparams(x: np.ndarray) -> QParams:
                    zero_point=np.asarray(zero, dtype=np.int64), precision=Precision.UINT8)
 
 
-def _input_name(tensor: str, param: str) -> str:
+def fake_quant_input_name(tensor: str, param: str) -> str:
     return f"onnxq_fq/{tensor}/{param}"
 
 
@@ -163,7 +166,7 @@ class FakeQuantModel:
         for name in self.activation_tensors:
             elem = types.get(name, onnx.TensorProto.FLOAT)
             self._act_dtype[name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-        _insert_fake_quant(copy.graph, self.activation_tensors, types)
+        insert_fake_quant(copy.graph, self.activation_tensors, types)
         self._weight_dtype = _expose_weights(copy.graph, self.weight_tensors)
         self.model = copy
         self.session = make_session(copy, optimize=True, providers=providers)
@@ -174,11 +177,11 @@ class FakeQuantModel:
         feed: dict[str, np.ndarray] = {}
         for name in self.activation_tensors:
             dt = self._act_dtype[name]
-            feed[_input_name(name, "scale")] = np.ones((), dtype=dt)
-            feed[_input_name(name, "zero_point")] = np.zeros((), dtype=dt)
-            feed[_input_name(name, "qmin")] = np.zeros((), dtype=dt)
-            feed[_input_name(name, "qmax")] = np.zeros((), dtype=dt)
-            feed[_input_name(name, "enable")] = np.zeros((), dtype=np.bool_)
+            feed[fake_quant_input_name(name, "scale")] = np.ones((), dtype=dt)
+            feed[fake_quant_input_name(name, "zero_point")] = np.zeros((), dtype=dt)
+            feed[fake_quant_input_name(name, "qmin")] = np.zeros((), dtype=dt)
+            feed[fake_quant_input_name(name, "qmax")] = np.zeros((), dtype=dt)
+            feed[fake_quant_input_name(name, "enable")] = np.zeros((), dtype=np.bool_)
         return feed
 
     def _param_feed(self, name: str, q: QParams) -> dict[str, np.ndarray]:
@@ -196,11 +199,11 @@ class FakeQuantModel:
             shape = (-1,) + (1,) * (rank - 1 - axis)
             scale, zero = scale.reshape(shape), zero.reshape(shape)
         return {
-            _input_name(name, "scale"): scale,
-            _input_name(name, "zero_point"): zero,
-            _input_name(name, "qmin"): np.asarray(q.qmin, dtype=dt),
-            _input_name(name, "qmax"): np.asarray(q.qmax, dtype=dt),
-            _input_name(name, "enable"): np.ones((), dtype=np.bool_),
+            fake_quant_input_name(name, "scale"): scale,
+            fake_quant_input_name(name, "zero_point"): zero,
+            fake_quant_input_name(name, "qmin"): np.asarray(q.qmin, dtype=dt),
+            fake_quant_input_name(name, "qmax"): np.asarray(q.qmax, dtype=dt),
+            fake_quant_input_name(name, "enable"): np.ones((), dtype=np.bool_),
         }
 
     def feed(
@@ -268,7 +271,7 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
-def _insert_fake_quant(
+def insert_fake_quant(
     graph: onnx.GraphProto, tensors: Sequence[str], types: Mapping[str, int]
 ) -> None:
     """Insert the fake-quant subgraph after each tensor (in place, keeping topological order)."""
@@ -282,7 +285,7 @@ def _insert_fake_quant(
         elem = types.get(name, onnx.TensorProto.FLOAT)
         for param in _PARAMS:
             ptype = onnx.TensorProto.BOOL if param == "enable" else elem
-            graph.input.append(helper.make_tensor_value_info(_input_name(name, param), ptype, None))
+            graph.input.append(helper.make_tensor_value_info(fake_quant_input_name(name, param), ptype, None))
         if name in producer_of:
             raw, out = f"{name}/fp32", name
             node = graph.node[producer_of[name]]
@@ -414,7 +417,7 @@ def _insert_per_sample_dynamic_quant(graph: onnx.GraphProto, tensors: Sequence[s
 
 
 def _fq_nodes(tensor: str, x: str, out: str) -> list[onnx.NodeProto]:
-    p = {param: _input_name(tensor, param) for param in _PARAMS}
+    p = {param: fake_quant_input_name(tensor, param) for param in _PARAMS}
     base = f"onnxq_fq/{tensor}"
     steps = [
         ("Div", [x, p["scale"]], "div"),
@@ -440,7 +443,7 @@ def _expose_weights(graph: onnx.GraphProto, weights: Sequence[str]) -> dict[str,
     dtypes: dict[str, np.dtype] = {}
     for name in weights:
         if name not in inits:
-            _constant_to_initializer(graph, name)
+            constant_to_initializer(graph, name)
             inits = {t.name: t for t in graph.initializer}
         if name not in inits:
             raise CalibrationError(
@@ -456,7 +459,7 @@ def _expose_weights(graph: onnx.GraphProto, weights: Sequence[str]) -> dict[str,
     return dtypes
 
 
-def _constant_to_initializer(graph: onnx.GraphProto, name: str) -> None:
+def constant_to_initializer(graph: onnx.GraphProto, name: str) -> None:
     for i, node in enumerate(graph.node):
         if node.op_type == "Constant" and list(node.output) == [name]:
             attrs = {a.name: a for a in node.attribute}
@@ -524,7 +527,7 @@ def bake(
     for name, value in (weights or {}).items():
         inits = {t.name: t for t in graph.initializer}
         if name not in inits:
-            _constant_to_initializer(graph, name)
+            constant_to_initializer(graph, name)
             inits = {t.name: t for t in graph.initializer}
         if name not in inits:
             raise CalibrationError(f"weight {name!r} is neither an initializer nor a Constant output",
@@ -540,8 +543,8 @@ def bake(
         tensors = list(activation_params)
         types = check_tensors(model, tensors)
         ranks = _ranks(model) if any(np.ndim(q.scale) > 0 for q in activation_params.values()) else {}
-        _insert_fake_quant(graph, tensors, types)
-        drop = {_input_name(t, p) for t in tensors for p in _PARAMS}
+        insert_fake_quant(graph, tensors, types)
+        drop = {fake_quant_input_name(t, p) for t in tensors for p in _PARAMS}
         keep = [i for i in graph.input if i.name not in drop]
         del graph.input[:]
         graph.input.extend(keep)
@@ -560,7 +563,7 @@ def bake(
             values = {"scale": scale, "zero_point": zero, "qmin": np.asarray(q.qmin, dtype=dt),
                       "qmax": np.asarray(q.qmax, dtype=dt)}
             for param, value in values.items():
-                graph.initializer.append(numpy_helper.from_array(value, _input_name(name, param)))
+                graph.initializer.append(numpy_helper.from_array(value, fake_quant_input_name(name, param)))
         # the Where node becomes Identity: x ← fq(x), unconditionally
         for node in graph.node:
             if node.op_type == "Where" and node.name.startswith("onnxq_fq/") and node.name.endswith("/Where"):

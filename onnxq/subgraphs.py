@@ -19,14 +19,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-
-if TYPE_CHECKING:
-    from onnxq.graph import GraphView
 
 __all__ = ["Scope", "scopes", "find_graph", "outer_references", "wrap", "unwrap", "expose", "Wrapped"]
 
@@ -261,24 +257,3 @@ def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> tuple[onnx.ModelPr
             exposed.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         mapping[tensor] = name
     return exposed, mapping
-
-
-@dataclass(frozen=True)
-class ScopeView:
-    """A subgraph scope with its standalone wrapper model and graph view."""
-
-    scope: Scope
-    wrapper: onnx.ModelProto
-    wrapped: Wrapped
-    view: GraphView
-
-
-def scope_views(model: onnx.ModelProto, layer_ops: set[str] | frozenset[str]) -> list[ScopeView]:
-    """Graph views of every subgraph of ``model`` (empty for models without control flow)."""
-    from onnxq.graph import GraphView
-
-    views = []
-    for scope in scopes(model):
-        wrapper, wrapped = wrap(model, scope)
-        views.append(ScopeView(scope, wrapper, wrapped, GraphView(wrapper, layer_ops)))
-    return views

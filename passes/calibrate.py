@@ -12,10 +12,13 @@ import numpy as np
 from onnxq.passes.layout import plan_layouts
 
 from onnxq.calibration import TensorRange, collect_ranges
+from onnxq.calibration.weights import written_weight_ranges
 from onnxq.layout import Layout
+from onnxq.model import model_opset
 from onnxq.numerics import fake_quantize
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import Precision, bits, is_integer
+from onnxq.rewrite import weight_qparams
 from onnxq.subgraphs import expose
 
 __all__ = ["CalibratePass"]
@@ -40,11 +43,6 @@ def _targets(layouts: list[Layout]) -> tuple[dict[str, Precision], dict[str, boo
 
 def _quantized_weights(ctx: PassContext) -> dict[str, np.ndarray]:
     """The dequantized integer weights the rewrite will write, for LAPQ's loss."""
-    from onnxq.passes.rewrite import _weight_ranges
-
-    from onnxq.model import model_opset
-    from onnxq.rewrite import weight_qparams
-
     view = ctx.analysis("graph_view")
     spec = ctx.artifacts["spec"]
     weights: dict[str, np.ndarray] = {}
@@ -58,7 +56,7 @@ def _quantized_weights(ctx: PassContext) -> dict[str, np.ndarray]:
         if value is None:
             continue
         w = value.astype(np.float32)
-        q = weight_qparams(w, view.nodes[name], candidate, spec, weight_ranges=_weight_ranges,
+        q = weight_qparams(w, view.nodes[name], candidate, spec, weight_ranges=written_weight_ranges,
                            per_channel_ok=model_opset(ctx.model) >= 13)
         weights[layer.weight.tensor] = fake_quantize(w, q)
     return weights

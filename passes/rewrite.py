@@ -7,23 +7,16 @@ import logging
 
 from onnxq.passes.plan import plan_to_json
 
-from onnxq import __version__
-from onnxq.calibration import weight_ranges
+from onnxq.calibration.weights import written_weight_ranges
 from onnxq.model import model_opset
 from onnxq.pipeline import Pass, PassContext
-from onnxq.precision import Precision, bits
 from onnxq.rewrite import RewriteResult, apply_layout
 from onnxq.subgraphs import unwrap, wrap
+from onnxq.version import __version__
 
 __all__ = ["RewritePass"]
 
 logger = logging.getLogger(__name__)
-
-
-def _weight_ranges(w, axis, precision: Precision, symmetric: bool):  # type: ignore[no-untyped-def]
-    # low bit widths lose most to outliers: pick the MSE-optimal clipping per channel there
-    method = "mse" if bits(precision) <= 4 else "minmax"
-    return weight_ranges(w, axis, precision, symmetric, method=method)
 
 
 class RewritePass(Pass):
@@ -41,12 +34,12 @@ class RewritePass(Pass):
         # innermost scopes first: an outer scope's wrapper then carries its rewritten children
         for scope, layout in sorted(ctx.artifacts.get("scope_layouts", []), key=lambda item: -item[0].depth):
             wrapper, wrapped = wrap(ctx.model, scope)
-            scoped = apply_layout(wrapper, layout, ranges, spec, weight_ranges=_weight_ranges, per_channel_ok=per_channel_ok)
+            scoped = apply_layout(wrapper, layout, ranges, spec, weight_ranges=written_weight_ranges, per_channel_ok=per_channel_ok)
             unwrap(ctx.model, scope, wrapper, wrapped)
             quantized.update(scoped.quantized_layers)
             weight_bytes += scoped.weight_bytes
         result = apply_layout(ctx.model, ctx.artifacts["layout"], ranges, spec,
-                              weight_ranges=_weight_ranges, per_channel_ok=per_channel_ok)
+                              weight_ranges=written_weight_ranges, per_channel_ok=per_channel_ok)
         if quantized:
             quantized.update(result.quantized_layers)
             result = RewriteResult(ctx.model, quantized, weight_bytes + result.weight_bytes)

@@ -5,7 +5,7 @@ the predicted loss (sensitivity deltas plus pair cross terms) under the budget w
 linear program (:mod:`onnxq.search.ilp`). The accuracy-range mode (``--max-drop X``, the
 default) builds the predicted Pareto front of loss against cost (estimated latency and weight size,
 each relative to fp32, weighed equally), orders its plans
-by cost, and bisects over them with real onnxruntime evaluations (:mod:`onnxq.evaluate`) for
+by cost, and bisects over them with real onnxruntime evaluations (:mod:`onnxq.passes.evaluate`) for
 the cheapest plan whose measured drop is at most X: a logarithmic number of evaluations.
 
 Every plan built there is also weighed as the user will run it: bytes of its written model and,
@@ -32,9 +32,11 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx.shape_inference
+from onnxq.passes.evaluate import PlanEvaluator
 from onnxq.passes.plan import all_layers, closest_candidate
+from tqdm import tqdm
 
-from onnxq.evaluate import PlanEvaluator
+from onnxq.cost import boundary_edges, estimate, layer_costs, weight_bytes
 from onnxq.graph import GraphView
 from onnxq.latency import LatencyRatio, deploy_feeds, measure_latency, runs_here
 from onnxq.model import byte_size
@@ -128,8 +130,6 @@ class _Costs:
     """
 
     def __init__(self, views: Sequence[GraphView], spec: HardwareSpec) -> None:
-        from onnxq.cost import boundary_edges, estimate, layer_costs, weight_bytes
-
         self.spec = spec
         self.layers = [row for view in views for row in layer_costs(view)]
         self.by_name = {row.name: row for row in self.layers}
@@ -486,8 +486,6 @@ class SearchPass(Pass):
                 progress: bool, integer_only: bool) -> int | None:
         """The cheapest plan of the front whose measured drop is inside the range (log₂ of the
         front in real evaluations; fp32, last, passes by definition unless integer-only)."""
-        from tqdm import tqdm
-
         lo, hi = 0, len(front) - 1
         last = meter.measure(hi, front[hi][0]) if integer_only else meter.fp32(hi)
         passing = hi if last.drop <= max_drop else None

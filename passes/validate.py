@@ -10,6 +10,7 @@ from onnxq.errors import PassError
 from onnxq.model import is_large
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.runtime import make_session
+from onnxq.validate import validate_model
 
 __all__ = ["ValidatePass"]
 
@@ -25,8 +26,6 @@ class ValidatePass(Pass):
     preserves = ALL
 
     def run(self, ctx: PassContext) -> bool:
-        from onnxq.validate import validate_model
-
         try:
             if not is_large(ctx.model):
                 onnx.checker.check_model(ctx.model, full_check=True)

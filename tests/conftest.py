@@ -47,7 +47,9 @@ replies = os.fdopen(os.dup(1), "wb", buffering=0)
 null = os.open(os.devnull, os.O_RDWR)
 os.dup2(null, 0)
 os.dup2(null, 1)
-import onnxq.cli  # the imports every run would repeat
+# the slow imports every run would repeat; not onnxq itself, which imports onnxruntime: a child
+# forked after onnxruntime is imported aborts at exit (its thread pools do not survive fork)
+import jsonschema, networkx, numpy, onnx, onnx.shape_inference, onnx.version_converter, scipy.stats, tqdm
 import runpy
 while True:
     line = requests.readline()

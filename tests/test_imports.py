@@ -16,12 +16,16 @@ The checker itself is tested on a small synthetic package, so it can fail.
 from __future__ import annotations
 
 import ast
+import configparser
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
 import pytest
+
+import onnxq
+from onnxq.version import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Package name -> folder, as setup.cfg's package_dir maps them.
@@ -30,9 +34,6 @@ ANALYSES: tuple[str, ...] = ("onnxq.sensitivity", "onnxq.search", "onnxq.calibra
 FACES: tuple[str, ...] = ("onnxq.cli", "onnxq.api")
 #: Optional dependencies, the only ones a function may import lazily.
 OPTIONAL_DEPS: frozenset[str] = frozenset({"ray", "matplotlib", "nncf", "psutil"})
-
-XFAIL_REASON = ("issue 14: violations present before the layering refactor; the lead removes this mark once "
-                "the merged branches fix them")
 
 
 @dataclass(frozen=True)
@@ -251,28 +252,23 @@ def _fail(problems: list[str], what: str) -> None:
         pytest.fail(f"{len(problems)} {what}:\n" + "\n".join(problems), pytrace=False)
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
 def test_no_import_cycles(package: ImportScan) -> None:
     _fail(import_cycles(package), "import cycles")
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
 def test_no_import_cycles_once_function_local_imports_are_hoisted(package: ImportScan) -> None:
     """The cycles that function-local imports hide today (rule 4 would turn them into real ones)."""
     _fail(import_cycles(package, function_local=True), "import cycles counting function-local imports")
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
 def test_no_private_names_across_modules(package: ImportScan) -> None:
     _fail(private_imports(package), "private cross-module imports")
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
 def test_analyses_do_not_import_the_cli_or_api(package: ImportScan) -> None:
     _fail(analyses_importing_faces(package), "analysis imports of the CLI/API")
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
 def test_function_local_imports_only_for_optional_dependencies(package: ImportScan) -> None:
     _fail(function_local_imports(package), "function-local imports of required modules")
 
@@ -320,3 +316,12 @@ def test_checker_finds_each_kind_of_violation(tmp_path: Path) -> None:
     local = function_local_imports(result)
     assert "pkg/core.py:7: pkg.core imports json inside a function" in local
     assert not any(" ray " in line for line in local)
+
+
+def test_version_lives_in_a_leaf_module_that_setup_cfg_reads(package: ImportScan) -> None:
+    """setup.cfg reads the version without importing the API, and ``onnxq.__version__`` still names it."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    assert config["metadata"]["version"].strip() == "attr: onnxq.version.__version__"
+    assert not [e for e in package.edges if e.importer == "onnxq.version" and e.target.startswith("onnxq")]
+    assert onnxq.__version__ == __version__

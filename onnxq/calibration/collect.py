@@ -14,6 +14,7 @@ import onnx
 from onnxq.calibration import cache as _cache
 from onnxq.calibration import thresholds as _th
 from onnxq.calibration.histogram import TensorStats
+from onnxq.calibration.lapq import lapq_ranges
 from onnxq.calibration.sweep import check_tensors, prepare_feeds, sweep
 from onnxq.calibration.types import CalibrationMethod, TensorRange
 from onnxq.errors import UsageError
@@ -183,8 +184,6 @@ def collect_ranges(
     )
     ranges = ranges_from_stats(stats, m, precisions, symmetric, percentile)
     if m is CalibrationMethod.LAPQ:
-        from onnxq.calibration.lapq import lapq_ranges
-
         ranges = lapq_ranges(model, feed_list, stats, precisions, symmetric, seed=seed, weights=weights)
     logger.info(
         "calibrated %d tensors with %s on %d feeds in %.2fs",

@@ -26,6 +26,7 @@ from onnxq.calibration.types import TensorRange
 from onnxq.errors import UsageError
 from onnxq.numerics import QParams, qparams_from_range
 from onnxq.precision import Precision, is_integer
+from onnxq.simulate import FakeQuantModel
 
 __all__ = ["BOUNDS", "MAXFEV_CAP", "MAXFEV_PER_TENSOR", "P_VALUES", "lapq_ranges", "output_loss"]
 
@@ -99,8 +100,6 @@ def lapq_ranges(
         weights: quantized weight values fed in place of the fp32 ones during the search (the
             reference outputs stay fp32).
     """
-    from onnxq.simulate import FakeQuantModel
-
     if loss not in ("mse", "kl"):
         raise UsageError(f"unknown LAPQ loss {loss!r}", "use 'mse' or 'kl'")
     names = [t for t, st in stats.items() if is_integer(precisions[t]) and st.count > 0]

@@ -18,9 +18,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
+from tqdm import tqdm
 
 from onnxq.calibration.histogram import RunningHistogram, TensorStats
 from onnxq.errors import CalibrationError
+from onnxq.runtime import create_session
 
 __all__ = [
     "FLOAT_TYPES",
@@ -207,8 +209,6 @@ def make_session(
     )
     options.log_severity_level = 3
     try:
-        from onnxq.runtime import create_session
-
         session = create_session(model, options, list(providers or ["CPUExecutionProvider"]))
     except Exception as exc:
         raise CalibrationError(
@@ -299,8 +299,6 @@ def sweep(
     session_inputs = {i.name for i in session.get_inputs()}
     iterator: Iterable[Mapping[str, np.ndarray]] = feeds
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(feeds, desc="calibration", unit="batch", leave=False)
     logger.debug("sweep over %d feeds for %d tensors", len(feeds), len(tensors))
     for index, feed in enumerate(iterator):

@@ -6,9 +6,9 @@ import numpy as np
 
 from onnxq.errors import CalibrationError
 from onnxq.numerics import MIN_SCALE, fake_quantize, qparams_from_range
-from onnxq.precision import Precision, is_integer, qrange
+from onnxq.precision import Precision, bits, is_integer, qrange
 
-__all__ = ["COARSE", "MSE_GRID", "weight_ranges"]
+__all__ = ["COARSE", "MSE_GRID", "weight_range_method", "weight_ranges", "written_weight_ranges"]
 
 #: Clipping factors the ``"mse"`` weight method chooses from (fractions of each channel's range).
 MSE_GRID = np.linspace(0.3, 1.0, 71)
@@ -74,6 +74,19 @@ def weight_ranges(
     if axis is None:
         return np.asarray(lo[0], dtype=np.float32), np.asarray(hi[0], dtype=np.float32)
     return lo.astype(np.float32), hi.astype(np.float32)
+
+
+def weight_range_method(precision: Precision) -> str:
+    """How the written weights of ``precision`` get their range: low bit widths lose most to
+    outliers, so they take the MSE-optimal clipping per channel; wider grids take min/max."""
+    return "mse" if bits(precision) <= 4 else "minmax"
+
+
+def written_weight_ranges(
+    w: np.ndarray, axis: int | None, precision: Precision, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`weight_ranges` with the method of :func:`weight_range_method`: the ranges the rewrite writes."""
+    return weight_ranges(w, axis, precision, symmetric, method=weight_range_method(precision))
 
 
 def _mse_clip(

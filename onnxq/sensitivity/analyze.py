@@ -85,13 +85,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+from scipy.stats import spearmanr
 
 from onnxq.calibration import cache as _cache
 from onnxq.calibration import collect_ranges
 from onnxq.errors import CalibrationError, ModelError, PlanError, UsageError
-from onnxq.graph import GraphView, Layer
+from onnxq.graph import GraphView, Layer, layer_ops_for, scope_views
 from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
-from onnxq.model import model_opset, upgrade_opset
+from onnxq.model import atomic_write_text, model_opset, upgrade_opset
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
 from onnxq.rewrite import weight_axis
 from onnxq.sensitivity.engine import (
@@ -110,7 +111,7 @@ from onnxq.sensitivity.executors import require_executor, run_jobs
 from onnxq.sensitivity.scoped import MAIN_SCOPE, ScopeChange, ScopedEvaluator, ScopedJob
 from onnxq.simulate import WeightFormat, weight_format
 from onnxq.spec.model import Granularity, HardwareSpec
-from onnxq.subgraphs import expose, scope_views
+from onnxq.subgraphs import expose
 
 __all__ = ["SENSITIVITY_FORMAT", "METHODS", "ALGORITHM_VERSION", "analyze", "predicted_loss", "bounded_cross",
            "spec_digest", "EVALUATION_COUNTER"]
@@ -140,12 +141,6 @@ class _Counter:
 
 
 EVALUATION_COUNTER = _Counter()
-
-
-def _layer_ops(spec: HardwareSpec) -> set[str]:
-    from onnxq.api import layer_ops_for  # noqa: PLC0415 - api imports the passes; keep it lazy
-
-    return set(layer_ops_for(spec))
 
 
 def _default_candidates(layer: Layer, spec: HardwareSpec) -> list[Candidate]:
@@ -382,8 +377,6 @@ def _store_cached(cache_dir: str | os.PathLike[str] | None, key: str, result: di
     path = _cache_path(cache_dir, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        from onnxq.model import atomic_write_text  # noqa: PLC0415
-
         atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True))
     except OSError as exc:
         logger.warning("cannot write sensitivity cache %s (%s)", path, exc)
@@ -401,8 +394,6 @@ def _resolve_loss(loss: str, reference: Sequence[Sequence[np.ndarray]]) -> str:
 def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    from scipy.stats import spearmanr  # noqa: PLC0415
-
     value = float(spearmanr(x, y).statistic)
     return None if not np.isfinite(value) else value
 
@@ -645,8 +636,8 @@ def analyze(
         work = onnx.shape_inference.infer_shapes(work, strict_mode=False)
     except Exception as exc:  # noqa: BLE001 - shapes only feed MACs
         logger.debug("shape inference failed (%s)", exc)
-    view = GraphView(work, _layer_ops(spec))
-    scoped_views = {sv.scope.key: sv for sv in scope_views(work, _layer_ops(spec))}
+    view = GraphView(work, layer_ops_for(spec))
+    scoped_views = {sv.scope.key: sv for sv in scope_views(work, layer_ops_for(spec))}
     views: dict[str, GraphView] = {MAIN_SCOPE: view, **{k: sv.view for k, sv in scoped_views.items()}}
     chosen, home = _choose(views, spec, candidates)
     layer_names = list(home)

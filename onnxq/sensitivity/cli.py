@@ -14,7 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from onnxq.data import load_feeds, resolve_calibration_path
 from onnxq.errors import UsageError
+from onnxq.model import atomic_write_text, check_output_path, load_model
+from onnxq.options import default_cache_dir
+from onnxq.sensitivity.analyze import analyze
+from onnxq.spec import load_spec
 
 __all__ = ["run_sensitivity_command", "ranked_rows"]
 
@@ -50,13 +55,6 @@ def _fmt(value: float | None) -> str:
 
 def run_sensitivity_command(args: argparse.Namespace) -> int:
     """Run the ``sensitivity`` sub-command; returns the exit code (errors raise OnnxqError)."""
-    from onnxq.cli import _resolve_calib  # noqa: PLC0415 - the CLI module imports us lazily
-    from onnxq.data import load_feeds  # noqa: PLC0415
-    from onnxq.model import atomic_write_text, check_output_path, load_model  # noqa: PLC0415
-    from onnxq.options import default_cache_dir  # noqa: PLC0415
-    from onnxq.sensitivity.analyze import analyze  # noqa: PLC0415
-    from onnxq.spec import load_spec  # noqa: PLC0415
-
     if args.random_plans < 0:
         raise UsageError(f"--random-plans {args.random_plans} is negative", "e.g. --random-plans 20")
     if args.workers < 0:
@@ -69,7 +67,7 @@ def run_sensitivity_command(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     out = check_output_path(args.output, [Path(args.model)])
     spec = load_spec(args.spec)
-    calib = _resolve_calib(args.model, args.calib)
+    calib = resolve_calibration_path(args.model, args.calib)
     feeds = load_feeds(calib, loaded.proto, batch_size=64, held_back_fraction=0.0)
     quiet = bool(getattr(args, "quiet", False))
     sens = analyze(

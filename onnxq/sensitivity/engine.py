@@ -26,13 +26,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from onnxq.calibration import weight_ranges
 from onnxq.calibration.sweep import MAX_IR_VERSION, make_session
 from onnxq.numerics import fake_quantize, qparams_from_range
 from onnxq.precision import Precision, is_integer
 from onnxq.qdq_patterns import fake_quantize_blockwise
-from onnxq.simulate import DynamicQuant, FakeQuantModel, bake, fake_quantize_array
+from onnxq.runtime import create_session
+from onnxq.simulate import (
+    DynamicQuant,
+    FakeQuantModel,
+    bake,
+    constant_to_initializer,
+    fake_quant_input_name,
+    fake_quantize_array,
+    insert_fake_quant,
+)
 
 __all__ = [
     "LOSSES",
@@ -273,10 +283,6 @@ def _session(model: onnx.ModelProto) -> object:
     no activation buffers (dozens of cut sessions live at once); no weight prepacking, which
     would give every session its own packed copy of the shared weights.
     """
-    import onnxruntime as ort  # noqa: PLC0415
-
-    from onnxq.runtime import create_session  # noqa: PLC0415
-
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -562,10 +568,8 @@ class SuffixRunner:
 
     def _insert_internal_fake_quant(self, model: onnx.ModelProto, tensors: Sequence[str]) -> None:
         """Always-on fake-quant (no ``Where``) of the layer's own activations produced in the suffix."""
-        from onnxq.simulate import _insert_fake_quant  # noqa: PLC0415
-
         types = {t: self.types[t].tensor_type.elem_type for t in tensors}
-        _insert_fake_quant(model.graph, list(tensors), types)
+        insert_fake_quant(model.graph, list(tensors), types)
         keep = [i for i in model.graph.input if not i.name.endswith("/enable")]
         del model.graph.input[:]
         model.graph.input.extend(keep)
@@ -652,8 +656,6 @@ class SuffixRunner:
             acts: Mapping[str, object]) -> list[tuple[np.ndarray, ...]]:
         """The graph outputs per cached feed with ``weights`` replaced and ``acts``
         fake-quantized, running the sessions ``keys`` (from :meth:`plan`) in order."""
-        from onnxq.simulate import _input_name  # noqa: PLC0415
-
         out = []
         for f, cache in enumerate(self.cache):
             values: dict[str, np.ndarray] = {}
@@ -669,10 +671,10 @@ class SuffixRunner:
                 for t in self.internal[key]:
                     q = acts[t]
                     dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.types[t].tensor_type.elem_type))
-                    feed[_input_name(t, "scale")] = np.asarray(q.scale, dtype=dt)  # type: ignore[attr-defined]
-                    feed[_input_name(t, "zero_point")] = np.asarray(q.zero_point).astype(dt)  # type: ignore[attr-defined]
-                    feed[_input_name(t, "qmin")] = np.asarray(q.qmin, dtype=dt)  # type: ignore[attr-defined]
-                    feed[_input_name(t, "qmax")] = np.asarray(q.qmax, dtype=dt)  # type: ignore[attr-defined]
+                    feed[fake_quant_input_name(t, "scale")] = np.asarray(q.scale, dtype=dt)  # type: ignore[attr-defined]
+                    feed[fake_quant_input_name(t, "zero_point")] = np.asarray(q.zero_point).astype(dt)  # type: ignore[attr-defined]
+                    feed[fake_quant_input_name(t, "qmin")] = np.asarray(q.qmin, dtype=dt)  # type: ignore[attr-defined]
+                    feed[fake_quant_input_name(t, "qmax")] = np.asarray(q.qmax, dtype=dt)  # type: ignore[attr-defined]
                 for w in self.segments[key[2:]].weights:
                     if w in weights:
                         feed[w] = weights[w]
@@ -705,9 +707,7 @@ class Evaluator:
         inits = {t.name for t in model.graph.initializer}
         for name in context.weight_tensors:  # Constant-node weights become initializers, so they can be fed
             if name not in inits:
-                from onnxq.simulate import _constant_to_initializer  # noqa: PLC0415
-
-                _constant_to_initializer(model.graph, name)
+                constant_to_initializer(model.graph, name)
         self.shared = split_shared_weights(model)
         #: the model without its shared weights (they are graph inputs); parsed again so that
         #: the protobuf arena that held the weights is released

@@ -19,10 +19,11 @@ import numpy as np
 import onnx
 
 from onnxq.calibration.sweep import make_session
+from onnxq.graph import ScopeView
 from onnxq.numerics import qparams_from_range
 from onnxq.sensitivity.engine import ActivationQuant, WeightPerturbation, loss_between, rademacher, weight_noise
 from onnxq.simulate import bake
-from onnxq.subgraphs import ScopeView, unwrap, wrap
+from onnxq.subgraphs import unwrap, wrap
 
 __all__ = ["MAIN_SCOPE", "ScopeChange", "ScopedJob", "ScopedEvaluator"]
 

@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnxq.passes.calibrate import CalibratePass
+from onnxq.passes.layout import LayoutPass
+from onnxq.passes.prepare import PreparePass
+from onnxq.passes.rewrite import RewritePass
 
 from onnxq.errors import UsageError
 from onnxq.metrics import fidelity, resolve_metric
@@ -77,8 +81,6 @@ class PlanEvaluator:
 
     def build(self, plan: Mapping[str, Candidate]) -> onnx.ModelProto:
         """The quantized model of ``plan`` (prepare, layout, calibrate, rewrite on a copy)."""
-        from onnxq.passes import CalibratePass, LayoutPass, PreparePass, RewritePass
-
         model = onnx.ModelProto()
         model.CopyFrom(self.base)
         ctx = PassContext(model=model, options=self.options, analyses=self.analyses.fresh())
