@@ -23,7 +23,7 @@ quantized branch is computed for tensors that stay fp32):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,58 +277,46 @@ def insert_fake_quant(
     """Insert the fake-quant subgraph after each tensor (in place, keeping topological order)."""
     if not tensors:
         return
-    producer_of = {o: i for i, node in enumerate(graph.node) for o in node.output}
-    after: dict[int, list[onnx.NodeProto]] = {}
-    prologue: list[onnx.NodeProto] = []
-    renames: dict[str, str] = {}
     for name in tensors:
         elem = types.get(name, onnx.TensorProto.FLOAT)
         for param in _PARAMS:
             ptype = onnx.TensorProto.BOOL if param == "enable" else elem
             graph.input.append(helper.make_tensor_value_info(fake_quant_input_name(name, param), ptype, None))
-        if name in producer_of:
-            raw, out = f"{name}/fp32", name
-            node = graph.node[producer_of[name]]
-            node.output[list(node.output).index(name)] = raw
-            after.setdefault(producer_of[name], []).extend(_fq_nodes(name, raw, out))
-        else:
-            raw, out = name, f"{name}/fq"
-            renames[name] = out
-            prologue.extend(_fq_nodes(name, raw, out))
-    if renames:
-        for node in graph.node:
-            for i, inp in enumerate(node.input):
-                if inp in renames:
-                    node.input[i] = renames[inp]
-    nodes = list(prologue)
-    for i, node in enumerate(graph.node):
-        nodes.append(node)
-        nodes.extend(after.get(i, []))
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _insert_after(graph, tensors, "fq", _fq_nodes)
 
 
 def _insert_dynamic_quant(graph: onnx.GraphProto, tensors: Sequence[str]) -> None:
     """``DynamicQuantizeLinear -> DequantizeLinear`` after each tensor (in place, in order)."""
+
+    def nodes(name: str, raw: str, out: str) -> list[onnx.NodeProto]:
+        base = f"onnxq_dq/{name}"
+        return [helper.make_node("DynamicQuantizeLinear", [raw], [f"{base}/q", f"{base}/s", f"{base}/z"],
+                                 name=f"{base}/DynamicQuantizeLinear"),
+                helper.make_node("DequantizeLinear", [f"{base}/q", f"{base}/s", f"{base}/z"], [out],
+                                 name=f"{base}/DequantizeLinear")]
+
+    _insert_after(graph, tensors, "dq", nodes)
+
+
+def _insert_after(graph: onnx.GraphProto, tensors: Sequence[str], suffix: str,
+                  make: Callable[[str, str, str], list[onnx.NodeProto]]) -> None:
+    """Put ``make(name, raw, out)`` after each tensor: a node's output is renamed ``name/fp32``
+    and the inserted nodes give back ``name``; a graph input feeds ``name/<suffix>``, which its
+    consumers then read (in place, keeping topological order)."""
     producer_of = {o: i for i, node in enumerate(graph.node) for o in node.output}
     after: dict[int, list[onnx.NodeProto]] = {}
     prologue: list[onnx.NodeProto] = []
     renames: dict[str, str] = {}
     for name in tensors:
-        base = f"onnxq_dq/{name}"
         if name in producer_of:
             raw, out = f"{name}/fp32", name
             node = graph.node[producer_of[name]]
             node.output[list(node.output).index(name)] = raw
-            target = after.setdefault(producer_of[name], [])
+            after.setdefault(producer_of[name], []).extend(make(name, raw, out))
         else:
-            raw, out = name, f"{name}/dq"
+            raw, out = name, f"{name}/{suffix}"
             renames[name] = out
-            target = prologue
-        target.append(helper.make_node("DynamicQuantizeLinear", [raw], [f"{base}/q", f"{base}/s", f"{base}/z"],
-                                       name=f"{base}/DynamicQuantizeLinear"))
-        target.append(helper.make_node("DequantizeLinear", [f"{base}/q", f"{base}/s", f"{base}/z"], [out],
-                                       name=f"{base}/DequantizeLinear"))
+            prologue.extend(make(name, raw, out))
     for node in graph.node:
         for i, inp in enumerate(node.input):
             if inp in renames:
