@@ -489,7 +489,9 @@ def _report_without_timing(path: Path) -> dict[str, object]:
     return report
 
 
-@pytest.mark.parametrize("mode", [["--precision", "int8/uint8"], ["--precision", "int8/uint8", "--calibration", "entropy"]],
+@pytest.mark.parametrize("mode", [["--precision", "int8/uint8"],
+                                  pytest.param(["--precision", "int8/uint8", "--calibration", "entropy"],
+                                               marks=pytest.mark.slow)],
                          ids=["minmax", "entropy"])
 def test_determinism(tmp_path: Path, cnn_path: Path, mode: list[str]) -> None:
     """Same inputs and seed: byte-identical models; reports identical except timing fields.
