@@ -33,6 +33,7 @@ from onnx import helper, numpy_helper
 from onnxq.calibration.sweep import MAX_IR_VERSION, check_tensors, make_session
 from onnxq.calibration.types import TensorRange
 from onnxq.errors import CalibrationError
+from onnxq.model import model_opset
 from onnxq.numerics import MIN_SCALE, QParams, qparams_from_range
 from onnxq.precision import Candidate, Precision
 from onnxq.qdq_patterns import dynamic_activation_qparams
@@ -329,10 +330,6 @@ def _insert_after(graph: onnx.GraphProto, tensors: Sequence[str], suffix: str,
     graph.node.extend(nodes)
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
-
-
 def _per_sample_nodes(x: str, out: str, opset: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """``DynamicQuantizeLinear -> DequantizeLinear`` of each sample (row of axis 0) of ``x``,
     in float32 as onnxruntime computes it, for any batch."""
@@ -375,33 +372,13 @@ def _insert_per_sample_dynamic_quant(graph: onnx.GraphProto, tensors: Sequence[s
     """:func:`_per_sample_nodes` after each tensor (in place, keeping topological order)."""
     if not tensors:
         return
-    producer_of = {o: i for i, node in enumerate(graph.node) for o in node.output}
-    after: dict[int, list[onnx.NodeProto]] = {}
-    prologue: list[onnx.NodeProto] = []
-    renames: dict[str, str] = {}
-    for name in tensors:
-        if name in producer_of:
-            raw, out = f"{name}/fp32", name
-            node = graph.node[producer_of[name]]
-            node.output[list(node.output).index(name)] = raw
-            target = after.setdefault(producer_of[name], [])
-        else:
-            raw, out = name, f"{name}/dq"
-            renames[name] = out
-            target = prologue
-        nodes, inits = _per_sample_nodes(raw, out, opset)
-        target.extend(nodes)
+
+    def nodes(name: str, raw: str, out: str) -> list[onnx.NodeProto]:
+        made, inits = _per_sample_nodes(raw, out, opset)
         graph.initializer.extend(inits)
-    for node in graph.node:
-        for i, inp in enumerate(node.input):
-            if inp in renames:
-                node.input[i] = renames[inp]
-    ordered = list(prologue)
-    for i, node in enumerate(graph.node):
-        ordered.append(node)
-        ordered.extend(after.get(i, []))
-    del graph.node[:]
-    graph.node.extend(ordered)
+        return made
+
+    _insert_after(graph, tensors, "dq", nodes)
 
 
 def _fq_nodes(tensor: str, x: str, out: str) -> list[onnx.NodeProto]:
@@ -526,7 +503,7 @@ def bake(
         check_tensors(model, dynamic)
         per_sample = [t for t in dynamic if activation_params_all[t].per_sample]
         _insert_dynamic_quant(graph, [t for t in dynamic if t not in per_sample])
-        _insert_per_sample_dynamic_quant(graph, per_sample, _opset(model))
+        _insert_per_sample_dynamic_quant(graph, per_sample, model_opset(model))
     if activation_params:
         tensors = list(activation_params)
         types = check_tensors(model, tensors)
