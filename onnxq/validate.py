@@ -408,10 +408,15 @@ class _Checker:
         quantized_in = any(e[3] is not None for e in weights + acts)
 
         float_acts = [e for e in acts if e[3] is None]
+        computes_in_float = bool(float_acts) or self.float_weight_side(weights)
         if float_acts:
             # Any float activation input makes the op compute in float; DQ'd inputs are just
             # dequantized for it (weights may still be stored quantized: weight-only).
             act_precision = float_acts[0][2]
+        elif acts and computes_in_float:
+            # A float or block-wise weight keeps the op in float (no QDQ selector takes it), so a
+            # DQ'd activation (codes gathered from a weight-only table) is only dequantized for it.
+            act_precision = g.precision_of(node.input[acts[0][0]]) or Precision.FP32
         elif acts:
             act_precision = acts[0][2]
         elif out_qs and weights and weights[0][3] is not None and all(
@@ -429,7 +434,7 @@ class _Checker:
         candidate = None
         if w_precision is not None and act_precision is not None:
             candidate = self.refined(Candidate(w_precision, act_precision), weights, acts, integer_compute)
-        mixed = sorted({str(e[2]) for e in acts if e[2] is not None}) if not float_acts else []
+        mixed = sorted({str(e[2]) for e in acts if e[2] is not None}) if not computes_in_float else []
 
         shared = op in spec.shared_scale_ops
         moves_data = op in spec.layout_ops and rule is None
@@ -479,6 +484,14 @@ class _Checker:
                                          spec.activation_rule(op, info.precision))
         if rule.shared_input_scales and out_qs and integer_compute:
             self.check_shared(index, acts, out_qs, f"{op} requires shared input scales")
+
+    def float_weight_side(self, weights: Sequence[tuple[int, str, Precision | None, int | None]]) -> bool:
+        """True when a constant weight input is float, or stored block-wise (DQ -> MatMulNBits):
+        either way the op computes in float whatever its activation inputs are."""
+        for _, _, _, dq in weights:
+            if dq is None or self.g.qinfo(dq).granularity == Granularity.PER_BLOCK:
+                return True
+        return False
 
     def refined(self, candidate: Candidate, weights: Sequence[tuple[int, str, Precision | None, int | None]],
                 acts: Sequence[tuple[int, str, Precision | None, int | None]], integer_compute: bool) -> Candidate:

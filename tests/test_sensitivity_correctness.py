@@ -408,3 +408,20 @@ def test_integer_only_front_spans_the_integer_candidates() -> None:
     front = ctx.artifacts["pareto_front"]
     assert len(front) >= 2
     assert "int4/int8" in front[0]["plan"] and set(front[-1]["plan"]) == {"int8/int8"}
+
+
+@pytest.mark.parametrize("proj", ["fp32/fp32", "uint4b32/fp32", "int8/uint8"])
+def test_layer_reading_a_weight_only_embedding_validates(proj: str) -> None:
+    """A weight-only Gather hands its consumer dequantized codes. A float or block-wise MatMul
+    after it computes in float; validate once rejected the written model as ``fp32/int8``."""
+    feeds = _sentences(12)
+    result = onnxq.quantize(text_model(), feeds, "ort-cpu-x86",
+                            plan={"embed": "int8/fp32", "proj": proj, "head": "int8/uint8"},
+                            options=QuantizeOptions(progress=False, cache_dir=""))
+    assert result.report["plan"]["layers"]["embed"] == "int8/fp32"
+    reference = ort.InferenceSession(text_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    quantized = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in feeds[:4]:
+        expected = reference.run(None, feed)[0]
+        got = quantized.run(None, feed)[0]
+        assert np.corrcoef(expected.ravel(), got.ravel())[0, 1] > 0.95
