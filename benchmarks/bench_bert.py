@@ -393,29 +393,37 @@ def run_tool(tool: str, workdir: Path, timeout: float) -> dict[str, Any]:
 
 # -- measurement (this process) --------------------------------------------------------------------
 
-def measure(path: Path, test: dict[str, np.ndarray], reference: np.ndarray | None, budget: float = 6.0) -> dict[str, Any]:
+def _session(path: Path) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    pred = _predict(session, test["input_ids"])
-    row: dict[str, Any] = {"accuracy": float((pred == test["labels"]).mean()),
-                           "agreement": float((pred == reference).mean()) if reference is not None else 1.0,
-                           "size_mib": path.stat().st_size / 2**20, "pred": pred}
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def measure(path: Path, test: dict[str, np.ndarray], reference: np.ndarray | None) -> dict[str, Any]:
+    """Accuracy, agreement with fp32 and file size of one written model."""
+    pred = _predict(_session(path), test["input_ids"])
+    return {"accuracy": float((pred == test["labels"]).mean()),
+            "agreement": float((pred == reference).mean()) if reference is not None else 1.0,
+            "size_mib": path.stat().st_size / 2**20, "pred": pred}
+
+
+def measure_latency(paths: dict[str, Path], test: dict[str, np.ndarray], budget: float = 6.0) -> dict[str, dict[str, float]]:
+    """Batch-1 and batch-32 latency of every model, interleaved with fp32 round by round
+    (:func:`onnxq.latency.time_interleaved`, the measurement onnxq's search uses)."""
+    from onnxq.latency import time_interleaved
+
+    sessions = {tool: _session(path) for tool, path in paths.items()}
+    result: dict[str, dict[str, float]] = {tool: {} for tool in paths}
     for batch in (1, 32):
         feed = {"input_ids": test["input_ids"][:batch]}
-        for _ in range(3):
-            session.run(None, feed)
-        times, deadline = [], time.perf_counter() + budget
-        while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
-            t0 = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - t0)
-        row[f"lat_b{batch}_ms"] = float(np.median(times) * 1e3)
-    return row
+        for tool, timing in time_interleaved(sessions, [feed], "fp32", budget_seconds=budget).items():
+            result[tool][f"lat_b{batch}_ms"] = timing.median_ms
+            result[tool][f"lat_b{batch}_ratio"] = timing.ratio
+    return result
 
 
 def machine() -> dict[str, str]:
@@ -476,11 +484,11 @@ def render(rows: dict[str, dict[str, Any]], measured: dict[str, dict[str, Any]],
               f"samples (NNCF's validation function only), {TEST} labelled held-out test samples (all the accuracy "
               "and agreement columns).", "",
               "## Results", "",
-              "| tool | ok | quantize s | peak RSS MiB | test acc | agreement w/ fp32 | size MiB | b1 ms | b32 ms | notes |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| tool | ok | quantize s | peak RSS MiB | test acc | agreement w/ fp32 | size MiB | b1 ms | b32 ms | b1 × fp32 | b32 × fp32 | notes |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fp = measured.get("fp32", {})
     lines.append(f"| {names['fp32']} | yes | – | – | {_f(fp.get('accuracy'), '{:.3f}')} | 1.000 | "
-                 f"{_f(fp.get('size_mib'))} | {_f(fp.get('lat_b1_ms'), '{:.2f}')} | {_f(fp.get('lat_b32_ms'))} | |")
+                 f"{_f(fp.get('size_mib'))} | {_f(fp.get('lat_b1_ms'), '{:.2f}')} | {_f(fp.get('lat_b32_ms'))} | 1.00 | 1.00 | |")
     for tool, row in rows.items():
         m = measured.get(tool, {})
         note = row.get("note", "") if row.get("ok") else f"**{row.get('error')}**"
@@ -495,7 +503,8 @@ def render(rows: dict[str, dict[str, Any]], measured: dict[str, dict[str, Any]],
         lines.append(f"| {names.get(tool, tool)} | {'yes' if row.get('ok') else 'no'} | "
                      f"{_f(row.get('seconds', row.get('wall_seconds')))} | {_f(row.get('peak_rss_mib'), '{:.0f}')} | "
                      f"{_f(m.get('accuracy'), '{:.3f}')} | {_f(m.get('agreement'), '{:.3f}')} | {_f(m.get('size_mib'))} | "
-                     f"{_f(m.get('lat_b1_ms'), '{:.2f}')} | {_f(m.get('lat_b32_ms'))} | {note} |")
+                     f"{_f(m.get('lat_b1_ms'), '{:.2f}')} | {_f(m.get('lat_b32_ms'))} | "
+                     f"{_f(m.get('lat_b1_ratio'), '{:.2f}')} | {_f(m.get('lat_b32_ratio'), '{:.2f}')} | {note} |")
     lines += ["", "Quantize seconds are the tool's call inside its subprocess (imports and model loading "
               "excluded for NNCF/ORT, included for onnxq's `quantize`); a failed or timed-out row shows its wall "
               f"time (timeout {timeout:.0f} s). Latency: onnxruntime CPU, default `ORT_ENABLE_ALL`, 1 intra-op "
@@ -595,6 +604,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["note"] = f"{row.get('note', '')} measurement failed: {type(error).__name__}: {error}"[:300]
     for m in measured.values():
         m.pop("pred", None)
+    timed = {"fp32": args.workdir / "bert.onnx"}
+    timed.update({tool: Path(rows[tool]["model"]) for tool in measured if tool != "fp32"})
+    for tool, latency in measure_latency(timed, test).items():
+        measured[tool].update(latency)
     (args.workdir / "measured.json").write_text(json.dumps(measured, indent=1))
     info = machine()
     (args.workdir / "machine.json").write_text(json.dumps(info))

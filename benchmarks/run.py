@@ -40,7 +40,6 @@ import logging
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,9 +49,12 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from onnxq.latency import Timing
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -317,7 +319,8 @@ class Row:
     size_bytes: int | None = None
     latency_b1_ms: float | None = None
     latency_b32_ms: float | None = None
-    latency_b1_min_ms: float | None = None
+    latency_b1_ratio: float | None = None  # median of per-round ratios to fp32 (interleaved)
+    latency_b32_ratio: float | None = None
     quantize_seconds: float | None = None
     peak_rss_mib: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -340,45 +343,18 @@ def make_session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _timed_runs(session: Any, feed: dict[str, np.ndarray], budget_s: float, min_runs: int) -> list[float]:
-    """Wall times (s) of ``session.run`` on ``feed``: at least ``min_runs``, then until ``budget_s`` is spent."""
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 50 * min_runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def accuracy_of(session: Any, eval_arrays: dict[str, np.ndarray]) -> float:
-    """Top-1 accuracy on the eval set (batches of 32)."""
-    predictions = _predict(session, list(input_batches(eval_arrays, 32)))
-    return float(np.mean(predictions == eval_arrays["labels"]))
-
-
 def latencies(sessions: dict[str, Any], eval_arrays: dict[str, np.ndarray],
-              quick: bool) -> dict[str, tuple[float, float, float]]:
-    """Median batch-1, median batch-32 and minimum batch-1 latency (ms) per session.
+              quick: bool) -> dict[str, tuple[Timing, Timing]]:
+    """Batch-1 and batch-32 timings per session against fp32, interleaved round by round
+    (:func:`onnxq.latency.time_interleaved`, the measurement the search itself uses), so that
+    drift in the machine's load hits all tools alike."""
+    from onnxq.latency import time_interleaved
 
-    Every session is warmed up first; then the sessions are measured in interleaved rounds (each
-    round times every session in turn), so that drift in the machine's load hits all tools alike.
-    """
-    b1 = next(input_batches(eval_arrays, 1))
-    b32 = next(input_batches(eval_arrays, 32))
-    for session in sessions.values():
-        for _ in range(10):
-            session.run(None, b1)
-        for _ in range(2):
-            session.run(None, b32)
-    rounds = 3 if quick else 7
-    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            times[name][0].extend(_timed_runs(session, b1, 0.05 if quick else 0.12, 10))
-            times[name][1].extend(_timed_runs(session, b32, 0.05 if quick else 0.15, 2 if quick else 3))
-    return {name: (statistics.median(t1) * 1000.0, statistics.median(t32) * 1000.0, min(t1) * 1000.0)
-            for name, (t1, t32) in times.items()}
+    reference = "fp32" if "fp32" in sessions else next(iter(sessions))
+    budget = 1.0 if quick else 4.0
+    b1 = time_interleaved(sessions, [next(input_batches(eval_arrays, 1))], reference, budget_seconds=budget)
+    b32 = time_interleaved(sessions, [next(input_batches(eval_arrays, 32))], reference, budget_seconds=budget)
+    return {name: (b1[name], b32[name]) for name in sessions}
 
 
 def run_tool(tool: str, stem: str, workdir: Path, quick: bool, timeout: float) -> tuple[dict[str, Any], float, Path]:
@@ -442,9 +418,10 @@ def benchmark_model(stem: str, tools: Sequence[str], workdir: Path, threads: int
         rows.append(row)
         logger.info("  -> %s", row.error or f"acc {row.accuracy:.4f} size {row.size_bytes} in {row.quantize_seconds} s")
     logger.info("%s: latency of %d models", stem, len(sessions))
-    for tool, (b1, b32, b1_min) in latencies(sessions, eval_arrays, quick).items():
+    for tool, (b1, b32) in latencies(sessions, eval_arrays, quick).items():
         row = next(r for r in rows if r.tool == tool)
-        row.latency_b1_ms, row.latency_b32_ms, row.latency_b1_min_ms = b1, b32, b1_min
+        row.latency_b1_ms, row.latency_b32_ms = b1.median_ms, b32.median_ms
+        row.latency_b1_ratio, row.latency_b32_ratio = b1.ratio, b32.ratio
     return rows
 
 
@@ -500,21 +477,18 @@ def markdown(results: dict[str, list[Row]], info: dict[str, str], quick: bool) -
     for stem, rows in results.items():
         base = next((r for r in rows if r.tool == "fp32" and r.ok), None)
         lines += [f"## {stem}", "",
-                  "| tool | accuracy | Δ acc | size (KiB) | size × | latency b1 (ms) | b1 min (ms) | latency b32 (ms) | "
+                  "| tool | accuracy | Δ acc | size (KiB) | size × | latency b1 (ms) | latency b32 (ms) | "
                   "b1 × | b32 × | quantize (s) | peak RSS (MiB) | notes |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if not r.ok:
-                lines.append(f"| {r.tool} | failed: {r.error.replace('|', '/')} | | | | | | | | | "
+                lines.append(f"| {r.tool} | failed: {r.error.replace('|', '/')} | | | | | | | | "
                              f"{_cell(r.quantize_seconds, '.1f')} | {_cell(r.peak_rss_mib, '.0f')} | "
                              f"{DESCRIPTIONS.get(r.tool, '')} |")
                 continue
             delta = None if base is None or r.accuracy is None else r.accuracy - (base.accuracy or 0.0)
             size_x = None if base is None or not base.size_bytes or r.size_bytes is None else r.size_bytes / base.size_bytes
-            lat_x = (None if base is None or not base.latency_b1_ms or r.latency_b1_ms is None
-                     else r.latency_b1_ms / base.latency_b1_ms)
-            lat32_x = (None if base is None or not base.latency_b32_ms or r.latency_b32_ms is None
-                       else r.latency_b32_ms / base.latency_b32_ms)
+            lat_x, lat32_x = r.latency_b1_ratio, r.latency_b32_ratio
             notes = DESCRIPTIONS.get(r.tool, "")
             if r.extra.get("layers"):
                 notes += "; layers " + ", ".join(f"{k}: {v}" for k, v in sorted(r.extra["layers"].items()))
@@ -523,7 +497,7 @@ def markdown(results: dict[str, list[Row]], info: dict[str, str], quick: bool) -
             lines.append(
                 f"| {r.tool} | {_cell(r.accuracy, '.4f')} | {_cell(delta, '+.4f')} | "
                 f"{_cell(None if r.size_bytes is None else r.size_bytes / 1024, '.1f')} | {_cell(size_x, '.3f')} | "
-                f"{_cell(r.latency_b1_ms, '.3f')} | {_cell(r.latency_b1_min_ms, '.3f')} | {_cell(r.latency_b32_ms, '.2f')} | "
+                f"{_cell(r.latency_b1_ms, '.3f')} | {_cell(r.latency_b32_ms, '.2f')} | "
                 f"{_cell(lat_x, '.2f')} | {_cell(lat32_x, '.2f')} | "
                 f"{_cell(r.quantize_seconds, '.1f')} | {_cell(r.peak_rss_mib, '.0f')} | {notes.replace('|', '/')} |")
         lines.append("")

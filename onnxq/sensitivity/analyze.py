@@ -89,6 +89,7 @@ from scipy.stats import spearmanr
 
 from onnxq.calibration import cache as _cache
 from onnxq.calibration import collect_ranges
+from onnxq.calibration.weights import weight_range_method
 from onnxq.errors import CalibrationError, ModelError, PlanError, UsageError
 from onnxq.graph import GraphView, Layer, layer_ops_for, scope_views
 from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
@@ -166,13 +167,10 @@ def _weight_quantizer(layer: Layer, node: onnx.NodeProto, fmt: WeightFormat, spe
     rule = spec.weight_rule(layer.op_type, precision)
     symmetric = True if rule is None else rule.symmetric
     narrow = False if rule is None else rule.narrow_range
-    # a preferred per_block that the format does not use falls back to per-channel, as in the rewrite
     per_channel = (is_integer(precision) and per_channel_ok and rank >= 2 and not fmt.block_size
-                   and (rule is None or rule.preferred_granularity == Granularity.PER_CHANNEL
-                        or (rule.preferred_granularity == Granularity.PER_BLOCK
-                            and Granularity.PER_CHANNEL in rule.granularities)))
+                   and spec.unblocked_weight_granularity(layer.op_type, precision) == Granularity.PER_CHANNEL)
     axis = weight_axis(layer.op_type, node, rank) if per_channel else None
-    method = "mse" if is_integer(precision) and bits(precision) <= 4 else "minmax"
+    method = weight_range_method(precision) if is_integer(precision) else "minmax"
     if fmt.dynamic:  # dynamic int8: always per column, as onnxq.qdq_patterns writes it
         axis = weight_axis(layer.op_type, node, rank) if rank >= 2 else None
     return WeightQuantizer(layer.weight.tensor, precision, axis, symmetric, narrow, method,

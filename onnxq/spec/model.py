@@ -334,7 +334,12 @@ class HardwareSpec:
         (quantized activations), per-channel when the spec has no rule."""
         if self.weight_block_size(op_type, candidate):
             return Granularity.PER_BLOCK
-        rule = self.weight_rule(op_type, candidate.weights)
+        return self.unblocked_weight_granularity(op_type, candidate.weights)
+
+    def unblocked_weight_granularity(self, op_type: str, precision: Precision) -> Granularity:
+        """The granularity of ``precision`` weights that are not block-wise: the rule's preferred
+        one, per-channel instead of a preferred per_block, per-channel when there is no rule."""
+        rule = self.weight_rule(op_type, precision)
         if rule is None:
             return Granularity.PER_CHANNEL
         if rule.preferred_granularity != Granularity.PER_BLOCK:
