@@ -77,8 +77,12 @@ class CalibratePass(Pass):
             scoped = [layout for _, layout in ctx.artifacts.get("scope_layouts", [])]
             targets, symmetric = _targets([ctx.artifacts["layout"], *scoped])
             missing = {t: p for t, p in targets.items() if t not in ranges}
+            ranges.update(self._remembered(ctx, missing, symmetric))
+            missing = {t: p for t, p in missing.items() if t not in ranges}
             if missing:
-                ranges.update(self._collect(ctx, missing, symmetric, bool(scoped)))
+                collected = self._collect(ctx, missing, symmetric, bool(scoped))
+                ranges.update(collected)
+                self._remember(ctx, collected, missing, symmetric)
             non_finite = {t for t in targets if ranges[t].non_finite}
             if not non_finite - keep_float or attempt == _MAX_RELAYOUTS:
                 break
@@ -87,6 +91,41 @@ class CalibratePass(Pass):
             ctx.artifacts["layout"], ctx.artifacts["scope_layouts"] = plan_layouts(ctx, frozenset(keep_float))
         ctx.artifacts["ranges"] = ranges
         return False
+
+    def prime(self, ctx: PassContext, layouts: list[Layout], scoped: bool) -> None:
+        """Collect, in one sweep, the ranges of every tensor ``layouts`` quantize into the run's
+        ``range_memo``: the search knows the plans it will build, and one sweep over the
+        calibration feeds costs as much for one tensor as for all of them."""
+        if ctx.artifacts.get("range_memo") is None or ctx.options.calibration == "lapq":
+            return
+        targets, symmetric = _targets(layouts)
+        missing = {t: p for t, p in targets.items() if t not in self._remembered(ctx, {t: p}, symmetric)}
+        if missing:
+            self._remember(ctx, self._collect(ctx, missing, symmetric, scoped), missing, symmetric)
+
+    @staticmethod
+    def _memo_key(ctx: PassContext, tensor: str, precision: Precision, symmetric: bool) -> tuple[str, str, bool, str]:
+        return tensor, precision.value, symmetric, ctx.options.calibration
+
+    def _remembered(self, ctx: PassContext, targets: dict[str, Precision],
+                    symmetric: dict[str, bool]) -> dict[str, TensorRange]:
+        """Ranges an earlier plan build of this run already collected (``range_memo``, shared by
+        the search's evaluator): a tensor's range on the fp32 model does not depend on the plan.
+        LAPQ is the exception (its ranges are fitted jointly with the quantized weights)."""
+        memo = ctx.artifacts.get("range_memo")
+        if memo is None or ctx.options.calibration == "lapq":
+            return {}
+        found = {t: memo.get(self._memo_key(ctx, t, p, symmetric.get(t, False))) for t, p in targets.items()}
+        return {t: r for t, r in found.items() if r is not None}
+
+    def _remember(self, ctx: PassContext, collected: dict[str, TensorRange], targets: dict[str, Precision],
+                  symmetric: dict[str, bool]) -> None:
+        memo = ctx.artifacts.get("range_memo")
+        if memo is None or ctx.options.calibration == "lapq":
+            return
+        for tensor, value in collected.items():
+            if tensor in targets:
+                memo[self._memo_key(ctx, tensor, targets[tensor], symmetric.get(tensor, False))] = value
 
     def _collect(self, ctx: PassContext, targets: dict[str, Precision], symmetric: dict[str, bool],
                  scoped: bool) -> dict[str, TensorRange]:

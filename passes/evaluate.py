@@ -13,18 +13,19 @@ import importlib
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 from onnxq.passes.calibrate import CalibratePass
-from onnxq.passes.layout import LayoutPass
+from onnxq.passes.layout import LayoutPass, plan_layouts
 from onnxq.passes.prepare import PreparePass
 from onnxq.passes.rewrite import RewritePass
 
 from onnxq.errors import UsageError
+from onnxq.layout import Layout
 from onnxq.metrics import fidelity, resolve_metric
 from onnxq.pipeline import PassContext, Pipeline
 from onnxq.precision import Candidate
@@ -71,6 +72,8 @@ class PlanEvaluator:
         self.base.CopyFrom(ctx.model)
         self.options = ctx.options
         self.artifacts = {key: ctx.artifacts[key] for key in ("spec", "feeds", "fp32_model") if key in ctx.artifacts}
+        # ranges the plan builds share with each other and with the pipeline's final calibration
+        self.artifacts["range_memo"] = ctx.artifacts.setdefault("range_memo", {})
         self.analyses = ctx.analyses  # the same analyses as the pipeline, recomputed per plan model
         self.feeds = list(ctx.artifacts["feeds"].held_back)
         self.evaluations = 0
@@ -88,6 +91,20 @@ class PlanEvaluator:
         ctx.artifacts["plan"] = dict(plan)
         Pipeline([PreparePass(), LayoutPass(), CalibratePass(), RewritePass()]).run(ctx)
         return ctx.model
+
+    def prime(self, plans: Sequence[Mapping[str, Candidate]]) -> None:
+        """Calibrate once for all of ``plans`` (see :meth:`CalibratePass.prime`): their builds
+        then find every activation range in the run's memo instead of sweeping the feeds again."""
+        ctx = PassContext(model=self.base, options=self.options, analyses=self.analyses.fresh())
+        ctx.artifacts.update(self.artifacts)
+        layouts: list[Layout] = []
+        scoped = False
+        for plan in plans:
+            ctx.artifacts["plan"] = dict(plan)
+            main, scope_layouts = plan_layouts(ctx)
+            layouts += [main, *(layout for _, layout in scope_layouts)]
+            scoped = scoped or bool(scope_layouts)
+        CalibratePass().prime(ctx, layouts, scoped)
 
     def _user_value(self, model: onnx.ModelProto) -> float:
         assert self._user is not None

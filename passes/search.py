@@ -443,6 +443,7 @@ class SearchPass(Pass):
             front.append(({}, 0.0, float("inf")))  # fp32: measured drop 0 by definition
         evaluator = PlanEvaluator(ctx)
         meter = _PlanMeter(ctx, evaluator)
+        evaluator.prime([plan for plan, _, _ in front] + self._anchor_plans(ctx, front))
         passing = self._bisect(front, meter, options.max_drop, options.progress, spec.integer_only)
         self._measure_extra(front, meter, passing)
         self._measure_anchors(ctx, front, meter)
@@ -507,20 +508,27 @@ class SearchPass(Pass):
                          meter: _PlanMeter) -> None:
         """Append the uniform plans of :data:`ANCHOR_CANDIDATES` the spec runs to the front and
         measure them: the cost model may not see that one precision everywhere is the fastest."""
+        for plan in SearchPass._anchor_plans(ctx, front):
+            front.append((plan, math.nan, math.nan))
+            meter.measure(len(front) - 1, plan)
+
+    @staticmethod
+    def _anchor_plans(ctx: PassContext, front: Sequence[tuple[dict[str, Candidate], float, float]]) -> list[dict[str, Candidate]]:
+        """The uniform plans of :data:`ANCHOR_CANDIDATES` the spec runs that the front lacks."""
         spec: HardwareSpec = ctx.artifacts["spec"]
         keep_float = ctx.artifacts.get("keep_float", frozenset())
         layers = all_layers(ctx)
         known = {tuple(sorted((k, str(v)) for k, v in p.items() if v != FP32)) for p, _, _ in front}
+        plans = []
         for word in ANCHOR_CANDIDATES:
             candidate = Candidate.parse(word)
             plan = {name: chosen for name, layer in layers.items() if name not in keep_float
                     and (chosen := closest_candidate(layer, candidate, spec)) is not None}
             key = tuple(sorted((k, str(v)) for k, v in plan.items()))
-            if not plan or key in known:
-                continue
-            known.add(key)
-            front.append((plan, math.nan, math.nan))
-            meter.measure(len(front) - 1, plan)
+            if plan and key not in known:
+                known.add(key)
+                plans.append(plan)
+        return plans
 
     @staticmethod
     def _measure_extra(front: Sequence[tuple[dict[str, Candidate], float, float]], meter: _PlanMeter,
