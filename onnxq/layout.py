@@ -92,7 +92,10 @@ class TensorQuant:
 
 @dataclass
 class Layout:
-    """The decided Q/DQ layout of a plan."""
+    """The complete decision of a plan's Q/DQ layout: what is quantized at which precision, and
+    how the rewrite writes it (``wiring``, ``layer_forms``, ``operand_grids``, from
+    :mod:`onnxq.placement`). :func:`onnxq.rewrite.apply_layout` makes no choice of its own; it
+    only computes the numbers (scales, zero points) from calibrated ranges and weights."""
 
     plan: dict[str, Candidate]
     tensors: dict[str, TensorQuant]

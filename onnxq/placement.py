@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from onnxq.graph import GraphView, Layer
@@ -247,43 +248,42 @@ def _bias_mode(layer: Layer, candidate: Candidate, x_precision: Precision | None
     return BiasMode.EXACT
 
 
-def _weight_form(view: GraphView, spec: HardwareSpec, layout: Layout, wiring: Mapping[str, TensorWiring],
+def _weight_form(spec: HardwareSpec, layout: Layout, wiring: Mapping[str, TensorWiring], tables: AbstractSet[str | None],
                  layer: Layer, candidate: Candidate) -> LayerForm:
-    form = LayerForm(candidate, WeightForm.FLOAT, layer.weight.tensor if layer.weight else None, layer.bias,
+    base = LayerForm(candidate, WeightForm.FLOAT, layer.weight.tensor if layer.weight else None, layer.bias,
                      layer.activations[0] if layer.activations else None)
     if layer.name in layout.fp16_layers:
-        return LayerForm(candidate, WeightForm.FP16, form.weight, form.bias, form.input)
+        return replace(base, form=WeightForm.FP16)
     if layer.weight is None:
         if not is_integer(candidate.activations):
-            return form
-        return LayerForm(candidate, WeightForm.CONSTANTS, None, form.bias, form.input,
-                         operands=_activation_grid(spec, layer.op_type, candidate.activations))
+            return base
+        return replace(base, form=WeightForm.CONSTANTS, operands=_activation_grid(spec, layer.op_type, candidate.activations))
     if not is_integer(candidate.weights):
-        return form
+        return base
     if candidate.dynamic:
-        return LayerForm(candidate, WeightForm.DYNAMIC, form.weight, form.bias, form.input)
+        return replace(base, form=WeightForm.DYNAMIC)
     block = spec.weight_block_size(layer.op_type, candidate)
     if block:
-        return LayerForm(candidate, WeightForm.BLOCKWISE, form.weight, form.bias, form.input, block_size=block)
-    if any(w.table_layer == layer.name for w in wiring.values()):
-        return LayerForm(candidate, WeightForm.TABLE, form.weight, form.bias, form.input)
+        return replace(base, form=WeightForm.BLOCKWISE, block_size=block)
+    if layer.name in tables:
+        return replace(base, form=WeightForm.TABLE)
     if layer.name in layout.integer_lookups:
-        return LayerForm(candidate, WeightForm.LOOKUP, form.weight, form.bias, form.input)
+        return replace(base, form=WeightForm.LOOKUP)
     x_precision = _input_precision(wiring, layout, layer)
-    return LayerForm(candidate, WeightForm.DQ, form.weight, form.bias, form.input,
-                     bias_mode=_bias_mode(layer, candidate, x_precision))
+    return replace(base, form=WeightForm.DQ, bias_mode=_bias_mode(layer, candidate, x_precision))
 
 
 def layer_forms(view: GraphView, spec: HardwareSpec, layout: Layout,
                 wiring: Mapping[str, TensorWiring]) -> dict[str, LayerForm]:
     """The form of every layer the rewrite writes: fp16 layers and layers with an integer side."""
+    tables = {w.table_layer for w in wiring.values()}
     forms: dict[str, LayerForm] = {}
     for name in sorted(layout.plan):
         candidate = layout.plan[name]
         layer = view.layers.get(name)
         if layer is None or (candidate.is_float and name not in layout.fp16_layers):
             continue
-        forms[name] = _weight_form(view, spec, layout, wiring, layer, candidate)
+        forms[name] = _weight_form(spec, layout, wiring, tables, layer, candidate)
     return forms
 
 
