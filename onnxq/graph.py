@@ -230,6 +230,7 @@ class GraphView:
                     if source is not None and self.nodes[source].op_type != "Constant" and not self.digraph.has_edge(source, node.name):
                         self.digraph.add_edge(source, node.name, tensors=[tensor])
         self.graph_outputs = {value.name for value in self.graph.output}
+        self._finite: dict[str, bool] = {}
         self.layers: dict[str, Layer] = {}
         for index, node in enumerate(self.graph.node):
             layer = self._make_layer(index, node)
@@ -248,6 +249,14 @@ class GraphView:
     def weight_value(self, tensor: str) -> np.ndarray | None:
         entry = self.constants.get(tensor)
         return None if entry is None else constant_value(entry[1])
+
+    def finite_float_constant(self, tensor: str) -> bool:
+        """Whether ``tensor`` is a float constant holding only finite values (cached: a layout
+        asks this of embedding tables on every plan)."""
+        if tensor not in self._finite:
+            value = self.weight_value(tensor)
+            self._finite[tensor] = value is not None and value.dtype.kind == "f" and bool(np.isfinite(value).all())
+        return self._finite[tensor]
 
     def _make_layer(self, index: int, node: onnx.NodeProto) -> Layer | None:
         if node.op_type not in self.layer_ops or not node.output:

@@ -19,6 +19,7 @@ import numpy as np
 
 from onnxq.graph import GraphView
 from onnxq.numerics import QParams, dequantize, qparams_from_range, quantize
+from onnxq.placement import Grid, LayerForm, TensorWiring, activation_symmetric, layer_forms, operand_grids, wire_tensors
 from onnxq.precision import Candidate, Precision, bits, is_integer
 from onnxq.spec.model import HardwareSpec
 
@@ -67,13 +68,6 @@ def effective_candidate(layer_has_weight: bool, candidate: Candidate) -> Candida
     return Candidate(candidate.activations, candidate.activations)
 
 
-def activation_symmetric(spec: HardwareSpec, op_type: str, precision: Precision) -> bool:
-    rule = spec.activation_rule(op_type, precision)
-    if rule is not None:
-        return rule.symmetric
-    return not precision.value.startswith("u")
-
-
 @dataclass
 class TensorQuant:
     """Quantization of one tensor.
@@ -98,7 +92,10 @@ class TensorQuant:
 
 @dataclass
 class Layout:
-    """The decided Q/DQ layout of a plan."""
+    """The complete decision of a plan's Q/DQ layout: what is quantized at which precision, and
+    how the rewrite writes it (``wiring``, ``layer_forms``, ``operand_grids``, from
+    :mod:`onnxq.placement`). :func:`onnxq.rewrite.apply_layout` makes no choice of its own; it
+    only computes the numbers (scales, zero points) from calibrated ranges and weights."""
 
     plan: dict[str, Candidate]
     tensors: dict[str, TensorQuant]
@@ -113,6 +110,12 @@ class Layout:
     #: float constants outside the plan stored as int8 + DequantizeLinear (size only; see
     #: :func:`compressible_constants`)
     compressed_constants: set[str] = field(default_factory=set)
+    #: how each quantized tensor is written and read (:func:`onnxq.placement.wire_tensors`)
+    wiring: dict[str, TensorWiring] = field(default_factory=dict)
+    #: how each quantized or fp16 layer's weights and bias are written (:func:`onnxq.placement.layer_forms`)
+    layer_forms: dict[str, LayerForm] = field(default_factory=dict)
+    #: the grid of each integer-only node's constant operands
+    operand_grids: dict[str, Grid] = field(default_factory=dict)
 
     def calibration_targets(self) -> dict[str, Precision]:
         """Tensors whose ranges calibration must provide, with the finest bit width needed."""
@@ -244,9 +247,14 @@ def plan_layout(view: GraphView, plan: Mapping[str, Candidate], spec: HardwareSp
         quant.range_of = root
     lookups = {name for name, candidate in effective.items() if gathers_on_integers(view, name, candidate)}
     compressed = compressible_constants(view) if any(is_integer(c.weights) for c in effective.values()) else set()
-    return Layout(plan=dict(effective), tensors=tensors, folded_relus=folded, float_layers=float_layers,
-                  fp16_layers=fp16_layers, integer_nodes=integer_nodes, integer_lookups=lookups,
-                  compressed_constants=compressed)
+    layout = Layout(plan=dict(effective), tensors=tensors, folded_relus=folded, float_layers=float_layers,
+                    fp16_layers=fp16_layers, integer_nodes=integer_nodes, integer_lookups=lookups,
+                    compressed_constants=compressed)
+    # the rest follows from the decisions above: how the rewrite writes them
+    layout.wiring = wire_tensors(view, spec, layout)
+    layout.layer_forms = layer_forms(view, spec, layout, layout.wiring)
+    layout.operand_grids = operand_grids(view, spec, integer_nodes)
+    return layout
 
 
 def _share_concat_grids(view: GraphView, spec: HardwareSpec, shared_ops: AbstractSet[str],

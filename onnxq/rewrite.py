@@ -1,5 +1,8 @@
 """Apply a :class:`~onnxq.layout.Layout` to a model: weights, Q/DQ, int32 bias, fp16 islands.
 
+The layout holds every choice (:mod:`onnxq.placement`); this module only writes them, computing
+the numbers (scales, zero points, codes) from calibrated ranges and weight values.
+
 Names of inserted tensors and nodes are derived from the tensors they quantize
 (``<tensor>_QuantizeLinear``), so the output is deterministic and readable.
 """
@@ -19,10 +22,11 @@ import onnx.shape_inference
 from onnx import helper
 
 from onnxq.errors import PassError
-from onnxq.graph import GraphView, constant_value
-from onnxq.layout import Layout, TensorQuant, activation_symmetric, constant_int8_qparams
+from onnxq.graph import GraphView, constant_tensors, constant_value, ensure_node_names
+from onnxq.layout import Layout, TensorQuant, constant_int8_qparams
 from onnxq.numerics import QParams, bias_safe_weight_scale, qparams_from_range, quantize
-from onnxq.precision import Candidate, Precision, is_integer, numpy_dtype, onnx_dtype
+from onnxq.placement import BiasMode, Grid, LayerForm, Reader, ReadForm, TensorWiring, WeightForm
+from onnxq.precision import Candidate, Precision, numpy_dtype, onnx_dtype
 from onnxq.qdq_patterns import (
     dynamic_weight_layout,
     emit_blockwise_weight,
@@ -35,10 +39,6 @@ from onnxq.subgraphs import outer_references
 __all__ = ["RangeLike", "RewriteResult", "weight_axis", "weight_qparams", "apply_layout", "toposort_nodes"]
 
 logger = logging.getLogger(__name__)
-
-_CHANNEL_INPUT_OPS = {"Conv", "ConvTranspose", "Gemm"}
-#: Ops that read only their input's shape (any element type).
-_SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 
 class RangeLike(Protocol):
@@ -175,15 +175,14 @@ def toposort_nodes(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def _materialize_constant_weights(model: onnx.ModelProto, view: GraphView, layers: set[str]) -> None:
-    """Turn Constant-node and graph-input weights of quantized layers into plain initializers."""
-    graph = model.graph
-    for name in sorted(layers):
-        layer = view.layers[name]
-        if layer.weight is None:
+def _materialize_constant_weights(graph: onnx.GraphProto, layout: Layout) -> None:
+    """Turn Constant-node and graph-input weights of the layers the layout writes into plain initializers."""
+    constants = constant_tensors(graph)
+    for name in sorted(layout.layer_forms):
+        tensor = layout.layer_forms[name].weight
+        if tensor is None:
             continue
-        tensor = layer.weight.tensor
-        location, entry = view.constants[tensor]
+        location, entry = constants[tensor]
         if location.value == "constant-node":
             value = constant_value(entry)
             if value is None:
@@ -196,6 +195,28 @@ def _materialize_constant_weights(model: onnx.ModelProto, view: GraphView, layer
                     graph.input.remove(value_info)
 
 
+def _fold_relus(graph: onnx.GraphProto, layout: Layout) -> None:
+    """Delete the Relus the layout folds into the Q of the layer they follow."""
+    nodes = {n.name: n for n in graph.node}
+    for layer_name, relu_name in layout.folded_relus.items():
+        layer_node, relu = nodes[layer_name], nodes[relu_name]
+        if relu.output[0] not in layout.tensors:
+            # the Q does the Relu's clipping; without one, deleting the Relu changes the model
+            raise PassError(f"layout folds {relu_name!r} into {layer_name!r} but quantizes no output there",
+                            "report this to onnxq: the layout must fold a Relu only into a Q")
+        layer_node.output[0] = relu.output[0]
+        graph.node.remove(relu)
+
+
+@dataclass(frozen=True)
+class _WeightNumbers:
+    """Where the numbers of the weight quantizers come from."""
+
+    spec: HardwareSpec
+    weight_ranges: Callable[[np.ndarray, int | None, Precision, bool], tuple[np.ndarray, np.ndarray]] | None
+    per_channel_ok: bool
+
+
 def apply_layout(
     model: onnx.ModelProto,
     layout: Layout,
@@ -205,195 +226,199 @@ def apply_layout(
     weight_ranges: Callable[[np.ndarray, int | None, Precision, bool], tuple[np.ndarray, np.ndarray]] | None = None,
     per_channel_ok: bool = True,
 ) -> RewriteResult:
-    """Rewrite ``model`` in place to carry the Q/DQ of ``layout``."""
-    view = GraphView(model, layer_ops=_layer_ops(model, layout))
-    quantized = {n for n, c in layout.plan.items() if not c.is_float or n in layout.fp16_layers}
-    _materialize_constant_weights(model, view, quantized)
-    view = GraphView(model, layer_ops=_layer_ops(model, layout))
+    """Rewrite ``model`` in place to carry the Q/DQ of ``layout``.
+
+    Every choice is the layout's (:mod:`onnxq.placement`): which tensor is quantized, who reads it
+    how, which form each layer's weights and bias take. Only the numbers are computed here: scales
+    and zero points from the calibrated ``ranges`` and from the weights.
+    """
+    ensure_node_names(model)
+    _materialize_constant_weights(model.graph, layout)
     b = _Builder(model)
-    graph = model.graph
-    nodes = {n.name: n for n in graph.node}
-    initializers = {i.name: i for i in graph.initializer}
-    weight_bytes = 0
-
-    # 1. fold Relus into the Q of the layer they follow
-    for layer_name, relu_name in layout.folded_relus.items():
-        layer_node, relu = nodes[layer_name], nodes[relu_name]
-        if relu.output[0] not in layout.tensors:
-            # the Q does the Relu's clipping; without one, deleting the Relu changes the model
-            raise PassError(f"layout folds {relu_name!r} into {layer_name!r} but quantizes no output there",
-                            "report this to onnxq: the layout must fold a Relu only into a Q")
-        layer_node.output[0] = relu.output[0]
-        graph.node.remove(relu)
-        del nodes[relu_name]
-    view = GraphView(model, layer_ops=_layer_ops(model, layout))
-
-    # 2. activations
-    input_qparams: dict[tuple[str, str], QParams] = {}  # (layer, tensor) → qparams seen by the layer
-    table_grids: dict[str, QParams] = {}  # integer Gather layer → the grid of its table and output
-    for tensor in sorted(layout.tensors):
-        quant = layout.tensors[tensor]
-        consumers = list(view.consumers.get(tensor, []))
-        is_output = tensor in view.graph_outputs
-        if not consumers and not is_output:
-            continue
-        source = tensor
-        if is_output:
-            producer = nodes.get(view.producer.get(tensor, ""))
-            if producer is None:
-                continue
-            source = b.unique(f"{tensor}_float")
-            producer.output[list(producer.output).index(tensor)] = source
-        q = _activation_qparams(quant, quant.precision, ranges, quant.symmetric)
-        producer_name = view.producer.get(tensor, "")
-        table = _integer_lookup_table(view, layout, producer_name, quant.precision)
-        if table is not None:
-            # the table and the Gather's output share one grid, the table's (it covers every row
-            # the lookup can return): the Gather reads the codes and its output is quantized as is
-            q = qparams_from_range(np.asarray(table.min()), np.asarray(table.max()), quant.precision, quant.symmetric)
-            table_grids[producer_name] = q
-        scale, zp = _qparam_initializers(b, tensor, q)
-        producer_plan = layout.plan.get(producer_name)
-        if producer_plan is not None and not is_integer(producer_plan.activations) and producer_name not in layout.fp16_layers:
-            # a weight-only layer (int8 table Gather, int4 weight-only MatMul) computes in float:
-            # its output is quantized for its consumers, not by it
-            source = b.node("Identity", [source], f"{tensor}_boundary_out", f"{tensor}_BoundaryOut")
-        if table is not None:
-            quantized_name = _gather_codes(b, nodes[producer_name], table, q, tensor)
-        else:
-            quantized_name = b.node("QuantizeLinear", [source, scale, zp], f"{tensor}_quantized", f"{tensor}_QuantizeLinear")
-        if is_output:
-            b.new_nodes.append(helper.make_node("DequantizeLinear", [quantized_name, scale, zp], [tensor],
-                                                name=b.unique(f"{tensor}_DequantizeLinear")))
-        for index, consumer in enumerate(sorted(set(consumers))):
-            node = nodes[consumer]
-            if node.op_type in _SHAPE_ONLY_OPS:
-                # the integer codes have the tensor's shape: a DQ here would be computed for
-                # nothing and would keep onnxruntime from fusing the DQ's other consumers
-                node.input[:] = [quantized_name if name == tensor else name for name in node.input]
-                continue
-            suffix = f"_{index}" if len(set(consumers)) > 1 else ""
-            guard_axis = _float_guard_axis(view, node, layout, tensor)
-            if guard_axis is not None:
-                channels = view.shapes.get(tensor) or ()
-                count = channels[guard_axis] if len(channels) > guard_axis and channels[guard_axis] > 0 else 0
-            if guard_axis is not None and count:
-                # per-axis DQ (same scale everywhere) keeps onnxruntime's WeightBiasQuantization
-                # from turning this float layer into an int8 one
-                g_scale = b.initializer(f"{tensor}_guard_scale", np.full(count, q.scale, dtype=np.float32))
-                g_zp = b.initializer(f"{tensor}_guard_zero_point", np.full(count, q.zero_point, dtype=numpy_dtype(q.precision)), onnx_dtype(q.precision))
-                dq = b.node("DequantizeLinear", [quantized_name, g_scale, g_zp], f"{tensor}_dequantized{suffix}", f"{tensor}_DequantizeLinear{suffix}", axis=guard_axis)
-            else:
-                dq = b.node("DequantizeLinear", [quantized_name, scale, zp], f"{tensor}_dequantized{suffix}", f"{tensor}_DequantizeLinear{suffix}")
-            feed = dq
-            seen = q
-            other = quant.conversions.get(consumer)
-            if other is not None:
-                symmetric = activation_symmetric(spec, node.op_type, other)
-                q2 = _activation_qparams(quant, other, ranges, symmetric)
-                scale2, zp2 = _qparam_initializers(b, f"{tensor}_{other.value}", q2)
-                q_out = b.node("QuantizeLinear", [dq, scale2, zp2], f"{tensor}_{other.value}_quantized", f"{tensor}_{other.value}_QuantizeLinear")
-                feed = b.node("DequantizeLinear", [q_out, scale2, zp2], f"{tensor}_{other.value}_dequantized", f"{tensor}_{other.value}_DequantizeLinear")
-                seen = q2
-            if _reads_float(layout, spec, node):
-                # a float layer computes on the dequantized values; the Identity marks the
-                # precision boundary so the layer reads a plain float tensor (validators, and
-                # readers of the graph, see fp32 in, not a quantized input of a float kernel)
-                feed = b.node("Identity", [feed], f"{tensor}_boundary{suffix}", f"{tensor}_Boundary{suffix}")
-            for i, name in enumerate(node.input):
-                if name == tensor:
-                    node.input[i] = feed
-            input_qparams[(consumer, tensor)] = seen
-
-    # 3. weights and biases
-    summary: dict[str, str] = {}
-    for layer_name in sorted(layout.plan):
-        candidate = layout.plan[layer_name]
-        layer = view.layers.get(layer_name)
-        if layer is None:
-            continue
-        node = nodes[layer_name]
-        if layer_name in layout.fp16_layers:
-            weight_bytes += _to_fp16(b, view, node, layer)
-            summary[layer_name] = str(candidate)
-            continue
-        if not is_integer(candidate.weights) and not is_integer(candidate.activations):
-            continue
-        summary[layer_name] = str(candidate)
-        if layer.weight is None and is_integer(candidate.activations):
-            _quantize_constant_operands(b, view, node, candidate.activations,
-                                        activation_symmetric(spec, node.op_type, candidate.activations))
-        if layer.weight is None or not is_integer(candidate.weights):
-            continue
-        w = view.weight_value(layer.weight.tensor)
-        if w is None:
-            continue
-        w = w.astype(np.float32)
-        pattern_bytes = _fast_pattern(b, view, node, layer, w, candidate, spec)
-        if pattern_bytes is not None:
-            weight_bytes += pattern_bytes
-            continue
-        if layer_name in table_grids:
-            weight_bytes += w.size  # the Gather reads the table's codes (step 2)
-            continue
-        wq = weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges, per_channel_ok=per_channel_ok)
-        x_q = input_qparams.get((layer_name, layer.activations[0])) if layer.activations else None
-        if _int32_bias(layer.bias, x_q, node, candidate):
-            bias = view.weight_value(layer.bias or "")
-            if bias is not None and bias.ndim == 1 and np.isfinite(bias).all() and x_q is not None:
-                wq = replace(wq, scale=bias_safe_weight_scale(wq.scale, x_q.scale, bias))
-        lookup = layer_name in layout.integer_lookups
-        if lookup and wq.axis is not None:
-            wq = weight_qparams(w, node, candidate, spec, weight_ranges=weight_ranges, per_channel_ok=False)
-        axis = wq.axis
-        codes = quantize(w, wq).astype(numpy_dtype(candidate.weights))
-        base = layer.weight.tensor
-        q_name = b.initializer(f"{base}_quantized", codes, onnx_dtype(candidate.weights))
-        scale, zp = _qparam_initializers(b, base, wq)
-        if lookup:
-            _dequantize_after_gather(b, node, q_name, scale, zp)
-            weight_bytes += codes.size * codes.itemsize
-            continue
-        attrs = {"axis": axis} if axis is not None else {}
-        dq = b.node("DequantizeLinear", [q_name, scale, zp], f"{base}_dequantized", f"{base}_DequantizeLinear", **attrs)
-        node.input[list(node.input).index(layer.weight.tensor)] = dq
-        weight_bytes += (codes.size * (4 if candidate.weights in (Precision.INT4, Precision.UINT4) else 8 * codes.itemsize)) // 8
-        if layer.bias is not None and x_q is not None and _int32_bias(layer.bias, x_q, node, candidate):
-            bias = view.weight_value(layer.bias)
-            bias_scale = (np.asarray(x_q.scale, np.float64) * np.asarray(wq.scale, np.float64)).astype(np.float32)
-            if not np.all(np.isfinite(bias_scale) & (bias_scale > 0)):
-                # degenerate activation ranges (e.g. calibration data near float limits): keep the
-                # bias exact instead of dividing by a zero or infinite scale
-                _exact_bias(b, view, node, layer.bias)
-            elif bias is not None and bias.ndim == 1:
-                bias_scale = np.broadcast_to(bias_scale, bias.shape).copy() if axis is not None else bias_scale
-                # int32 saturates where the bias dwarfs s_x·s_w (degenerate ranges); computed in
-                # float64 because float32 cannot hold the int32 bounds exactly
-                ratio = bias.astype(np.float64) / bias_scale.astype(np.float64)
-                codes_b = np.clip(np.rint(ratio), -(2**31) + 1, 2**31 - 1).astype(np.int32)
-                b_name = b.initializer(f"{layer.bias}_quantized", codes_b)
-                b_scale = b.initializer(f"{layer.bias}_scale", bias_scale)
-                b_attrs = {"axis": 0} if bias_scale.ndim == 1 else {}
-                b_dq = b.node("DequantizeLinear", [b_name, b_scale], f"{layer.bias}_dequantized", f"{layer.bias}_DequantizeLinear", **b_attrs)
-                node.input[2] = b_dq
-        elif layer.bias is not None and x_q is not None and node.op_type in _CHANNEL_INPUT_OPS:
-            # a float bias initializer beside a quantized input makes onnxruntime's
-            # WeightBiasQuantization requantize it to int32 at scale s_x·s_w, which overflows for
-            # 16-bit scales; an int32 DQ at a scale fitted to the bias itself keeps it exact
-            _exact_bias(b, view, node, layer.bias)
-
-    for name, precision in sorted(layout.integer_nodes.items()):
-        _quantize_constant_operands(b, view, nodes[name], precision, activation_symmetric(spec, nodes[name].op_type, precision))
-    weight_bytes += _compress_constant_operands(b, view, nodes, layout.compressed_constants)
-    graph.node.extend(b.new_nodes)
-    _drop_unused_initializers(graph, initializers)
-    toposort_nodes(graph)
+    initializers = {i.name: i for i in model.graph.initializer}
+    _fold_relus(model.graph, layout)
+    view = GraphView(model)
+    seen = _quantize_activations(b, view, layout, ranges)
+    numbers = _WeightNumbers(spec, weight_ranges, per_channel_ok)
+    weight_bytes = sum(_write_layer(b, view, view.nodes[name], form, seen, numbers)
+                       for name, form in sorted(layout.layer_forms.items()))
+    weight_bytes += _quantize_constants(b, view, layout)
+    model.graph.node.extend(b.new_nodes)
+    _drop_unused_initializers(model.graph, initializers)
+    toposort_nodes(model.graph)
     _infer_value_info(model)
+    summary = {name: str(form.candidate) for name, form in sorted(layout.layer_forms.items())}
     return RewriteResult(model=model, quantized_layers=summary, weight_bytes=weight_bytes)
 
 
-def _compress_constant_operands(b: _Builder, view: GraphView, nodes: Mapping[str, onnx.NodeProto],
-                                tensors: AbstractSet[str]) -> int:
+def _quantize_activations(b: _Builder, view: GraphView, layout: Layout,
+                          ranges: Mapping[str, RangeLike]) -> dict[tuple[str, str], QParams]:
+    """Write the Q and the readers of every wired tensor; the grid each (reader, tensor) sees."""
+    seen: dict[tuple[str, str], QParams] = {}
+    for tensor in sorted(layout.wiring):
+        seen.update(_quantize_tensor(b, view, layout.tensors[tensor], layout.wiring[tensor], ranges))
+    return seen
+
+
+def _quantize_tensor(b: _Builder, view: GraphView, quant: TensorQuant, wiring: TensorWiring,
+                     ranges: Mapping[str, RangeLike]) -> dict[tuple[str, str], QParams]:
+    tensor = source = quant.tensor
+    if wiring.graph_output:
+        producer = view.nodes[wiring.producer or ""]
+        source = b.unique(f"{tensor}_float")
+        producer.output[list(producer.output).index(tensor)] = source
+    q = _activation_qparams(quant, quant.precision, ranges, quant.symmetric)
+    table = None
+    if wiring.table_layer is not None:
+        # the table and the Gather's output share one grid, the table's (it covers every row
+        # the lookup can return): the Gather reads the codes and its output is quantized as is
+        table = np.asarray(view.weight_value(view.nodes[wiring.table_layer].input[0]), dtype=np.float32)
+        q = qparams_from_range(np.asarray(table.min()), np.asarray(table.max()), quant.precision, quant.symmetric)
+    scale, zp = _qparam_initializers(b, tensor, q)
+    if wiring.boundary_out:
+        source = b.node("Identity", [source], f"{tensor}_boundary_out", f"{tensor}_BoundaryOut")
+    if table is not None:
+        codes = _gather_codes(b, view.nodes[wiring.table_layer or ""], table, q, tensor)
+    else:
+        codes = b.node("QuantizeLinear", [source, scale, zp], f"{tensor}_quantized", f"{tensor}_QuantizeLinear")
+    if wiring.graph_output:
+        b.new_nodes.append(helper.make_node("DequantizeLinear", [codes, scale, zp], [tensor],
+                                            name=b.unique(f"{tensor}_DequantizeLinear")))
+    quantized = _Codes(codes, q, scale, zp)
+    seen: dict[tuple[str, str], QParams] = {}
+    for reader in wiring.readers:
+        grid = _read(b, view.nodes[reader.node], reader, quant, quantized, ranges)
+        if grid is not None:
+            seen[(reader.node, tensor)] = grid
+    return seen
+
+
+@dataclass(frozen=True)
+class _Codes:
+    """A quantized tensor as written: its codes and their grid."""
+
+    name: str
+    q: QParams
+    scale: str
+    zero_point: str
+
+
+def _read(b: _Builder, node: onnx.NodeProto, reader: Reader, quant: TensorQuant, codes: _Codes,
+          ranges: Mapping[str, RangeLike]) -> QParams | None:
+    """Feed ``node`` the way ``reader`` says; the grid it sees (None: it reads the codes)."""
+    tensor, suffix, q = quant.tensor, reader.suffix, codes.q
+    if reader.form == ReadForm.CODES:
+        node.input[:] = [codes.name if name == tensor else name for name in node.input]
+        return None
+    if reader.form == ReadForm.GUARD:
+        count = reader.guard_channels
+        scale = b.initializer(f"{tensor}_guard_scale", np.full(count, q.scale, dtype=np.float32))
+        zp = b.initializer(f"{tensor}_guard_zero_point", np.full(count, q.zero_point, dtype=numpy_dtype(q.precision)),
+                           onnx_dtype(q.precision))
+        feed = b.node("DequantizeLinear", [codes.name, scale, zp], f"{tensor}_dequantized{suffix}",
+                      f"{tensor}_DequantizeLinear{suffix}", axis=reader.guard_axis)
+    else:
+        feed = b.node("DequantizeLinear", [codes.name, codes.scale, codes.zero_point], f"{tensor}_dequantized{suffix}",
+                      f"{tensor}_DequantizeLinear{suffix}")
+    seen = q
+    if reader.conversion is not None:
+        other = reader.conversion.precision
+        seen = _activation_qparams(quant, other, ranges, reader.conversion.symmetric)
+        scale2, zp2 = _qparam_initializers(b, f"{tensor}_{other.value}", seen)
+        q_out = b.node("QuantizeLinear", [feed, scale2, zp2], f"{tensor}_{other.value}_quantized",
+                       f"{tensor}_{other.value}_QuantizeLinear")
+        feed = b.node("DequantizeLinear", [q_out, scale2, zp2], f"{tensor}_{other.value}_dequantized",
+                      f"{tensor}_{other.value}_DequantizeLinear")
+    if reader.boundary:
+        # the Identity marks the precision boundary: the float layer reads a plain float tensor
+        feed = b.node("Identity", [feed], f"{tensor}_boundary{suffix}", f"{tensor}_Boundary{suffix}")
+    for i, name in enumerate(node.input):
+        if name == tensor:
+            node.input[i] = feed
+    return seen
+
+
+def _write_layer(b: _Builder, view: GraphView, node: onnx.NodeProto, form: LayerForm,
+                 seen: Mapping[tuple[str, str], QParams], numbers: _WeightNumbers) -> int:
+    """Write one layer's weights (and bias) in the layout's form; the bytes they take."""
+    if form.form == WeightForm.FP16:
+        return _to_fp16(b, view, node)
+    if form.form == WeightForm.CONSTANTS and form.operands is not None:
+        _quantize_constant_operands(b, view, node, form.operands)
+    if form.weight is None or form.form in (WeightForm.FLOAT, WeightForm.CONSTANTS):
+        return 0
+    w = view.weight_value(form.weight)
+    if w is None:
+        return 0
+    w = w.astype(np.float32)
+    if form.form == WeightForm.DYNAMIC:
+        return _dynamic_weight(b, view, node, form, w, numbers.spec)
+    if form.form == WeightForm.BLOCKWISE:
+        return _blockwise_weight(b, node, form, w, numbers.spec)
+    if form.form == WeightForm.TABLE:
+        return w.size  # the Gather reads the table's codes (written with its output)
+    x_q = seen.get((node.name, form.input)) if form.input is not None else None
+    return _dq_weight(b, view, node, form, w, x_q, numbers)
+
+
+def _dq_weight(b: _Builder, view: GraphView, node: onnx.NodeProto, form: LayerForm, w: np.ndarray,
+               x_q: QParams | None, numbers: _WeightNumbers) -> int:
+    """Integer weights behind a DequantizeLinear (or gathered, then dequantized), and the bias."""
+    candidate, weight = form.candidate, form.weight or ""
+    lookup = form.form == WeightForm.LOOKUP  # one per-tensor scale: row scales would be gathered too
+    wq = weight_qparams(w, node, candidate, numbers.spec, weight_ranges=numbers.weight_ranges,
+                        per_channel_ok=numbers.per_channel_ok and not lookup)
+    if form.bias_mode == BiasMode.INT32 and x_q is not None:
+        bias = view.weight_value(form.bias or "")
+        if bias is not None and bias.ndim == 1 and np.isfinite(bias).all():
+            wq = replace(wq, scale=bias_safe_weight_scale(wq.scale, x_q.scale, bias))
+    codes = quantize(w, wq).astype(numpy_dtype(candidate.weights))
+    q_name = b.initializer(f"{weight}_quantized", codes, onnx_dtype(candidate.weights))
+    scale, zp = _qparam_initializers(b, weight, wq)
+    if lookup:
+        _dequantize_after_gather(b, node, q_name, scale, zp)
+        return codes.size * codes.itemsize
+    attrs = {"axis": wq.axis} if wq.axis is not None else {}
+    dq = b.node("DequantizeLinear", [q_name, scale, zp], f"{weight}_dequantized", f"{weight}_DequantizeLinear", **attrs)
+    node.input[list(node.input).index(weight)] = dq
+    if form.bias_mode == BiasMode.INT32 and x_q is not None and form.bias is not None:
+        _int32_bias(b, view, node, form.bias, x_q, wq)
+    elif form.bias_mode == BiasMode.EXACT and form.bias is not None:
+        _exact_bias(b, view, node, form.bias)
+    return (codes.size * (4 if candidate.weights in (Precision.INT4, Precision.UINT4) else 8 * codes.itemsize)) // 8
+
+
+def _int32_bias(b: _Builder, view: GraphView, node: onnx.NodeProto, bias_name: str, x_q: QParams, wq: QParams) -> None:
+    """The bias as int32 codes at scale ``s_x·s_w`` (what onnxruntime's integer kernels add)."""
+    bias = view.weight_value(bias_name)
+    bias_scale = (np.asarray(x_q.scale, np.float64) * np.asarray(wq.scale, np.float64)).astype(np.float32)
+    if not np.all(np.isfinite(bias_scale) & (bias_scale > 0)):
+        # degenerate activation ranges (e.g. calibration data near float limits): keep the
+        # bias exact instead of dividing by a zero or infinite scale
+        _exact_bias(b, view, node, bias_name)
+        return
+    if bias is None or bias.ndim != 1:
+        return
+    bias_scale = np.broadcast_to(bias_scale, bias.shape).copy() if wq.axis is not None else bias_scale
+    # int32 saturates where the bias dwarfs s_x·s_w (degenerate ranges); computed in float64
+    # because float32 cannot hold the int32 bounds exactly
+    ratio = bias.astype(np.float64) / bias_scale.astype(np.float64)
+    codes = np.clip(np.rint(ratio), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+    b_name = b.initializer(f"{bias_name}_quantized", codes)
+    b_scale = b.initializer(f"{bias_name}_scale", bias_scale)
+    attrs = {"axis": 0} if bias_scale.ndim == 1 else {}
+    node.input[2] = b.node("DequantizeLinear", [b_name, b_scale], f"{bias_name}_dequantized",
+                           f"{bias_name}_DequantizeLinear", **attrs)
+
+
+def _quantize_constants(b: _Builder, view: GraphView, layout: Layout) -> int:
+    """Constant operands of integer-only nodes, then the compressed constants; the bytes saved."""
+    for name, grid in sorted(layout.operand_grids.items()):
+        _quantize_constant_operands(b, view, view.nodes[name], grid)
+    return _compress_constant_operands(b, view, layout.compressed_constants)
+
+
+def _compress_constant_operands(b: _Builder, view: GraphView, tensors: AbstractSet[str]) -> int:
     """Store the constants the layout chose (:func:`onnxq.layout.compressible_constants`) as
     int8 + DequantizeLinear; the bytes saved."""
     saved = 0
@@ -407,24 +432,12 @@ def _compress_constant_operands(b: _Builder, view: GraphView, nodes: Mapping[str
         scale, zp = _qparam_initializers(b, tensor, q)
         dq = b.node("DequantizeLinear", [q_name, scale, zp], f"{tensor}_dequantized", f"{tensor}_DequantizeLinear")
         for consumer in view.consumers.get(tensor, []):
-            node = nodes[consumer]
+            node = view.nodes[consumer]
             for i, name in enumerate(node.input):
                 if name == tensor:
                     node.input[i] = dq
         saved += codes.size
     return saved
-
-
-def _integer_lookup_table(view: GraphView, layout: Layout, layer_name: str, precision: Precision) -> np.ndarray | None:
-    """The float table of a Gather layer planned with integer table and output of ``precision``."""
-    candidate = layout.plan.get(layer_name)
-    layer = view.layers.get(layer_name)
-    if candidate is None or layer is None or layer.op_type != "Gather" or layer.weight is None:
-        return None
-    if candidate.weights != precision or candidate.activations != precision:
-        return None
-    table = view.weight_value(layer.weight.tensor)
-    return None if table is None or table.dtype.kind != "f" or not np.isfinite(table).all() else table.astype(np.float32)
 
 
 def _infer_value_info(model: onnx.ModelProto) -> None:
@@ -468,31 +481,25 @@ def _dequantize_after_gather(b: _Builder, node: onnx.NodeProto, codes: str, scal
                                         name=b.unique(f"{node.name or output}_DequantizeLinear")))
 
 
-def _int32_bias(bias: str | None, x_q: QParams | None, node: onnx.NodeProto, candidate: Candidate) -> bool:
-    """Whether the layer's bias is stored as int32 at scale ``s_x·s_w`` (8-bit integer layers)."""
-    return (bias is not None and x_q is not None and node.op_type in _CHANNEL_INPUT_OPS
-            and candidate.weights == Precision.INT8 and x_q.precision in (Precision.UINT8, Precision.INT8))
+def _dynamic_weight(b: _Builder, view: GraphView, node: onnx.NodeProto, form: LayerForm, w: np.ndarray,
+                    spec: HardwareSpec) -> int:
+    """The dynamic int8 pattern (:mod:`onnxq.qdq_patterns`); the stored bytes."""
+    bias = view.weight_value(form.bias) if form.bias is not None else None
+    weight = dynamic_weight_layout(node, w, None if bias is None else bias.astype(np.float32))
+    consumers = [view.nodes[c] for c in view.consumers.get(node.output[0], []) if c in view.nodes]
+    rule = spec.weight_rule(node.op_type, form.candidate.weights)
+    reduce_range = rule is not None and rule.reduce_range
+    return emit_dynamic_layer(b, node, weight, form.candidate, consumers, set(view.constants), reduce_range)
 
 
-def _fast_pattern(b: _Builder, view: GraphView, node: onnx.NodeProto, layer: Any, w: np.ndarray,
-                  candidate: Candidate, spec: HardwareSpec) -> int | None:
-    """Emit a dynamic int8 or block-wise weight-only layer (:mod:`onnxq.qdq_patterns`); the
-    stored bytes, or None when ``candidate`` is neither."""
-    if candidate.dynamic:
-        bias = view.weight_value(layer.bias) if layer.bias is not None else None
-        weight = dynamic_weight_layout(node, w, None if bias is None else bias.astype(np.float32))
-        consumers = [view.nodes[c] for c in view.consumers.get(node.output[0], []) if c in view.nodes]
-        rule = spec.weight_rule(node.op_type, candidate.weights)
-        reduce_range = rule is not None and rule.reduce_range
-        return emit_dynamic_layer(b, node, weight, candidate, consumers, set(view.constants), reduce_range)
-    block = spec.weight_block_size(node.op_type, candidate)
-    if not block:
-        return None
-    rule = spec.weight_rule(node.op_type, candidate.weights)
+def _blockwise_weight(b: _Builder, node: onnx.NodeProto, form: LayerForm, w: np.ndarray, spec: HardwareSpec) -> int:
+    """A block-wise weight-only DequantizeLinear (:mod:`onnxq.qdq_patterns`); the stored bytes."""
+    weight = form.weight or ""
+    rule = spec.weight_rule(node.op_type, form.candidate.weights)
     symmetric = True if rule is None else rule.symmetric
     narrow = False if rule is None else rule.narrow_range
-    dq, size = emit_blockwise_weight(b, layer.weight.tensor, w, candidate.weights, block, symmetric, narrow)
-    node.input[list(node.input).index(layer.weight.tensor)] = dq
+    dq, size = emit_blockwise_weight(b, weight, w, form.candidate.weights, form.block_size, symmetric, narrow)
+    node.input[list(node.input).index(weight)] = dq
     return size
 
 
@@ -508,15 +515,7 @@ def _exact_bias(b: _Builder, view: GraphView, node: onnx.NodeProto, bias_name: s
     node.input[2] = b.node("DequantizeLinear", [b_name, b_scale], f"{bias_name}_dequantized", f"{bias_name}_DequantizeLinear")
 
 
-def _layer_ops(model: onnx.ModelProto, layout: Layout) -> set[str]:
-    ops = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"}
-    names = set(layout.plan)
-    ops |= {n.op_type for n in model.graph.node if n.name in names}
-    return ops
-
-
-def _quantize_constant_operands(b: _Builder, view: GraphView, node: onnx.NodeProto, precision: Precision,
-                                symmetric: bool) -> None:
+def _quantize_constant_operands(b: _Builder, view: GraphView, node: onnx.NodeProto, grid: Grid) -> None:
     """Give a weightless integer layer (Add/Mul with a constant operand) a quantized constant.
 
     onnxruntime fuses Add/Mul only when every input comes from a DequantizeLinear, and a spec
@@ -530,37 +529,15 @@ def _quantize_constant_operands(b: _Builder, view: GraphView, node: onnx.NodePro
             continue  # a mask's -inf stays float (the layer's output then takes -inf: left float too)
         value = value.astype(np.float32)
         q = qparams_from_range(np.asarray(min(float(value.min()), 0.0)), np.asarray(max(float(value.max()), 0.0)),
-                               precision, symmetric)
-        codes = quantize(value, q).astype(numpy_dtype(precision))
-        q_name = b.initializer(f"{tensor}_quantized", codes, onnx_dtype(precision))
+                               grid.precision, grid.symmetric)
+        codes = quantize(value, q).astype(numpy_dtype(grid.precision))
+        q_name = b.initializer(f"{tensor}_quantized", codes, onnx_dtype(grid.precision))
         scale, zp = _qparam_initializers(b, tensor, q)
         node.input[i] = b.node("DequantizeLinear", [q_name, scale, zp], f"{tensor}_dequantized",
                                f"{tensor}_DequantizeLinear")
 
 
-def _reads_float(layout: Layout, spec: HardwareSpec, node: onnx.NodeProto) -> bool:
-    """True when ``node`` computes in float32: a float-planned layer, or a spec op left out of the plan."""
-    if node.name in layout.fp16_layers or node.name in layout.integer_nodes:
-        return False
-    candidate = layout.plan.get(node.name)
-    if candidate is None:
-        return node.name in layout.float_layers or node.op_type in spec.ops
-    return not is_integer(candidate.activations)
-
-
-def _float_guard_axis(view: GraphView, node: onnx.NodeProto, layout: Layout, tensor: str) -> int | None:
-    """Channel axis for a float Conv/Gemm input that must not look like a quantized layer."""
-    if node.op_type not in _CHANNEL_INPUT_OPS or node.name not in layout.float_layers:
-        return None
-    if not node.input or node.input[0] != tensor:
-        return None
-    shape = view.shapes.get(tensor)
-    if not shape or len(shape) < 2:
-        return None
-    return 1
-
-
-def _to_fp16(b: _Builder, view: GraphView, node: onnx.NodeProto, layer: object) -> int:
+def _to_fp16(b: _Builder, view: GraphView, node: onnx.NodeProto) -> int:
     """Run ``node`` in fp16: Cast its float inputs down, its constants stored as fp16, output Cast up."""
     weight_bytes = 0
     for i, tensor in enumerate(list(node.input)):
