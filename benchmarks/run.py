@@ -343,6 +343,12 @@ def make_session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def accuracy_of(session: Any, eval_arrays: dict[str, np.ndarray]) -> float:
+    """Top-1 accuracy on the eval set (batches of 32)."""
+    predictions = _predict(session, list(input_batches(eval_arrays, 32)))
+    return float(np.mean(predictions == eval_arrays["labels"]))
+
+
 def latencies(sessions: dict[str, Any], eval_arrays: dict[str, np.ndarray],
               quick: bool) -> dict[str, tuple[Timing, Timing]]:
     """Batch-1 and batch-32 timings per session against fp32, interleaved round by round
@@ -350,6 +356,8 @@ def latencies(sessions: dict[str, Any], eval_arrays: dict[str, np.ndarray],
     drift in the machine's load hits all tools alike."""
     from onnxq.latency import time_interleaved
 
+    if not sessions:
+        return {}
     reference = "fp32" if "fp32" in sessions else next(iter(sessions))
     budget = 1.0 if quick else 4.0
     b1 = time_interleaved(sessions, [next(input_batches(eval_arrays, 1))], reference, budget_seconds=budget)

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.errors import ModelError
-from onnxq.model import is_large, save_model
+from onnxq.model import MAX_IR_VERSION, is_large, save_model
 
 __all__ = ["create_session", "make_session", "run_all", "optimized_op_types"]
 
@@ -20,10 +20,10 @@ logger = logging.getLogger(__name__)
 
 
 def _serialise(model: onnx.ModelProto) -> bytes:
-    if model.ir_version > 10:
+    if model.ir_version > MAX_IR_VERSION:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        copy.ir_version = 10
+        copy.ir_version = MAX_IR_VERSION
         model = copy
     return model.SerializeToString()
 
@@ -39,8 +39,8 @@ def create_session(model: onnx.ModelProto | bytes, options: ort.SessionOptions,
         return ort.InferenceSession(_serialise(model), options, providers=list(providers))
     with tempfile.TemporaryDirectory(prefix="onnxq-session-") as folder:
         path = Path(folder) / "model.onnx"
-        if model.ir_version > 10:
-            model.ir_version = 10
+        if model.ir_version > MAX_IR_VERSION:
+            model.ir_version = MAX_IR_VERSION
         save_model(model, path)
         return ort.InferenceSession(str(path), options, providers=list(providers))
 
@@ -52,6 +52,7 @@ def make_session(
     threads: int = 0,
     optimized_path: str | None = None,
     exact_qdq: bool = False,
+    providers: Sequence[str] | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``model`` (default session options unless asked)."""
     options = ort.SessionOptions()
@@ -64,7 +65,7 @@ def make_session(
     if exact_qdq:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     try:
-        return create_session(model, options)
+        return create_session(model, options, providers or ("CPUExecutionProvider",))
     except Exception as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"onnxruntime cannot load the model: {message}", "check the model runs in onnxruntime") from error

@@ -30,7 +30,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.calibration.sweep import MAX_IR_VERSION, check_tensors, make_session
+from onnxq.calibration.sweep import check_tensors
+from onnxq.model import MAX_IR_VERSION
+from onnxq.runtime import make_session
 from onnxq.calibration.types import TensorRange
 from onnxq.errors import CalibrationError
 from onnxq.model import model_opset
@@ -170,7 +172,7 @@ class FakeQuantModel:
         insert_fake_quant(copy.graph, self.activation_tensors, types)
         self._weight_dtype = _expose_weights(copy.graph, self.weight_tensors)
         self.model = copy
-        self.session = make_session(copy, optimize=True, providers=providers)
+        self.session = make_session(copy, providers=providers)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._disabled = self._disabled_feed()
 

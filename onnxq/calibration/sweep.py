@@ -21,16 +21,16 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnxq.calibration.histogram import RunningHistogram, TensorStats
-from onnxq.errors import CalibrationError
-from onnxq.runtime import create_session
+from onnxq.errors import CalibrationError, ModelError
+from onnxq.model import MAX_IR_VERSION
+from onnxq.runtime import make_session
 
 __all__ = [
     "FLOAT_TYPES",
-    "MAX_IR_VERSION",
     "calibration_model",
     "check_feed",
     "check_tensors",
-    "make_session",
+    "calibration_session",
     "model_input_names",
     "prepare_feeds",
     "reduction_model",
@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 #: Highest IR version the calibration session is given (onnxruntime 1.31 accepts at most 13;
 #: 10 is the newest that every supported onnxruntime takes).
-MAX_IR_VERSION = 10
 
 #: ONNX element types whose tensors can be calibrated.
 FLOAT_TYPES = frozenset(
@@ -194,27 +193,14 @@ def reduction_model(
     return copy, names
 
 
-def make_session(
-    model: onnx.ModelProto,
-    optimize: bool = False,
-    providers: Sequence[str] | None = None,
-) -> ort.InferenceSession:
-    """An onnxruntime session of ``model`` (optimizations off unless ``optimize``)."""
+def calibration_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """The session a calibration sweep runs: graph optimizations off, so that every tensor the
+    sweep reads is computed as the model states it (fusions would hide intermediate tensors)."""
     global _SESSIONS_BUILT
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    options.log_severity_level = 3
     try:
-        session = create_session(model, options, list(providers or ["CPUExecutionProvider"]))
-    except Exception as exc:
-        raise CalibrationError(
-            f"onnxruntime cannot load the calibration model: {str(exc).splitlines()[0]}",
-            "check that the model runs in onnxruntime as given",
-        ) from exc
+        session = make_session(model, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    except ModelError as exc:
+        raise CalibrationError(f"cannot calibrate: {exc.message}", "check that the model runs in onnxruntime as given") from exc
     _SESSIONS_BUILT += 1
     return session
 
@@ -294,7 +280,7 @@ def sweep(
                 elem = (types or {}).get(name, onnx.TensorProto.FLOAT)
                 reduced.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
         fetch = [*fetch, *output_names]
-    session = make_session(reduced)
+    session = calibration_session(reduced)
     fallbacks: dict[tuple[str, ...], ort.InferenceSession] = {}
     session_inputs = {i.name for i in session.get_inputs()}
     iterator: Iterable[Mapping[str, np.ndarray]] = feeds
@@ -332,7 +318,7 @@ def sweep(
             # rare: fetch just these tensors whole and reduce their finite values here
             key = tuple(unclean)
             if key not in fallbacks:
-                fallbacks[key] = make_session(calibration_model(model, unclean, types))
+                fallbacks[key] = calibration_session(calibration_model(model, unclean, types))
             for name, value in zip(unclean, fallbacks[key].run(unclean, run_feed), strict=True):
                 finite = TensorStats()
                 _update(finite, name, np.asarray(value), index)

@@ -29,7 +29,8 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.calibration import weight_ranges
-from onnxq.calibration.sweep import MAX_IR_VERSION, make_session
+from onnxq.model import MAX_IR_VERSION
+from onnxq.runtime import make_session
 from onnxq.numerics import fake_quantize, qparams_from_range
 from onnxq.precision import Precision, is_integer
 from onnxq.qdq_patterns import fake_quantize_blockwise
@@ -292,7 +293,7 @@ def _session(model: onnx.ModelProto) -> object:
     try:
         return create_session(model, options, ["CPUExecutionProvider"])
     except Exception:  # noqa: BLE001 - the shared helper reports the error in onnxq's words
-        return make_session(model, optimize=True)
+        return make_session(model)
 
 
 def _has_subgraphs(model: onnx.ModelProto) -> bool:

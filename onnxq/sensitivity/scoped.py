@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxq.calibration.sweep import make_session
+from onnxq.runtime import make_session
 from onnxq.graph import ScopeView
 from onnxq.numerics import qparams_from_range
 from onnxq.sensitivity.engine import ActivationQuant, WeightPerturbation, loss_between, rademacher, weight_noise
@@ -104,7 +104,7 @@ class ScopedEvaluator:
 
     def loss(self, job: ScopedJob) -> float:
         """The loss of the perturbed model against the fp32 reference."""
-        session = make_session(self.perturbed_model(job), optimize=True)
+        session = make_session(self.perturbed_model(job))
         names = [o.name for o in session.get_outputs()]
         outputs = [session.run(names, dict(feed)) for feed in self.feeds]
         self.evaluations += 1
