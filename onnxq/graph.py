@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
-from onnxq.spec.model import HardwareSpec
+from onnxq.spec.model import DEFAULT_BIAS_INPUTS, DEFAULT_WEIGHT_INPUTS, HardwareSpec
 from onnxq.subgraphs import Scope, Wrapped, outer_references, scopes, wrap
 
 __all__ = [
@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 
 #: Compute ops onnxq treats as layers when no spec says otherwise.
 DEFAULT_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"})
-_WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+#: The weight input of a layer op: the spec module's table, for ops with one weight input (a
+#: recurrent op's several weights make it no single-weight layer).
+_WEIGHT_INPUT = {op: slots[0] for op, slots in DEFAULT_WEIGHT_INPUTS.items() if len(slots) == 1}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
@@ -285,8 +287,9 @@ class GraphView:
         if node.op_type in ("Conv", "ConvTranspose", "Gemm") and weight is None:
             return None  # a Conv/Gemm with activation weights is rare; it stays float
         bias = None
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2] in self.constants:
-            bias = node.input[2]
+        bias_slot = DEFAULT_BIAS_INPUTS.get(node.op_type, (None,))[0]
+        if bias_slot is not None and len(node.input) > bias_slot and node.input[bias_slot] in self.constants:
+            bias = node.input[bias_slot]
         params = weight.elements if weight else 0
         if bias is not None:
             params += int(np.prod(self.shapes.get(bias) or (1,)))
