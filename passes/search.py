@@ -86,7 +86,9 @@ class _PlanMeter:
         self.fp32_model = ctx.artifacts["fp32_model"]
         self.fp32_bytes = max(1, byte_size(self.fp32_model))
         spec: HardwareSpec = ctx.artifacts["spec"]
-        self.timed = runs_here(spec.runtime)
+        # the size objective never reads a plan's latency: the written model's is measured once
+        objective = Objective(getattr(ctx.options, "objective", Objective.LATENCY.value))
+        self.timed = runs_here(spec.runtime) and objective is not Objective.SIZE
         self.batch = int(getattr(ctx.options, "deploy_batch", 1) or 1)
         self.feeds = deploy_feeds(list(ctx.artifacts["feeds"].held_back), self.batch)[:LATENCY_FEEDS] if self.timed else []
         self.timed = self.timed and bool(self.feeds)

@@ -143,7 +143,7 @@ def _garbage(cnn: bytes) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("kind", ["text", "random", "truncated", "zip", "no_graph"])
+@pytest.mark.parametrize("kind", ["text", "truncated", *(pytest.param(k, marks=pytest.mark.slow) for k in ("random", "zip", "no_graph"))])
 def test_not_onnx_every_command(work: Path, cnn_path: Path, kind: str) -> None:
     bad = work / "bad.onnx"
     bad.write_bytes(_garbage(cnn_path.read_bytes())[kind])
@@ -429,7 +429,8 @@ def _external_model(folder: Path, location: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("location", ["../../etc/passwd", "/etc/passwd", "../outside.bin", "sub/../../outside.bin", "link.bin"])
+@pytest.mark.parametrize("location", ["../../etc/passwd", "link.bin", *(pytest.param(loc, marks=pytest.mark.slow)
+                                                            for loc in ("/etc/passwd", "../outside.bin", "sub/../../outside.bin"))])
 def test_external_data_escaping_is_refused(work: Path, location: str) -> None:
     outside = work.parent / "outside.bin"
     outside.write_bytes(b"\0" * 4096)

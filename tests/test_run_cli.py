@@ -27,6 +27,7 @@ def test_exit_codes_and_streams_are_the_childs(tmp_path: Path) -> None:
     assert crash.code == 1 and "Traceback (most recent call last)" in crash.stderr and "missing.onnx" in crash.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter beside the forked one: ~8 s
 def test_cwd_and_environment_are_the_callers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _model(tmp_path / "relative.onnx")
     assert run_cli("inspect", "relative.onnx", cwd=tmp_path).code == 0

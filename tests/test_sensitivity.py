@@ -174,6 +174,7 @@ def test_cache_hit_returns_identical_json_without_evaluating(cnn_run, cnn, spec)
     assert json.dumps(again, sort_keys=True) == json.dumps(json.loads(json.dumps(sens)), sort_keys=True)
 
 
+@pytest.mark.slow  # worker processes each import onnxruntime: ~7 s
 def test_workers_give_the_same_numbers(cnn, spec) -> None:  # type: ignore[no-untyped-def]
     feeds = _feeds(CNN, 16, 16)
     only = ["/stem/stem.0/Conv", "/blocks/blocks.0/dw/dw.0/Conv", "/blocks/blocks.0/pw/pw.0/Conv"]
