@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -26,6 +26,7 @@ from onnxq.subgraphs import Scope, Wrapped, outer_references, scopes, wrap
 __all__ = [
     "DEFAULT_LAYER_OPS",
     "layer_ops_for",
+    "weight_slots_for",
     "ScopeView",
     "scope_views",
     "WeightLocation",
@@ -44,6 +45,18 @@ DEFAULT_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gathe
 #: recurrent op's several weights make it no single-weight layer).
 _WEIGHT_INPUT = {op: slots[0] for op, slots in DEFAULT_WEIGHT_INPUTS.items() if len(slots) == 1}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def weight_slots_for(spec: HardwareSpec) -> dict[str, int]:
+    """Where each layer op's weight is on this target: the spec's ``weight_inputs`` where its
+    rule has exactly one, the spec module's defaults for ops the spec does not list."""
+    slots = dict(_WEIGHT_INPUT)
+    for op_type, rule in spec.ops.items():
+        if len(rule.weight_inputs) == 1:
+            slots[op_type] = rule.weight_inputs[0]
+        else:
+            slots.pop(op_type, None)
+    return slots
 
 
 def layer_ops_for(spec: HardwareSpec) -> set[str]:
@@ -179,11 +192,13 @@ class GraphView:
         layer_ops: op types that count as layers.
     """
 
-    def __init__(self, model: onnx.ModelProto, layer_ops: Iterable[str] = DEFAULT_LAYER_OPS) -> None:
+    def __init__(self, model: onnx.ModelProto, layer_ops: Iterable[str] = DEFAULT_LAYER_OPS,
+                 weight_slots: Mapping[str, int] | None = None) -> None:
         ensure_node_names(model)
         self.model = model
         self.graph = model.graph
         self.layer_ops = frozenset(layer_ops)
+        self.weight_slots: Mapping[str, int] = dict(_WEIGHT_INPUT if weight_slots is None else weight_slots)
         self.constants = constant_tensors(self.graph)
         self.shapes: dict[str, tuple[int, ...] | None] = {}
         self.dtypes: dict[str, int] = {}
@@ -263,7 +278,7 @@ class GraphView:
     def _make_layer(self, index: int, node: onnx.NodeProto) -> Layer | None:
         if node.op_type not in self.layer_ops or not node.output:
             return None
-        weight_slot = _WEIGHT_INPUT.get(node.op_type)
+        weight_slot = self.weight_slots.get(node.op_type)
         weight: Weight | None = None
         if weight_slot is not None and len(node.input) > weight_slot:
             tensor = node.input[weight_slot]
@@ -481,10 +496,11 @@ class ScopeView:
     view: GraphView
 
 
-def scope_views(model: onnx.ModelProto, layer_ops: set[str] | frozenset[str]) -> list[ScopeView]:
+def scope_views(model: onnx.ModelProto, layer_ops: set[str] | frozenset[str],
+                weight_slots: Mapping[str, int] | None = None) -> list[ScopeView]:
     """Graph views of every subgraph of ``model`` (empty for models without control flow)."""
     views = []
     for scope in scopes(model):
         wrapper, wrapped = wrap(model, scope)
-        views.append(ScopeView(scope, wrapper, wrapped, GraphView(wrapper, layer_ops)))
+        views.append(ScopeView(scope, wrapper, wrapped, GraphView(wrapper, layer_ops, weight_slots)))
     return views

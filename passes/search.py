@@ -316,7 +316,7 @@ def _deploy_shaped(view: GraphView, ctx: PassContext) -> GraphView:
     except Exception as error:  # noqa: BLE001 - the symbolic shapes still give a cost estimate
         logger.info("cost model keeps the symbolic shapes: %s", error)
         return view
-    return GraphView(shaped, view.layer_ops)
+    return GraphView(shaped, view.layer_ops, view.weight_slots)
 
 
 class SearchPass(Pass):

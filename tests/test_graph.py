@@ -94,3 +94,29 @@ def test_unnamed_nodes_get_stable_names() -> None:
     first = GraphView(load_model(model).proto).layer_names
     second = GraphView(load_model(model).proto).layer_names
     assert first == second and all(first)
+
+
+def test_the_spec_says_where_a_layers_weight_is(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A spec whose MatMul rule puts the weight at input 0 (``W @ x``) makes that constant the
+    layer's weight in the graph view; the default table says input 1."""
+    import json
+    from importlib import resources
+
+    from onnxq.graph import layer_ops_for, weight_slots_for
+    from onnxq.spec import load_spec
+
+    w = onnx.numpy_helper.from_array(np.ones((4, 8), np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["w", "x"], ["y"], name="left")], "left_weight",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [8, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 3])], [w])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    assert GraphView(model).layers["left"].weight is None
+    data = json.loads((resources.files("onnxq.hardware_specs") / "ort-cpu-x86.json").read_text("utf-8"))
+    data["ops"]["MatMul"]["weight_inputs"] = [0]
+    path = tmp_path / "left.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    spec = load_spec(str(path))
+    view = GraphView(model, layer_ops_for(spec), weight_slots_for(spec))
+    layer = view.layers["left"]
+    assert layer.weight is not None and layer.weight.tensor == "w" and layer.activations == ("x",)
