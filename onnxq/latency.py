@@ -276,7 +276,9 @@ def _stack_padded(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _session(model: ModelSource, threads: int) -> ort.InferenceSession:
+def _session(model: ModelSource | ort.InferenceSession, threads: int) -> ort.InferenceSession:
+    if isinstance(model, ort.InferenceSession):
+        return model
     if isinstance(model, onnx.ModelProto):
         return make_session(model, threads=threads)
     options = ort.SessionOptions()
@@ -291,7 +293,7 @@ def _session(model: ModelSource, threads: int) -> ort.InferenceSession:
 
 def measure_latency(
     candidate: ModelSource,
-    reference: ModelSource,
+    reference: ModelSource | ort.InferenceSession,
     feeds: Sequence[Feed],
     *,
     budget_seconds: float = 2.0,
@@ -299,7 +301,8 @@ def measure_latency(
     max_rounds: int = 50,
     threads: int = 0,
 ) -> LatencyRatio:
-    """Latency of ``candidate`` relative to ``reference`` (e.g. fp32) on deploy-shape ``feeds``."""
+    """Latency of ``candidate`` relative to ``reference`` (e.g. fp32) on deploy-shape ``feeds``;
+    a caller timing many candidates passes the reference's session once built."""
     sessions = {"reference": _session(reference, threads), "candidate": _session(candidate, threads)}
     timings = time_interleaved(sessions, feeds, "reference", budget_seconds=budget_seconds,
                                min_rounds=min_rounds, max_rounds=max_rounds)

@@ -43,6 +43,7 @@ from onnxq.model import byte_size
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import FP32, Candidate, bits
 from onnxq.rewrite import plan_summary
+from onnxq.runtime import make_session
 from onnxq.search.candidates import SearchSpace, build_space
 from onnxq.search.ilp import Problem, Solution, solve
 from onnxq.search.objective import Choice, MeasuredPlan, Objective, choose
@@ -94,6 +95,7 @@ class _PlanMeter:
         self.timed = self.timed and bool(self.feeds)
         self.results: dict[int, MeasuredPlan] = {}
         self.latency: dict[int, LatencyRatio] = {}
+        self._fp32_session: Any = None  # built at the first timing, reused by every later one
 
     def fp32(self, index: int) -> MeasuredPlan:
         result = MeasuredPlan(index, 0.0, 1.0, 1.0 if self.timed else None, 0.0, is_fp32=True)
@@ -111,7 +113,9 @@ class _PlanMeter:
         spread = 0.0
         if self.timed and drop <= self.max_drop:  # latency only matters inside the range
             try:
-                latency = measure_latency(model, self.fp32_model, self.feeds, budget_seconds=LATENCY_BUDGET_SECONDS)
+                if self._fp32_session is None:
+                    self._fp32_session = make_session(self.fp32_model)
+                latency = measure_latency(model, self._fp32_session, self.feeds, budget_seconds=LATENCY_BUDGET_SECONDS)
             except Exception as error:  # noqa: BLE001 - a plan that ran above must not fail on timing
                 logger.warning("latency of plan #%d not measured: %s", index, error)
             else:
