@@ -70,9 +70,6 @@ EXTRA_MEASURED_PLANS = 2
 #: Deploy-shape feeds timed per latency measurement, and the time budget of one measurement.
 LATENCY_FEEDS = 4
 LATENCY_BUDGET_SECONDS = 1.5
-#: Below this fp32 size the fp32 timing session is kept for every plan's latency (saves its build
-#: each time); above it the session's copy of the weights would stay resident through every build.
-KEEP_FP32_SESSION_BYTES = 256 << 20
 #: Uniform plans measured beside the front (the one-precision models users would otherwise make
 #: with onnxruntime's quantize_static / quantize_dynamic): a mixed plan must beat them to win.
 ANCHOR_CANDIDATES = ("int8/dyn-uint8", "int8/uint8")
@@ -119,8 +116,6 @@ class _PlanMeter:
                 if self._fp32_session is None:
                     self._fp32_session = make_session(self.fp32_model)
                 latency = measure_latency(model, self._fp32_session, self.feeds, budget_seconds=LATENCY_BUDGET_SECONDS)
-                if self.fp32_bytes > KEEP_FP32_SESSION_BYTES:
-                    self._fp32_session = None
             except Exception as error:  # noqa: BLE001 - a plan that ran above must not fail on timing
                 logger.warning("latency of plan #%d not measured: %s", index, error)
             else:
