@@ -33,6 +33,7 @@ Results 2026-11-30 (2 cores, shared; onnxruntime 1.32.0):
 | bert22m quantize --max-drop 0.01, this engine | 91.5 | 1766 | 2.0 |
 | bert22m analyze, 128 samples, every candidate (663 evaluations), this engine | killed at 500 (timeout) | 3099 at kill | 4-5 |
 | bert110m (109M, 416 MiB) quantize --max-drop 0.01, 2026-11-30 14:47 (git f005d67, `--tasks e110`; before: killed at 9 min, 24.2 GB) | 703.3 | 7712 | 1.7 |
+| same, fp32 timing session rebuilt per plan (71aa6f1, reverted) | 787.9 | 7896 | 1.8 |
 
 Depth table (``--depth-samples 8``, load 8-11, so the plain-pass denominators are noisy):
 
