@@ -16,7 +16,7 @@ import onnx
 
 from onnxq.data import load_feeds
 from onnxq.errors import UsageError
-from onnxq.graph import GraphView, layer_ops_for, scope_views, weight_slots_for
+from onnxq.graph import graph_view_for, layer_ops_for, scope_views_for
 from onnxq.model import check_quantizable_dtypes, load_model
 from onnxq.options import QuantizeOptions, excluded_layers
 from onnxq.passes import (
@@ -124,8 +124,8 @@ def quantize(
     ctx = PassContext(model=working, options=opts)
     ctx.artifacts.update({"spec": hw, "feeds": feeds, "fp32_model": loaded.proto, "model_sha256": loaded.sha256})
     ensure_unique_node_names(working)
-    ctx.analyses.register("graph_view", lambda c: GraphView(c.model, layer_ops_for(hw), weight_slots_for(hw)))
-    ctx.analyses.register("scope_views", lambda c: scope_views(c.model, layer_ops_for(hw), weight_slots_for(hw)))
+    ctx.analyses.register("graph_view", lambda c: graph_view_for(c.model, hw))
+    ctx.analyses.register("scope_views", lambda c: scope_views_for(c.model, hw))
     ctx.add_time("load", load_seconds)
     view = ctx.analysis("graph_view")
     if not view.layers and not any(sv.view.layers for sv in ctx.analysis("scope_views")):
@@ -180,8 +180,8 @@ def build_report(ctx: PassContext, spec: HardwareSpec, opts: QuantizeOptions, se
     plan: dict[str, Candidate] = ctx.artifacts["plan"]
     measurement = dict(ctx.artifacts.get("measurement", {}))
     fp32 = ctx.artifacts["fp32_model"]
-    layers_total = len(GraphView(fp32, layer_ops_for(spec), weight_slots_for(spec)).layers)
-    layers_total += sum(len(sv.view.layers) for sv in scope_views(fp32, layer_ops_for(spec), weight_slots_for(spec)))
+    layers_total = len(graph_view_for(fp32, spec).layers)
+    layers_total += sum(len(sv.view.layers) for sv in scope_views_for(fp32, spec))
     quantized = {n: c for n, c in plan.items() if not c.is_float or c.weights.value == "fp16"}
     report: dict[str, Any] = {
         "format": "onnxq-report/1",

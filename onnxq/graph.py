@@ -25,7 +25,9 @@ from onnxq.subgraphs import Scope, Wrapped, outer_references, scopes, wrap
 
 __all__ = [
     "DEFAULT_LAYER_OPS",
+    "graph_view_for",
     "layer_ops_for",
+    "scope_views_for",
     "weight_slots_for",
     "ScopeView",
     "scope_views",
@@ -57,6 +59,16 @@ def weight_slots_for(spec: HardwareSpec) -> dict[str, int]:
         else:
             slots.pop(op_type, None)
     return slots
+
+
+def graph_view_for(model: onnx.ModelProto, spec: HardwareSpec) -> GraphView:
+    """The graph view of ``model`` with the layers of ``spec``: its layer ops and weight slots."""
+    return GraphView(model, layer_ops_for(spec), weight_slots_for(spec))
+
+
+def scope_views_for(model: onnx.ModelProto, spec: HardwareSpec) -> list[ScopeView]:
+    """:func:`scope_views` with the layers of ``spec``."""
+    return scope_views(model, layer_ops_for(spec), weight_slots_for(spec))
 
 
 def layer_ops_for(spec: HardwareSpec) -> set[str]:

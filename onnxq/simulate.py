@@ -31,14 +31,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.calibration.sweep import check_tensors
-from onnxq.model import MAX_IR_VERSION
-from onnxq.runtime import make_session
 from onnxq.calibration.types import TensorRange
 from onnxq.errors import CalibrationError
-from onnxq.model import model_opset
+from onnxq.model import MAX_IR_VERSION, model_opset
 from onnxq.numerics import MIN_SCALE, QParams, qparams_from_range
 from onnxq.precision import Candidate, Precision
 from onnxq.qdq_patterns import dynamic_activation_qparams
+from onnxq.runtime import make_session
 from onnxq.spec.model import HardwareSpec
 
 __all__ = [

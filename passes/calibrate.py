@@ -62,6 +62,14 @@ def _quantized_weights(ctx: PassContext) -> dict[str, np.ndarray]:
     return weights
 
 
+def _range_memo(ctx: PassContext) -> dict[tuple[str, str, bool, str], TensorRange] | None:
+    """The run's shared range memo, or None: outside a search, and for LAPQ (its ranges are fitted
+    jointly with the quantized weights of one plan)."""
+    if ctx.options.calibration == "lapq":
+        return None
+    return ctx.artifacts.get("range_memo")
+
+
 class CalibratePass(Pass):
     name = "calibrate"
     requires = ("layout", "feeds")
@@ -77,12 +85,8 @@ class CalibratePass(Pass):
             scoped = [layout for _, layout in ctx.artifacts.get("scope_layouts", [])]
             targets, symmetric = _targets([ctx.artifacts["layout"], *scoped])
             missing = {t: p for t, p in targets.items() if t not in ranges}
-            ranges.update(self._remembered(ctx, missing, symmetric))
-            missing = {t: p for t, p in missing.items() if t not in ranges}
             if missing:
-                collected = self._collect(ctx, missing, symmetric, bool(scoped))
-                ranges.update(collected)
-                self._remember(ctx, collected, missing, symmetric)
+                ranges.update(self._ranges(ctx, missing, symmetric, bool(scoped)))
             non_finite = {t for t in targets if ranges[t].non_finite}
             if not non_finite - keep_float or attempt == _MAX_RELAYOUTS:
                 break
@@ -96,36 +100,25 @@ class CalibratePass(Pass):
         """Collect, in one sweep, the ranges of every tensor ``layouts`` quantize into the run's
         ``range_memo``: the search knows the plans it will build, and one sweep over the
         calibration feeds costs as much for one tensor as for all of them."""
-        if ctx.artifacts.get("range_memo") is None or ctx.options.calibration == "lapq":
-            return
-        targets, symmetric = _targets(layouts)
-        missing = {t: p for t, p in targets.items() if t not in self._remembered(ctx, {t: p}, symmetric)}
+        if _range_memo(ctx) is not None:
+            targets, symmetric = _targets(layouts)
+            self._ranges(ctx, targets, symmetric, scoped)
+
+    def _ranges(self, ctx: PassContext, targets: dict[str, Precision], symmetric: dict[str, bool],
+                scoped: bool) -> dict[str, TensorRange]:
+        """The ranges of ``targets``: those an earlier plan build of this run collected (the
+        ``range_memo`` the search's evaluator shares; a tensor's range on the fp32 model does not
+        depend on the plan), the rest collected now and remembered."""
+        memo = _range_memo(ctx)
+        if memo is None:
+            return self._collect(ctx, targets, symmetric, scoped)
+        keys = {t: (t, p.value, symmetric.get(t, False), ctx.options.calibration) for t, p in targets.items()}
+        missing = {t: p for t, p in targets.items() if keys[t] not in memo}
         if missing:
-            self._remember(ctx, self._collect(ctx, missing, symmetric, scoped), missing, symmetric)
-
-    @staticmethod
-    def _memo_key(ctx: PassContext, tensor: str, precision: Precision, symmetric: bool) -> tuple[str, str, bool, str]:
-        return tensor, precision.value, symmetric, ctx.options.calibration
-
-    def _remembered(self, ctx: PassContext, targets: dict[str, Precision],
-                    symmetric: dict[str, bool]) -> dict[str, TensorRange]:
-        """Ranges an earlier plan build of this run already collected (``range_memo``, shared by
-        the search's evaluator): a tensor's range on the fp32 model does not depend on the plan.
-        LAPQ is the exception (its ranges are fitted jointly with the quantized weights)."""
-        memo = ctx.artifacts.get("range_memo")
-        if memo is None or ctx.options.calibration == "lapq":
-            return {}
-        found = {t: memo.get(self._memo_key(ctx, t, p, symmetric.get(t, False))) for t, p in targets.items()}
-        return {t: r for t, r in found.items() if r is not None}
-
-    def _remember(self, ctx: PassContext, collected: dict[str, TensorRange], targets: dict[str, Precision],
-                  symmetric: dict[str, bool]) -> None:
-        memo = ctx.artifacts.get("range_memo")
-        if memo is None or ctx.options.calibration == "lapq":
-            return
-        for tensor, value in collected.items():
-            if tensor in targets:
-                memo[self._memo_key(ctx, tensor, targets[tensor], symmetric.get(tensor, False))] = value
+            for tensor, value in self._collect(ctx, missing, symmetric, scoped).items():
+                if tensor in keys:
+                    memo[keys[tensor]] = value
+        return {t: memo[key] for t, key in keys.items() if key in memo}
 
     def _collect(self, ctx: PassContext, targets: dict[str, Precision], symmetric: dict[str, bool],
                  scoped: bool) -> dict[str, TensorRange]:

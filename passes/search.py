@@ -449,10 +449,11 @@ class SearchPass(Pass):
             front.append(({}, 0.0, float("inf")))  # fp32: measured drop 0 by definition
         evaluator = PlanEvaluator(ctx)
         meter = _PlanMeter(ctx, evaluator)
-        evaluator.prime([plan for plan, _, _ in front] + self._anchor_plans(ctx, front))
+        anchors = self._anchor_plans(ctx, front)
+        evaluator.prime([plan for plan, _, _ in front] + anchors)
         passing = self._bisect(front, meter, options.max_drop, options.progress, spec.integer_only)
         self._measure_extra(front, meter, passing)
-        self._measure_anchors(ctx, front, meter)
+        self._measure_anchors(anchors, front, meter)
         choice = choose(list(meter.results.values()), options.max_drop, objective)
         target_met = choice is not None
         if choice is None:
@@ -510,11 +511,11 @@ class SearchPass(Pass):
         return passing
 
     @staticmethod
-    def _measure_anchors(ctx: PassContext, front: list[tuple[dict[str, Candidate], float, float]],
+    def _measure_anchors(anchors: Sequence[dict[str, Candidate]], front: list[tuple[dict[str, Candidate], float, float]],
                          meter: _PlanMeter) -> None:
-        """Append the uniform plans of :data:`ANCHOR_CANDIDATES` the spec runs to the front and
-        measure them: the cost model may not see that one precision everywhere is the fastest."""
-        for plan in SearchPass._anchor_plans(ctx, front):
+        """Append the uniform ``anchors`` (:meth:`_anchor_plans`) to the front and measure them:
+        the cost model may not see that one precision everywhere is the fastest."""
+        for plan in anchors:
             front.append((plan, math.nan, math.nan))
             meter.measure(len(front) - 1, plan)
 

@@ -40,9 +40,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Highest IR version the calibration session is given (onnxruntime 1.31 accepts at most 13;
-#: 10 is the newest that every supported onnxruntime takes).
-
 #: ONNX element types whose tensors can be calibrated.
 FLOAT_TYPES = frozenset(
     {

@@ -91,7 +91,7 @@ from onnxq.calibration import cache as _cache
 from onnxq.calibration import collect_ranges
 from onnxq.calibration.weights import weight_range_method
 from onnxq.errors import CalibrationError, ModelError, PlanError, UsageError
-from onnxq.graph import GraphView, Layer, layer_ops_for, scope_views, weight_slots_for
+from onnxq.graph import GraphView, Layer, graph_view_for, scope_views_for
 from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
 from onnxq.model import atomic_write_text, model_opset, upgrade_opset
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
@@ -634,8 +634,8 @@ def analyze(
         work = onnx.shape_inference.infer_shapes(work, strict_mode=False)
     except Exception as exc:  # noqa: BLE001 - shapes only feed MACs
         logger.debug("shape inference failed (%s)", exc)
-    view = GraphView(work, layer_ops_for(spec), weight_slots_for(spec))
-    scoped_views = {sv.scope.key: sv for sv in scope_views(work, layer_ops_for(spec), weight_slots_for(spec))}
+    view = graph_view_for(work, spec)
+    scoped_views = {sv.scope.key: sv for sv in scope_views_for(work, spec)}
     views: dict[str, GraphView] = {MAIN_SCOPE: view, **{k: sv.view for k, sv in scoped_views.items()}}
     chosen, home = _choose(views, spec, candidates)
     layer_names = list(home)

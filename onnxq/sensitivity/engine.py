@@ -30,11 +30,10 @@ import onnxruntime as ort
 
 from onnxq.calibration import weight_ranges
 from onnxq.model import MAX_IR_VERSION
-from onnxq.runtime import make_session
 from onnxq.numerics import fake_quantize, qparams_from_range
 from onnxq.precision import Precision, is_integer
 from onnxq.qdq_patterns import fake_quantize_blockwise
-from onnxq.runtime import create_session
+from onnxq.runtime import create_session, make_session
 from onnxq.simulate import (
     DynamicQuant,
     FakeQuantModel,

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxq.runtime import make_session
 from onnxq.graph import ScopeView
 from onnxq.numerics import qparams_from_range
+from onnxq.runtime import make_session
 from onnxq.sensitivity.engine import ActivationQuant, WeightPerturbation, loss_between, rademacher, weight_noise
 from onnxq.simulate import bake
 from onnxq.subgraphs import unwrap, wrap
