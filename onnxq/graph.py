@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -61,9 +61,11 @@ def weight_slots_for(spec: HardwareSpec) -> dict[str, int]:
     return slots
 
 
-def graph_view_for(model: onnx.ModelProto, spec: HardwareSpec) -> GraphView:
-    """The graph view of ``model`` with the layers of ``spec``: its layer ops and weight slots."""
-    return GraphView(model, layer_ops_for(spec), weight_slots_for(spec))
+def graph_view_for(model: onnx.ModelProto, spec: HardwareSpec,
+                   value_info: Sequence[onnx.ValueInfoProto] = ()) -> GraphView:
+    """The graph view of ``model`` with the layers of ``spec``: its layer ops and weight slots
+    (``value_info``: shapes inferred elsewhere, see :class:`GraphView`)."""
+    return GraphView(model, layer_ops_for(spec), weight_slots_for(spec), value_info)
 
 
 def scope_views_for(model: onnx.ModelProto, spec: HardwareSpec) -> list[ScopeView]:
@@ -202,10 +204,14 @@ class GraphView:
     Args:
         model: the model (shape-inferred for MACs; names are made unique in place).
         layer_ops: op types that count as layers.
+        weight_slots: input index of each layer op's weight.
+        value_info: tensor shapes inferred on a copy of the model (:func:`onnxq.model.shape_skeleton`),
+            for models too big to shape-infer in place.
     """
 
     def __init__(self, model: onnx.ModelProto, layer_ops: Iterable[str] = DEFAULT_LAYER_OPS,
-                 weight_slots: Mapping[str, int] | None = None) -> None:
+                 weight_slots: Mapping[str, int] | None = None,
+                 value_info: Sequence[onnx.ValueInfoProto] = ()) -> None:
         ensure_node_names(model)
         self.model = model
         self.graph = model.graph
@@ -214,7 +220,7 @@ class GraphView:
         self.constants = constant_tensors(self.graph)
         self.shapes: dict[str, tuple[int, ...] | None] = {}
         self.dtypes: dict[str, int] = {}
-        for value in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output):
+        for value in [*self.graph.value_info, *value_info, *self.graph.input, *self.graph.output]:
             self.shapes[value.name] = _shape_of(value)
             self.dtypes[value.name] = value.type.tensor_type.elem_type
         for init in self.graph.initializer:

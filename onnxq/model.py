@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ __all__ = [
     "byte_size",
     "is_large",
     "check_output_path",
+    "shape_skeleton",
+    "copy_fields",
     "float16_tensors",
     "check_quantizable_dtypes",
     "atomic_write_text",
@@ -168,15 +171,11 @@ def _sha256_by_parts(model: onnx.ModelProto) -> str:
     digest = hashlib.sha256()
     digest.update(b"onnxq-large-model/1")
     skeleton = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(skeleton, field, value)
+    copy_fields(skeleton, model, skip=("graph",))
     digest.update(skeleton.SerializeToString(deterministic=True))
     graph = model.graph
     shell = onnx.GraphProto()
-    for field, value in graph.ListFields():
-        if field.name not in ("initializer", "sparse_initializer", "node"):
-            _copy_field(shell, field, value)
+    copy_fields(shell, graph, skip=("initializer", "sparse_initializer", "node"))
     digest.update(shell.SerializeToString(deterministic=True))
     for node in graph.node:
         digest.update(node.SerializeToString(deterministic=True))
@@ -185,6 +184,36 @@ def _sha256_by_parts(model: onnx.ModelProto) -> str:
     for sparse in graph.sparse_initializer:
         digest.update(sparse.SerializeToString(deterministic=True))
     return digest.hexdigest()
+
+
+#: Initializers at least this big lose their data in :func:`shape_skeleton`.
+SKELETON_MIN_BYTES = 1 << 16
+
+
+def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference and cost views: every initializer of at least
+    :data:`SKELETON_MIN_BYTES` keeps its name, type and dims but not its data (the shapes of
+    weights are all that inference reads from them; small ones such as Reshape targets are
+    kept whole). Never run or read weight values from it."""
+    skeleton = onnx.ModelProto()
+    copy_fields(skeleton, model, skip=("graph",))
+    graph = model.graph
+    copy_fields(skeleton.graph, graph, skip=("initializer",))
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() >= SKELETON_MIN_BYTES:
+            skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        else:
+            skeleton.graph.initializer.append(tensor)
+    return skeleton
+
+
+def copy_fields(target: google.protobuf.message.Message, source: google.protobuf.message.Message,
+                skip: Sequence[str] = ()) -> None:
+    """Copy every set field of ``source`` into ``target`` except those named in ``skip`` (to
+    build a copy of a model without its weights)."""
+    for field, value in source.ListFields():
+        if field.name not in skip:
+            _copy_field(target, field, value)
 
 
 def _copy_field(target: google.protobuf.message.Message, field: object, value: object) -> None:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from onnxq.cost import boundary_edges, estimate, layer_costs, weight_bytes
 from onnxq.graph import GraphView
 from onnxq.latency import LatencyRatio, deploy_feeds, measure_latency, runs_here
-from onnxq.model import byte_size
+from onnxq.model import byte_size, shape_skeleton
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import FP32, Candidate, bits
 from onnxq.rewrite import plan_summary
@@ -54,14 +54,23 @@ __all__ = ["SearchPass", "SENSITIVITY_SAMPLES", "FRONT_POINTS", "USE_PAIRS", "bu
 
 logger = logging.getLogger(__name__)
 
-#: Calibration samples the sensitivity analysis runs on (the first batches).
+#: Calibration samples the sensitivity analysis runs on (the first batches), at most ...
 SENSITIVITY_SAMPLES = 32
+#: ... and at least, when the budget below allows fewer.
+MIN_SENSITIVITY_SAMPLES = 8
+#: Multiply-accumulates the analysis may spend before it runs on fewer samples: about four
+#: minutes on a 2-core AVX2 CPU (42 GMAC/s measured on a 110M-parameter encoder). Layer
+#: rankings need far fewer samples than accuracy does, and every plan the search keeps is
+#: checked by a real evaluation on the held-back feeds.
+SENSITIVITY_MAC_BUDGET = 10**13
+#: Evaluations per layer × candidate entry (pairs, activation terms), measured over depths.
+_EVALUATIONS_PER_ENTRY = 1.3
+#: Mean fraction of the graph a cut session re-runs (the layers downstream of the perturbed one).
+_MEAN_SUFFIX = 0.5
 #: Budgets swept to build the predicted Pareto front in the accuracy-range mode.
 FRONT_POINTS = 8
 #: Use the sensitivity pair cross terms in the predicted loss (benchmarks turn it off to compare).
 USE_PAIRS = True
-#: Above this the deploy-shape inference for the cost model is skipped (protobuf's 2 GB limit).
-MAX_SHAPE_INFERENCE_BYTES = 1 << 30
 #: Rounds of building a size-budget plan's model and shrinking the layers' share by its excess.
 SIZE_BUDGET_ROUNDS = 4
 #: Plans measured beyond the bisection, spread between its answer and fp32 (latency may order
@@ -239,15 +248,22 @@ def _search_space(views: Sequence[GraphView], spec: HardwareSpec, costs: _Costs,
     return SearchSpace(layers=layers, ties=tuple(ties), forbidden=tuple(forbidden))
 
 
-def _sensitivity_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """The first calibration feeds, up to :data:`SENSITIVITY_SAMPLES` samples (a feed of
-    scalars counts as one sample)."""
+def sensitivity_samples(macs_per_sample: float, entries: int) -> int:
+    """Samples the analysis of ``entries`` layer × candidate pairs runs on: as many as
+    :data:`SENSITIVITY_MAC_BUDGET` pays for, between :data:`MIN_SENSITIVITY_SAMPLES` and
+    :data:`SENSITIVITY_SAMPLES` (a function of the graph only, so runs are reproducible)."""
+    per_sample = max(macs_per_sample, 1.0) * max(entries, 1) * _EVALUATIONS_PER_ENTRY * _MEAN_SUFFIX
+    return int(min(SENSITIVITY_SAMPLES, max(MIN_SENSITIVITY_SAMPLES, SENSITIVITY_MAC_BUDGET // per_sample)))
+
+
+def _sensitivity_feeds(feeds: Sequence[dict[str, np.ndarray]], limit: int) -> list[dict[str, np.ndarray]]:
+    """The first calibration feeds, up to ``limit`` samples (a feed of scalars counts as one)."""
     chosen, samples = [], 0
     for feed in feeds:
         chosen.append(feed)
         first = next(iter(feed.values()), None)
         samples += len(first) if first is not None and getattr(first, "ndim", 0) > 0 else 1
-        if samples >= SENSITIVITY_SAMPLES:
+        if samples >= limit:
             break
     return chosen
 
@@ -300,10 +316,9 @@ def _deploy_shaped(view: GraphView, ctx: PassContext) -> GraphView:
     layers whose shapes are symbolic (a transformer's sequence axis); ``view`` itself when the
     shapes cannot be inferred."""
     feeds = deploy_feeds(list(ctx.artifacts["feeds"].held_back)[:1], int(getattr(ctx.options, "deploy_batch", 1) or 1))
-    if not feeds or ctx.model.ByteSize() > MAX_SHAPE_INFERENCE_BYTES:
+    if not feeds:
         return view
-    model = onnx.ModelProto()
-    model.CopyFrom(ctx.model)
+    model = shape_skeleton(ctx.model)
     for value in model.graph.input:
         array = feeds[0].get(value.name)
         if array is None or not value.type.HasField("tensor_type"):
@@ -346,7 +361,12 @@ class SearchPass(Pass):
         space = _search_space(views, spec, costs, axis, keep_float=ctx.artifacts.get("keep_float", frozenset()))
         started = time.perf_counter()
         candidates = {name: list(space.quantized(name)) for name in space.layers if space.quantized(name)}
-        sens = analyze(ctx.model, _sensitivity_feeds(ctx.artifacts["feeds"].calibration), spec, candidates, pairs=True,
+        samples = sensitivity_samples(sum(row.macs for row in costs.layers), sum(map(len, candidates.values())))
+        if samples < SENSITIVITY_SAMPLES:
+            logger.info("sensitivity on %d samples (a %.1f GMAC model × %d layer candidates)", samples,
+                        sum(row.macs for row in costs.layers) / 1e9, sum(map(len, candidates.values())))
+        sens = analyze(ctx.model, _sensitivity_feeds(ctx.artifacts["feeds"].calibration, samples), spec, candidates,
+                       max_samples=samples, pairs=True,
                        workers=options.workers, executor=options.executor, cache_dir=options.cache_path(),
                        progress=options.progress, seed=options.seed, calibration=options.calibration,
                        memory_budget_mb=options.memory_budget_mb)
@@ -407,6 +427,7 @@ class SearchPass(Pass):
             "predicted_loss": solution.loss, "measured_drop": measured.drop, "metric": evaluator.metric_name,
             "solver_seconds": round(solver_seconds, 4), "solver_status": solution.status,
             "sensitivity_evaluations": ctx.artifacts["sensitivity"].get("evaluations"),
+            "sensitivity_samples": ctx.artifacts["sensitivity"].get("samples"),
             "sensitivity_memory": ctx.artifacts["sensitivity"].get("memory"),
         }
         if shortfall:
@@ -476,6 +497,7 @@ class SearchPass(Pass):
             "latency_measured": meter.timed, "deploy_batch": meter.batch,
             "solver_seconds": round(solver_seconds, 4),
             "sensitivity_evaluations": ctx.artifacts["sensitivity"].get("evaluations"),
+            "sensitivity_samples": ctx.artifacts["sensitivity"].get("samples"),
             "sensitivity_memory": ctx.artifacts["sensitivity"].get("memory"),
         }
         if choice.notice:

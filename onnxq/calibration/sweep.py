@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from onnxq.calibration.histogram import RunningHistogram, TensorStats
 from onnxq.errors import CalibrationError, ModelError
-from onnxq.model import MAX_IR_VERSION
+from onnxq.model import MAX_IR_VERSION, shape_skeleton
 from onnxq.runtime import make_session
 
 __all__ = [
@@ -97,7 +97,7 @@ def model_input_names(model: onnx.ModelProto) -> tuple[list[str], set[str]]:
 def _known_types(model: onnx.ModelProto) -> dict[str, int]:
     graph = model.graph
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model), strict_mode=False).graph
     except Exception as exc:  # noqa: BLE001 - inference is an optional refinement
         logger.debug("shape inference failed (%s); declaring extra outputs as float", exc)
         inferred = graph

@@ -93,7 +93,7 @@ from onnxq.calibration.weights import weight_range_method
 from onnxq.errors import CalibrationError, ModelError, PlanError, UsageError
 from onnxq.graph import GraphView, Layer, graph_view_for, scope_views_for
 from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
-from onnxq.model import atomic_write_text, model_opset, upgrade_opset
+from onnxq.model import atomic_write_text, model_opset, shape_skeleton, upgrade_opset
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
 from onnxq.rewrite import weight_axis
 from onnxq.sensitivity.engine import (
@@ -105,6 +105,7 @@ from onnxq.sensitivity.engine import (
     WeightPerturbation,
     WeightQuantizer,
     default_memory_budget,
+    detach_weights,
     peak_rss_mib,
     weight_noise,
 )
@@ -177,23 +178,31 @@ def _weight_quantizer(layer: Layer, node: onnx.NodeProto, fmt: WeightFormat, spe
                            block_size=fmt.block_size, reduce_range=fmt.reduce_range)
 
 
-def _as_rewritten(model: onnx.ModelProto, spec: HardwareSpec,
-                  candidates: Mapping[str, Sequence[Candidate | str]] | None) -> onnx.ModelProto:
-    """A copy of ``model`` at the opset the prepare pass gives a plan of these candidates, so
-    that weights are quantized per channel exactly when the rewrite will do it."""
+def _at_planned_opset(model: onnx.ModelProto, spec: HardwareSpec,
+                      candidates: Mapping[str, Sequence[Candidate | str]] | None) -> onnx.ModelProto:
+    """``model`` at the opset the prepare pass gives a plan of these candidates (a converted
+    copy, or ``model`` itself when it is there already: never modified), so that weights are
+    quantized per channel exactly when the rewrite will do it."""
     needed = PER_CHANNEL_OPSET
     wanted = ([_as_candidate(c) for cs in candidates.values() for c in cs] if candidates is not None
               else [c for rule in spec.ops.values() for c in rule.candidates])
     for candidate in wanted:
         if not candidate.is_float:
             needed = max(needed, spec.opset_needed(candidate, per_channel=True))
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
     try:
-        return upgrade_opset(work, needed)
+        return upgrade_opset(model, needed)
     except ModelError as exc:
-        logger.warning("sensitivity analyses the model at its own opset %d: %s", model_opset(work), exc)
-        return work
+        logger.warning("sensitivity analyses the model at its own opset %d: %s", model_opset(model), exc)
+        return model
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Shapes of ``model``'s intermediate tensors, inferred on a copy without the weights' data."""
+    try:
+        return list(onnx.shape_inference.infer_shapes(shape_skeleton(model), strict_mode=False).graph.value_info)
+    except Exception as exc:  # noqa: BLE001 - shapes only feed MACs and cut-tensor types
+        logger.debug("shape inference failed (%s)", exc)
+        return []
 
 
 class _Planner:
@@ -504,6 +513,11 @@ def _expand_pair(a: str, b: str, kind: str, ca: Candidate, cb: Candidate, cross:
     return out
 
 
+def _sample_count(feed: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()), None)
+    return len(first) if first is not None and np.ndim(first) > 0 else 1
+
+
 def _signature(feed: Mapping[str, np.ndarray]) -> tuple:
     """What must match for two feeds to be concatenated: names, dtypes, shapes after axis 0."""
     return tuple((k, np.asarray(v).dtype.str, np.shape(v)[1:]) for k, v in sorted(feed.items()))
@@ -607,7 +621,8 @@ def analyze(
             will use it: each tensor calibrated at the finest precision analysed for it.
             the model's batch dimension is dynamic.
         memory_budget_mb: bound on the activations cached between evaluations (the feeds are
-            processed in chunks that fit); ``None``: a quarter of the available memory.
+            processed in chunks that fit); ``None``: :func:`default_memory_budget` (the size
+            of the model, at least 256 MiB, at most a quarter of the available memory).
 
     Returns:
         The ``onnxq-sensitivity/1`` JSON dict (DESIGN.md), plus ``method``, ``spec``,
@@ -629,12 +644,9 @@ def analyze(
     start = time.perf_counter()
 
     model_sha = _cache.model_digest(model)
-    work = _as_rewritten(model, spec, candidates)
-    try:
-        work = onnx.shape_inference.infer_shapes(work, strict_mode=False)
-    except Exception as exc:  # noqa: BLE001 - shapes only feed MACs
-        logger.debug("shape inference failed (%s)", exc)
-    view = graph_view_for(work, spec)
+    work = _at_planned_opset(model, spec, candidates)
+    shapes = _inferred_shapes(work)
+    view = graph_view_for(work, spec, shapes)
     scoped_views = {sv.scope.key: sv for sv in scope_views_for(work, spec)}
     views: dict[str, GraphView] = {MAIN_SCOPE: view, **{k: sv.view for k, sv in scoped_views.items()}}
     chosen, home = _choose(views, spec, candidates)
@@ -689,10 +701,13 @@ def analyze(
                                  for q in planner.activation_quants(name, c.activations, c.dynamic))
         segments.append(Segment(name, seg_weights, tuple(seg_acts), tuple(dict.fromkeys(partners[name]))))
     segments.extend(Segment(f"tensor:{t}", (), (t,)) for t in act_tensors)
+    skeleton, shared = detach_weights(work, shapes)
+    weight_bytes = len(skeleton) + sum(w.nbytes for w in shared.values())
     context = EvalContext(
-        model_bytes=work.SerializeToString(), feeds=tuple(feed_list), activation_tensors=tuple(act_tensors),
+        model_bytes=skeleton, feeds=tuple(feed_list), activation_tensors=tuple(act_tensors),
         weight_tensors=tuple(weight_tensors), ranges=ranges, loss="mse", segments=tuple(segments),
-        cache_bytes=int(memory_budget_mb * 2**20) if memory_budget_mb else default_memory_budget(),
+        cache_bytes=int(memory_budget_mb * 2**20) if memory_budget_mb else default_memory_budget(weight_bytes),
+        weights=shared,
     )
     local = Evaluator(context)
     reference = local.fp32_outputs()
@@ -835,6 +850,7 @@ def analyze(
         "layers": layers_json,
         "pairs": pairs_json,
         "evaluations": len(jobs) + 1,
+        "samples": sum(_sample_count(f) for f in feed_list),
         "options": {k: v for k, v in options_key.items() if k in ("method", "radius", "pairs", "random_plans", "seed",
                                                                     "calibration")},
         "conventions": ("delta = predicted loss increase when only that layer takes the candidate: "
