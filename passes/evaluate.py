@@ -68,8 +68,8 @@ class PlanEvaluator:
     """
 
     def __init__(self, ctx: PassContext) -> None:
-        self.base = onnx.ModelProto()
-        self.base.CopyFrom(ctx.model)
+        #: the pipeline's model, never modified here (every build works on its own copy)
+        self.base = ctx.model
         self.options = ctx.options
         self.artifacts = {key: ctx.artifacts[key] for key in ("spec", "feeds", "fp32_model") if key in ctx.artifacts}
         # ranges the plan builds share with each other and with the pipeline's final calibration

@@ -78,6 +78,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -94,6 +95,7 @@ from onnxq.errors import CalibrationError, ModelError, PlanError, UsageError
 from onnxq.graph import GraphView, Layer, graph_view_for, scope_views_for
 from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
 from onnxq.model import atomic_write_text, model_opset, shape_skeleton, upgrade_opset
+from onnxq.numerics import qparams_from_range
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
 from onnxq.rewrite import weight_axis
 from onnxq.sensitivity.engine import (
@@ -125,7 +127,7 @@ METHODS = ("onesided", "central", "hutchinson")
 #: Rademacher directions per layer for ``method="hutchinson"``.
 HUTCHINSON_DIRECTIONS = 4
 #: Bumped whenever the numbers this module computes change (part of the cache key).
-ALGORITHM_VERSION = 4
+ALGORITHM_VERSION = 5
 #: Calibration samples the analysis uses by default (the first ones; ``max_samples``).
 DEFAULT_SAMPLES = 64
 #: Feeds are concatenated into batches of up to this many samples when the model's inputs have
@@ -513,6 +515,82 @@ def _expand_pair(a: str, b: str, kind: str, ca: Candidate, cb: Candidate, cross:
     return out
 
 
+#: What each job tag measures, for the log.
+_JOB_KINDS = {"w": "weight", "h": "hutchinson", "t": "activation", "pair": "pair", "plan": "validation plan"}
+#: Grids of at least this many bits are predicted from a measured coarser grid, not measured.
+FINE_BITS = 16
+
+
+def _act_tag(scope: str, quant: ActivationQuant) -> tuple:
+    return ("t", scope, quant.tensor, quant.precision, quant.symmetric, quant.dynamic)
+
+
+def _grid_key(quant: ActivationQuant) -> tuple:
+    """Quants with equal keys dequantize to the same grid (asymmetric: any type of the width)."""
+    return quant.dynamic, bits(quant.precision), str(quant.precision) if quant.symmetric else "asymmetric"
+
+
+def _step(lo: float, hi: float, quant: ActivationQuant) -> float:
+    return float(np.max(qparams_from_range(lo, hi, quant.precision, quant.symmetric).scale))
+
+
+def _activation_sources(quants: Mapping[tuple[str, str], Mapping[ActivationQuant, None]],
+                        ranges: Mapping[tuple[str, str], tuple[float, float]]
+                        ) -> dict[tuple[str, ActivationQuant], tuple[ActivationQuant, float]]:
+    """For every analysed ``(scope, activation quant)``: the quant whose measured loss stands for
+    it and the factor that converts it.
+
+    * An asymmetric grid over ``[lo, hi]`` dequantizes to the same values whatever integer type
+      of its width holds the codes (uint8 and int8 differ only in the zero point), so one of
+      them is measured, with factor 1.
+    * A static grid of at least :data:`FINE_BITS` bits adds rounding noise of variance Δ²/12,
+      independent of the signal when nothing is clipped (Widrow's model); to second order its
+      loss is the measured loss of the same tensor's finest ≤ 8-bit static grid times
+      ``(Δ/Δ_ref)²`` — about 1.5e-5 at 16 bits, well below the float noise a direct
+      measurement of it would be lost in.
+    * Dynamic quants (per-call ranges) and tensors with no coarse static grid are measured.
+    """
+    out: dict[tuple[str, ActivationQuant], tuple[ActivationQuant, float]] = {}
+    for (scope, tensor), found in quants.items():
+        ordered = sorted(found, key=lambda q: (q.dynamic, bits(q.precision), str(q.precision), q.symmetric))
+        same_grid: dict[tuple, ActivationQuant] = {}
+        for q in ordered:
+            same_grid.setdefault(_grid_key(q), q)
+        coarse = [q for q in ordered if not q.dynamic and bits(q.precision) <= 8]
+        lo, hi = ranges[(scope, tensor)]
+        for q in ordered:
+            source = same_grid[_grid_key(q)]
+            if not q.dynamic and bits(q.precision) >= FINE_BITS and coarse:
+                ref = max(coarse, key=lambda r: (r.symmetric == q.symmetric, bits(r.precision)))
+                ref = same_grid[_grid_key(ref)]
+                out[(scope, q)] = (ref, (_step(lo, hi, q) / max(_step(lo, hi, ref), 1e-30)) ** 2)
+            else:
+                out[(scope, q)] = (source, 1.0)
+    return out
+
+
+def _weight_sources(name: str, formats: Sequence[WeightFormat],
+                    quantizers: Mapping[tuple[str, WeightFormat], WeightQuantizer],
+                    weights: Mapping[str, np.ndarray]) -> dict[tuple[str, WeightFormat], tuple[WeightFormat, float]]:
+    """Layer ``name``'s weight formats of at least :data:`FINE_BITS` bits (fp16, bf16, int16)
+    predicted from its finest measured ≤ 8-bit format: ``δ ≈ ½ ΔWᵀHΔW`` scales with the noise's
+    energy ``|ΔW|²`` when the noise is uncorrelated with the curvature's directions, the same
+    assumption as the Hutchinson estimate; the fine formats' deltas are 1e-4 or less of the
+    coarse one's, below what a finite difference resolves."""
+    coarse = [f for f in formats if bits(f.precision) <= 8]
+    fine = [f for f in formats if bits(f.precision) >= FINE_BITS]
+    if not coarse or not fine:
+        return {}
+    ref = max(coarse, key=lambda f: (bits(f.precision), str(f)))
+    w = weights.get(quantizers[(name, ref)].tensor)
+    if w is None:
+        return {}
+    energy = {f: float(np.sum(weight_noise(w, quantizers[(name, f)]).astype(np.float64) ** 2)) for f in (ref, *fine)}
+    if energy[ref] <= 0:
+        return {}
+    return {(name, f): (ref, energy[f] / energy[ref]) for f in fine}
+
+
 def _sample_count(feed: Mapping[str, np.ndarray]) -> int:
     first = next(iter(feed.values()), None)
     return len(first) if first is not None and np.ndim(first) > 0 else 1
@@ -733,6 +811,8 @@ def analyze(
     scoped_weights: dict[tuple[str, str], np.ndarray] = {}
     eps: dict[str, float] = {}
     noise_sq: dict[tuple[str, WeightFormat], float] = {}
+    act_quants: dict[tuple[str, str], dict[ActivationQuant, None]] = {}
+    w_sources: dict[tuple[str, WeightFormat], tuple[WeightFormat, float]] = {}
     for name in layer_names:
         layer = planner.layer(name)
         scope = home[name]
@@ -743,7 +823,11 @@ def analyze(
         wprecs = [p for p in dict.fromkeys(planner.weight_format(name, c) for c in chosen[name])
                   if (name, p) in quantizers]
         if method in ("central", "onesided"):
+            if scope == MAIN_SCOPE:
+                w_sources.update(_weight_sources(name, wprecs, quantizers, local.weights))
             for p in wprecs:
+                if w_sources.get((name, p), (p,))[0] != p:
+                    continue
                 q = quantizers[(name, p)]
                 for sign in ((1.0, -1.0) if method == "central" else (1.0,)):
                     add(("w", name, p, sign), planner.job({scope: ([WeightPerturbation(q.tensor, sign, q)], [])},
@@ -765,21 +849,26 @@ def analyze(
                     add(("h", name, d, sign), planner.job({scope: ([perturbation], [])}, (name,)))
         for p, dynamic in dict.fromkeys((c.activations, c.dynamic) for c in chosen[name]):
             for quant in planner.activation_quants(name, p, dynamic):  # one term per tensor: shared ones once
-                add(("t", scope, quant.tensor, quant.precision, quant.symmetric, quant.dynamic),
-                    planner.job({scope: ([], [quant])}, (f"tensor:{quant.tensor}",)))
+                act_quants.setdefault((scope, quant.tensor), {})[quant] = None
+    act_sources = _activation_sources(act_quants, planner.ranges)
+    for (scope, quant), (source, _) in act_sources.items():
+        if source == quant:
+            add(_act_tag(scope, quant), planner.job({scope: ([], [quant])}, (f"tensor:{quant.tensor}",)))
 
     for a, b, _, ca, cb in pair_list:
-        add(("single", a, ca), planner.plan_job({a: ca}, (a,)))
-        add(("single", b, cb), planner.plan_job({b: cb}, (b,)))
         add(("pair", a, b), planner.plan_job({a: ca, b: cb}, (a, b)))
 
     plans = _random_plans(layer_names, chosen, random_plans, seed)
     for i, plan in enumerate(plans):
         add(("plan", i), planner.plan_job(plan))
 
-    logger.info("sensitivity: %d layers (%d in subgraphs), %d pairs, %d evaluations (%s, workers=%d, %s)",
+    first_tag: dict[int, str] = {}
+    for tag, i in index.items():  # in insertion order: the tag that created the job comes first
+        first_tag.setdefault(i, tag[0])
+    kinds = Counter(_JOB_KINDS.get(kind, kind) for kind in first_tag.values())
+    logger.info("sensitivity: %d layers (%d in subgraphs), %d pairs, %d evaluations (%s; %s, workers=%d, %s)",
                 len(layer_names), sum(home[n] != MAIN_SCOPE for n in layer_names), len(pair_list), len(jobs),
-                method, workers, executor)
+                ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())), method, workers, executor)
     main_jobs = [j for j in jobs if isinstance(j, Job)]
     main_losses = iter(run_jobs(context, main_jobs, workers=workers, executor=executor, progress=progress, local=local))
     scoped = ScopedEvaluator(work, scoped_views, scoped_weights, planner.ranges, feed_list, reference, loss_kind)
@@ -805,22 +894,21 @@ def analyze(
             w_term = 0.0
             fmt = planner.weight_format(name, c)
             if (name, fmt) in quantizers:
+                source, factor = w_sources.get((name, fmt), (fmt, 1.0))
                 if method == "central":
-                    w_term = 0.5 * (measured(("w", name, fmt, +1)) + measured(("w", name, fmt, -1)))
+                    w_term = factor * 0.5 * (measured(("w", name, source, +1)) + measured(("w", name, source, -1)))
                 elif method == "onesided":
-                    w_term = measured(("w", name, fmt, +1))
+                    w_term = factor * measured(("w", name, source, +1))
                 elif trace is not None:
                     w_term = 0.5 * trace / weights_cache[name].size * noise_sq[(name, fmt)]
-            a_terms = {planner.term_name(name, q.tensor): measured(("t", scope, q.tensor, q.precision, q.symmetric,
-                                                                    q.dynamic))
+            a_terms = {planner.term_name(name, q.tensor): act_sources[(scope, q)][1]
+                       * measured(_act_tag(scope, act_sources[(scope, q)][0]))
                        for q in planner.activation_quants(name, c.activations, c.dynamic)}
             a_term = float(sum(a_terms.values()))
             deltas[(name, c)] = w_term + a_term
             item: dict[str, Any] = {"delta": w_term + a_term, "weight": w_term, "activation": a_term}
             if a_terms:
                 item["activation_terms"] = a_terms
-            if ("single", name, c) in index:
-                item["measured"] = measured(("single", name, c))
             entry[str(c)] = item
         row: dict[str, Any] = {"name": name, "op_type": layer.op_type, "params": int(layer.params),
                                "macs": int(layer.macs), "candidates": entry}
@@ -833,11 +921,9 @@ def analyze(
     pairs_json = []
     alone = {"layers": layers_json, "pairs": []}
     for a, b, kind, ca, cb in pair_list:
-        # what the pair-free prediction already knows (an input tensor the two layers share is
-        # counted once) is not part of the cross term
-        shared = (predicted_loss(alone, {a: ca}) + predicted_loss(alone, {b: cb})
-                  - predicted_loss(alone, {a: ca, b: cb}))
-        cross = measured(("pair", a, b)) - measured(("single", a, ca)) - measured(("single", b, cb)) + shared
+        # the cross term is what the pair-free prediction misses of the measured pair, so the
+        # prediction of the measured combination is its measured loss (before the bound)
+        cross = measured(("pair", a, b)) - predicted_loss(alone, {a: ca, b: cb})
         pairs_json.extend(_expand_pair(a, b, kind, ca, cb, cross, chosen, deltas, _pair_free(alone, a, b)))
 
     result: dict[str, Any] = {
