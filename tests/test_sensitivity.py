@@ -159,6 +159,34 @@ def test_cut_sessions_match_the_fake_quant_session(cnn, spec) -> None:  # type: 
         assert a["cross"] == pytest.approx(b["cross"], rel=0.1, abs=max(2e-7, 0.05 * scale))
 
 
+def test_sibling_pairs_run_in_one_cut_session_like_the_fake_quant_session(spec, caplog) -> None:  # type: ignore[no-untyped-def]
+    # q and k project the same input: each one's cut session recomputes the other, so no chain
+    # of their own sessions serves the pair; one session for both must give the same cross term
+    # as the whole-model fake-quant session, without falling back to it
+    import importlib
+    import logging
+
+    module = importlib.import_module("onnxq.sensitivity.engine")
+    model = load_model(TRANSFORMER).proto
+    feeds = _feeds(TRANSFORMER, 16, 16)
+    pair = ["/layers.0/attn/q/MatMul", "/layers.0/attn/k/MatMul"]
+    kwargs = dict(candidates={n: [W8] for n in pair}, seed=0, loss="mse", cache_dir=None)
+    with caplog.at_level(logging.WARNING, logger="onnxq.sensitivity.engine"):
+        fast = analyze(model, feeds, spec, **kwargs)
+    assert not [r for r in caplog.records if "whole-model" in r.getMessage()]
+    module.USE_CUT_SESSIONS = False
+    try:
+        slow = analyze(model, feeds, spec, **kwargs)
+    finally:
+        module.USE_CUT_SESSIONS = True
+    (measured,) = [p for p in fast["pairs"] if p["scaling"] == "measured"]
+    (reference,) = [p for p in slow["pairs"] if p["scaling"] == "measured"]
+    assert (measured["a"], measured["b"]) == (reference["a"], reference["b"])
+    assert abs(reference.get("raw_cross", reference["cross"])) > 1e-9
+    assert measured.get("raw_cross", measured["cross"]) == pytest.approx(
+        reference.get("raw_cross", reference["cross"]), rel=0.05, abs=1e-9)
+
+
 def test_pair_with_a_float_weightless_layer(cnn, spec) -> None:  # type: ignore[no-untyped-def]
     # the Add at fp16 perturbs nothing: its cut session is empty and must not be built
     candidates = {"/blocks/blocks.0/pw/pw.0/Conv": [W4], "/blocks/blocks.0/Add": [Candidate.parse("fp16/fp16")]}

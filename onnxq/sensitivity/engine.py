@@ -514,37 +514,40 @@ class SuffixRunner:
         self._fq_bytes = 0
 
     def _index_suffixes(self, segments: Sequence[Segment]) -> None:
-        producer = {o: i for i, node in enumerate(self.nodes) for o in node.output if o}
-        consumers: dict[str, list[int]] = {}
+        self._producer = {o: i for i, node in enumerate(self.nodes) for o in node.output if o}
+        self._consumers: dict[str, list[int]] = {}
         for i, node in enumerate(self.nodes):
             for t in node.input:
                 if t:
-                    consumers.setdefault(t, []).append(i)
+                    self._consumers.setdefault(t, []).append(i)
         for seg in segments:
             for kind, starts in (("w", seg.weights), ("a", (*seg.weights, *seg.activations))):
-                key = f"{kind}:{seg.name}"
-                todo = [i for t in starts for i in consumers.get(t, ())]
-                seen: set[int] = set()
-                while todo:
-                    i = todo.pop()
-                    if i in seen:
-                        continue
-                    seen.add(i)
-                    for out in self.nodes[i].output:
-                        todo.extend(consumers.get(out, ()))
-                # constants feeding the suffix travel with it (constant folding)
-                for i in list(seen):
-                    for t in self.nodes[i].input:
-                        j = producer.get(t)
-                        if j is not None and j not in seen and self.nodes[j].op_type == "Constant":
-                            seen.add(j)
-                order = sorted(seen)
-                produced = {o for i in order for o in self.nodes[i].output}
-                cut = [t for i in order for t in self.nodes[i].input
-                       if t and t not in produced and t not in self.initializers]
-                self.suffix[key] = order
-                self.cuts[key] = list(dict.fromkeys(cut))
-                self.internal[key] = [t for t in seg.activations if t in produced] if kind == "a" else []
+                self._index(f"{kind}:{seg.name}", starts, seg.activations if kind == "a" else ())
+
+    def _index(self, key: str, starts: Sequence[str], activations: Sequence[str]) -> None:
+        """Session ``key``: every node downstream of ``starts``, its cut tensors, and which of
+        ``activations`` it computes (and fake-quantizes) itself."""
+        todo = [i for t in starts for i in self._consumers.get(t, ())]
+        seen: set[int] = set()
+        while todo:
+            i = todo.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            for out in self.nodes[i].output:
+                todo.extend(self._consumers.get(out, ()))
+        # constants feeding the suffix travel with it (constant folding)
+        for i in list(seen):
+            for t in self.nodes[i].input:
+                j = self._producer.get(t)
+                if j is not None and j not in seen and self.nodes[j].op_type == "Constant":
+                    seen.add(j)
+        order = sorted(seen)
+        produced = {o for i in order for o in self.nodes[i].output}
+        cut = [t for i in order for t in self.nodes[i].input if t and t not in produced and t not in self.initializers]
+        self.suffix[key] = order
+        self.cuts[key] = list(dict.fromkeys(cut))
+        self.internal[key] = list(dict.fromkeys(t for t in activations if t in produced))
 
     def _probe_session(self) -> tuple[object, list[str]]:
         """The fp32 model with every cut tensor as an extra output (the reference and the cache)."""
@@ -579,11 +582,12 @@ class SuffixRunner:
         return used
 
     def _build(self, key: str) -> tuple[object, list[str], dict[str, np.ndarray]]:
-        members = [self.segments[k[2:]] for k in self.group[self.signature[key]]]
+        members = self._members(key)
         order = self.suffix[key]
         produced = {o for i in order for o in self.nodes[i].output}
-        partner_cuts = [t for seg in members for p in seg.partners for k in ("w", "a")
-                        for t in self.cuts.get(f"{k}:{p}", ()) if t in produced]
+        partner_cuts = [] if key.startswith("u:") else [
+            t for seg in members for p in seg.partners for k in ("w", "a") for t in self.cuts.get(f"{k}:{p}", ())
+            if t in produced]
         outputs = list(dict.fromkeys([o for o in self.output_names if o in produced] + partner_cuts))
         used = {t for i in order for t in self.nodes[i].input}
         graph = self.model.graph
@@ -609,6 +613,33 @@ class SuffixRunner:
         if self.internal[key]:
             self._insert_internal_fake_quant(model, self.internal[key])
         return _session(model), outputs, shared
+
+    def _members(self, key: str) -> list[Segment]:
+        """The segments whose weights session ``key`` exposes."""
+        if key.startswith("u:"):
+            return [self.segments[name] for name in key[2:].split("|")]
+        return [self.segments[k[2:]] for k in self.group[self.signature[key]]]
+
+    def _union(self, names: Sequence[str], acts: Mapping[str, object]) -> list[str] | None:
+        """One session for layers whose suffixes overlap so that no chain of their own sessions
+        works (two projections of one input: each one's suffix recomputes the other): every node
+        downstream of any of them, with all their activations fake-quantized inside or at the
+        cut. ``None`` when a per-call range would have to be computed inside."""
+        key = "u:" + "|".join(sorted(names))
+        if key not in self.suffix:
+            segs = [self.segments[name] for name in sorted(names)]
+            self._index(key, [t for seg in segs for t in (*seg.weights, *seg.activations)],
+                        [t for seg in segs for t in seg.activations])
+            self.signature[key] = (tuple(self.suffix[key]), tuple(self.internal[key]), key)
+            self.group[self.signature[key]] = [key]
+            self.start[key] = self.suffix[key][0] if self.suffix[key] else len(self.nodes)
+        produced = {o for i in self.suffix[key] for o in self.nodes[i].output}
+        for t, q in acts.items():
+            if t in produced and (t not in self.internal[key] or isinstance(q, DynamicQuant)):
+                return None
+        if any(t not in acts for t in self.internal[key]):
+            return None
+        return [key]
 
     def _insert_internal_fake_quant(self, model: onnx.ModelProto, tensors: Sequence[str]) -> None:
         """Always-on fake-quant (no ``Where``) of the layer's own activations produced in the suffix."""
@@ -667,13 +698,21 @@ class SuffixRunner:
         session may also compute a quantized activation of a later ``a:`` session (a pair's
         second layer): that session takes it as a cut tensor, fake-quantized, or computes it
         again and fake-quantizes it inside, and recomputes everything downstream of it (an
-        ``a:`` suffix holds every consumer of the layer's activations).
+        ``a:`` suffix holds every consumer of the layer's activations). Layers no chain serves
+        run in one session built for them together (:meth:`_union`).
         """
+        names = list(dict.fromkeys(segments))
+        if any(name not in self.segments for name in names):
+            return None
+        keys = self._chain(names, acts)
+        if keys is None and len(names) > 1:
+            keys = self._union(names, acts)
+        return keys
+
+    def _chain(self, names: Sequence[str], acts: Mapping[str, object]) -> list[str] | None:
         keys = []
-        for name in dict.fromkeys(segments):
-            seg = self.segments.get(name)
-            if seg is None:
-                return None
+        for name in names:
+            seg = self.segments[name]
             key = f"a:{name}" if any(t in acts for t in seg.activations) else f"w:{name}"
             if self.suffix[key]:  # an empty suffix (nothing of the layer perturbed) runs nothing
                 keys.append(key)
@@ -719,7 +758,7 @@ class SuffixRunner:
                     feed[fake_quant_input_name(t, "zero_point")] = np.asarray(q.zero_point).astype(dt)  # type: ignore[attr-defined]
                     feed[fake_quant_input_name(t, "qmin")] = np.asarray(q.qmin, dtype=dt)  # type: ignore[attr-defined]
                     feed[fake_quant_input_name(t, "qmax")] = np.asarray(q.qmax, dtype=dt)  # type: ignore[attr-defined]
-                for w in self.segments[key[2:]].weights:
+                for w in dict.fromkeys(w for seg in self._members(key) for w in seg.weights):
                     if w in weights:
                         feed[w] = weights[w]
                 values.update(zip(names, session.run(names, feed), strict=True))  # type: ignore[attr-defined]
