@@ -36,7 +36,7 @@ import onnxruntime as ort
 
 from onnxq.errors import ModelError, UsageError
 from onnxq.graph import DEFAULT_LAYER_OPS, GraphView, constant_tensors, constant_value
-from onnxq.model import atomic_write_text, model_sha256
+from onnxq.model import atomic_write_text, model_sha256, shape_skeleton
 from onnxq.runtime import make_session
 from onnxq.spec.model import RuntimeTarget
 
@@ -331,7 +331,7 @@ def capture_layer_inputs(model: onnx.ModelProto, view: GraphView, layers: Sequen
     extra = [t for t in wanted if t not in existing and t not in graph_inputs]
     dtypes = dict(view.dtypes)
     if any(not dtypes.get(t) for t in extra):
-        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model)).graph.value_info
         dtypes.update({value.name: value.type.tensor_type.elem_type for value in inferred})
     for tensor in extra:
         probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, dtypes.get(tensor) or onnx.TensorProto.FLOAT, None))

@@ -281,6 +281,7 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, infer_shapes
         proto = onnx.ModelProto()
         try:
             proto.ParseFromString(data)
+            del data  # the parsed copy is the model from here on
         except (google.protobuf.message.DecodeError, RuntimeError, ValueError) as error:
             raise ModelError(
                 f"{str(path)!r} is not an ONNX model (the protobuf does not parse: it is truncated or another format)",
@@ -317,11 +318,18 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, infer_shapes
     except Exception as error:  # ValidationError, and whatever else the C++ checker throws on garbage
         first = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
         raise ModelError(f"model fails onnx.checker: {first}", "fix or re-export the model") from error
-    if infer_shapes and not large:
+    if infer_shapes:
         try:
-            proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+            # on a copy without the weights' data: what inference adds is the graph's value
+            # infos and output types, and the model is never held twice
+            inferred = onnx.shape_inference.infer_shapes(shape_skeleton(proto), check_type=False, strict_mode=False,
+                                                         data_prop=True).graph
         except Exception as error:  # shape inference is best-effort: onnxq also reads real shapes at run time
             logger.warning("shape inference failed (%s); continuing without inferred shapes", error)
+        else:
+            for field in ("value_info", "output"):
+                del getattr(proto.graph, field)[:]
+                getattr(proto.graph, field).extend(getattr(inferred, field))
     return LoadedModel(proto=proto, path=path, sha256=model_sha256(proto))
 
 

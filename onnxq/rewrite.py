@@ -24,6 +24,7 @@ from onnx import helper
 from onnxq.errors import PassError
 from onnxq.graph import GraphView, constant_tensors, constant_value, ensure_node_names
 from onnxq.layout import Layout, TensorQuant, constant_int8_qparams
+from onnxq.model import shape_skeleton
 from onnxq.numerics import QParams, bias_safe_weight_scale, qparams_from_range, quantize
 from onnxq.placement import BiasMode, Grid, LayerForm, Reader, ReadForm, TensorWiring, WeightForm
 from onnxq.precision import Candidate, Precision, numpy_dtype, onnx_dtype
@@ -452,7 +453,7 @@ def _infer_value_info(model: onnx.ModelProto) -> None:
     """
     del model.graph.value_info[:]
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model))
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as error:
         logger.debug("no shape inference on the rewritten model: %s", error)
         return

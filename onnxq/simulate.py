@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 from onnxq.calibration.sweep import check_tensors
 from onnxq.calibration.types import TensorRange
 from onnxq.errors import CalibrationError
-from onnxq.model import MAX_IR_VERSION, model_opset
+from onnxq.model import MAX_IR_VERSION, model_opset, shape_skeleton
 from onnxq.numerics import MIN_SCALE, QParams, qparams_from_range
 from onnxq.precision import Candidate, Precision
 from onnxq.qdq_patterns import dynamic_activation_qparams
@@ -262,7 +262,7 @@ class FakeQuantModel:
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     try:
-        graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        graph = onnx.shape_inference.infer_shapes(shape_skeleton(model), strict_mode=False).graph
     except Exception:  # noqa: BLE001 - ranks are only needed for per-channel parameters
         graph = model.graph
     ranks = {}

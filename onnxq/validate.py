@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxq.model import shape_skeleton
 from onnxq.precision import Candidate, Precision, is_integer, onnx_dtype, qrange
 from onnxq.spec.model import (
     DEFAULT_BIAS_INPUTS,
@@ -144,7 +145,7 @@ class _Graph:
                     self.constants[node.output[0]] = value[1]
                     self.types[node.output[0]] = value[0]
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model), strict_mode=False)
             infos: Iterable[onnx.ValueInfoProto] = list(inferred.graph.value_info)
         except Exception as e:  # noqa: BLE001 - inference is best effort on odd models
             logger.debug("shape inference failed (%s); using declared types only", e)
