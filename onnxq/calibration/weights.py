@@ -8,7 +8,7 @@ from collections import OrderedDict
 import numpy as np
 
 from onnxq.errors import CalibrationError
-from onnxq.numerics import MIN_SCALE, fake_quantize, qparams_from_range
+from onnxq.numerics import MIN_SCALE, QParams, qparams_from_range
 from onnxq.precision import Precision, bits, is_integer, qrange
 
 __all__ = ["COARSE", "MSE_GRID", "weight_range_method", "weight_ranges", "written_weight_ranges"]
@@ -121,10 +121,12 @@ def _mse_clip(
     best_err = np.full(lo.shape, np.inf)
     best_alpha = np.ones(lo.shape)
 
+    work = np.empty(flat.shape, dtype=np.float32)
+
     def try_alpha(alpha: np.ndarray) -> None:
         nonlocal best_err, best_alpha
         q = qparams_from_range(alpha * lo, alpha * hi, precision, symmetric, axis=0)
-        err = ((fake_quantize(flat, q) - flat) ** 2).sum(axis=1, dtype=np.float64)
+        err = _fake_quant_error(flat, q, work)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_alpha = np.where(better, alpha, best_alpha)
@@ -139,6 +141,24 @@ def _mse_clip(
         if k:
             try_alpha(np.clip(centre + k * step, MSE_GRID[0], MSE_GRID[-1]))
     return best_alpha * lo, best_alpha * hi
+
+
+def _fake_quant_error(flat: np.ndarray, q: QParams, work: np.ndarray) -> np.ndarray:
+    """Per-row squared error of :func:`onnxq.numerics.fake_quantize` on ``flat`` (rows =
+    channels), computed in place in float32 in ``work``: the clipping search runs it some 30
+    times over every weight, and on a 30k-row embedding table the float64/int64 temporaries of
+    the general function cost seconds per call."""
+    scale = np.asarray(q.scale, dtype=np.float32).reshape(-1, 1)
+    zero = np.asarray(q.zero_point, dtype=np.float32).reshape(-1, 1)
+    np.divide(flat, scale, out=work)
+    np.rint(work, out=work)
+    work += zero
+    np.clip(work, q.qmin, q.qmax, out=work)
+    work -= zero
+    work *= scale
+    work -= flat
+    np.square(work, out=work)
+    return work.sum(axis=1, dtype=np.float64)
 
 
 def _widen(
