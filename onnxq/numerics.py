@@ -135,4 +135,23 @@ def dequantize(codes: np.ndarray, q: QParams) -> np.ndarray:
 
 def fake_quantize(x: np.ndarray, q: QParams) -> np.ndarray:
     """``dequantize(quantize(x))``: what the model sees after a Q/DQ pair."""
+    scale = np.asarray(q.scale)
+    if x.dtype == np.float32 and scale.dtype == np.float32 and max(-q.qmin, q.qmax) < 1 << 23:
+        return _fake_quantize_float32(x, q)
     return dequantize(quantize(x, q), q)
+
+
+def _fake_quantize_float32(x: np.ndarray, q: QParams) -> np.ndarray:
+    """:func:`fake_quantize` in one float32 buffer, bit for bit the same: every code and
+    ``code − zero`` is an integer float32 holds exactly, and a float32 product rounds like the
+    float64 one rounded to float32. Weights of hundreds of MB otherwise make several float64
+    and int64 temporaries of their size."""
+    scale = _broadcast(np.asarray(q.scale), x, q.axis)
+    zero = _broadcast(np.asarray(q.zero_point, dtype=np.float32), x, q.axis)
+    out = np.divide(x, scale)
+    np.rint(out, out=out)
+    out += zero
+    np.clip(out, q.qmin, q.qmax, out=out)
+    out -= zero
+    out *= scale
+    return out
