@@ -43,6 +43,18 @@ not comparable across rows), ρ real with / without pair terms:
 | central, this engine (318 / 274 / 322 evaluations) | 0.927 / 0.928 | 0.897 / 0.807 | 0.911 / 0.860 |
 | central, engine before (eef2698; 318 / 274 / 323 evaluations) | 0.927 / 0.928 | 0.897 / 0.807 | 0.911 / 0.860 |
 
+2026-11-30, fewer evaluations where the maths allows (uint8 and asymmetric int8 activations share
+one measured grid; 16-bit activations and fp16/bf16/int16 weights predicted from the measured
+8-bit term by noise power; pair cross terms against the pair-free prediction, no single-layer
+runs per pair; sibling pairs in one cut session). Default options (onesided, 64 samples, every
+candidate, 24 real plans), ρ real with / without pair terms, evaluations; the two rows ran one
+after the other at load 5-9:
+
+| engine | digits_cnn | digits_resnet | digits_transformer |
+|---|---|---|---|
+| before (873605d) | 0.907 / 0.920, 262 evaluations | 0.963 / 0.904, 231 | 0.971 / 0.979, 331 |
+| after | 0.907 / 0.920, 121 evaluations | 0.964 / 0.904, 108 | 0.978 / 0.979, 181 |
+
 The two central rows ran at the same time (same load): total seconds before → after 40.8 → 21.2
 (CNN), 94.4 → 75.6 (ResNet), 148.7 → 90.6 (transformer). The README's 0.96 / 0.94 / 0.92 came
 from an earlier version; the engine before this change gives the central row above in this setting.
