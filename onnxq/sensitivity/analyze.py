@@ -91,10 +91,10 @@ from scipy.stats import spearmanr
 from onnxq.calibration import cache as _cache
 from onnxq.calibration import collect_ranges
 from onnxq.calibration.weights import weight_range_method
-from onnxq.errors import CalibrationError, ModelError, PlanError, UsageError
+from onnxq.errors import CalibrationError, PlanError, UsageError
 from onnxq.graph import GraphView, Layer, graph_view_for, scope_views_for
 from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
-from onnxq.model import atomic_write_text, model_opset, shape_skeleton, upgrade_opset
+from onnxq.model import atomic_write_text, shape_skeleton
 from onnxq.numerics import qparams_from_range
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
 from onnxq.rewrite import weight_axis
@@ -133,8 +133,6 @@ DEFAULT_SAMPLES = 64
 #: Feeds are concatenated into batches of up to this many samples when the model's inputs have
 #: a dynamic leading (batch) dimension: one run of a batch of 64 is far cheaper than 64 runs.
 MAX_BATCH = 256
-#: The opset from which the rewrite writes per-channel weight scales (the prepare pass's floor).
-PER_CHANNEL_OPSET = 13
 
 
 @dataclass
@@ -162,15 +160,14 @@ def _most_aggressive(options: Sequence[Candidate]) -> Candidate:
     return min(options, key=lambda c: (bits(c.weights), bits(c.activations), options.index(c)))
 
 
-def _weight_quantizer(layer: Layer, node: onnx.NodeProto, fmt: WeightFormat, spec: HardwareSpec,
-                      per_channel_ok: bool) -> WeightQuantizer:
+def _weight_quantizer(layer: Layer, node: onnx.NodeProto, fmt: WeightFormat, spec: HardwareSpec) -> WeightQuantizer:
     assert layer.weight is not None
     precision = fmt.precision
     rank = len(layer.weight.shape)
     rule = spec.weight_rule(layer.op_type, precision)
     symmetric = True if rule is None else rule.symmetric
     narrow = False if rule is None else rule.narrow_range
-    per_channel = (is_integer(precision) and per_channel_ok and rank >= 2 and not fmt.block_size
+    per_channel = (is_integer(precision) and rank >= 2 and not fmt.block_size
                    and spec.unblocked_weight_granularity(layer.op_type, precision) == Granularity.PER_CHANNEL)
     axis = weight_axis(layer.op_type, node, rank) if per_channel else None
     method = weight_range_method(precision) if is_integer(precision) else "minmax"
@@ -178,24 +175,6 @@ def _weight_quantizer(layer: Layer, node: onnx.NodeProto, fmt: WeightFormat, spe
         axis = weight_axis(layer.op_type, node, rank) if rank >= 2 else None
     return WeightQuantizer(layer.weight.tensor, precision, axis, symmetric, narrow, method,
                            block_size=fmt.block_size, reduce_range=fmt.reduce_range)
-
-
-def _at_planned_opset(model: onnx.ModelProto, spec: HardwareSpec,
-                      candidates: Mapping[str, Sequence[Candidate | str]] | None) -> onnx.ModelProto:
-    """``model`` at the opset the prepare pass gives a plan of these candidates (a converted
-    copy, or ``model`` itself when it is there already: never modified), so that weights are
-    quantized per channel exactly when the rewrite will do it."""
-    needed = PER_CHANNEL_OPSET
-    wanted = ([_as_candidate(c) for cs in candidates.values() for c in cs] if candidates is not None
-              else [c for rule in spec.ops.values() for c in rule.candidates])
-    for candidate in wanted:
-        if not candidate.is_float:
-            needed = max(needed, spec.opset_needed(candidate, per_channel=True))
-    try:
-        return upgrade_opset(model, needed)
-    except ModelError as exc:
-        logger.warning("sensitivity analyses the model at its own opset %d: %s", model_opset(model), exc)
-        return model
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -722,7 +701,11 @@ def analyze(
     start = time.perf_counter()
 
     model_sha = _cache.model_digest(model)
-    work = _at_planned_opset(model, spec, candidates)
+    # the model is analysed at its own opset (fake-quantization is float arithmetic and numpy
+    # noise, valid at any opset); the rewrite upgrades it to 13+ for any integer plan (or fails),
+    # so weights are quantized per channel as it will write them. Converting here cost a copy of
+    # the model and, on a 110M encoder, 30 s of onnx.version_converter.
+    work = model
     shapes = _inferred_shapes(work)
     view = graph_view_for(work, spec, shapes)
     scoped_views = {sv.scope.key: sv for sv in scope_views_for(work, spec)}
@@ -744,7 +727,6 @@ def analyze(
         return hit
 
     # -- the one session: every analysed weight exposed, every activation fake-quantizable
-    per_channel_ok = model_opset(work) >= PER_CHANNEL_OPSET
     quantizers: dict[tuple[str, WeightFormat], WeightQuantizer] = {}
     planner = _Planner(views, home, spec, quantizers)
     weight_tensors: list[str] = []
@@ -754,7 +736,7 @@ def analyze(
             for c in chosen[name]:
                 fmt = planner.weight_format(name, c)
                 if c.weights is not Precision.FP32 and (name, fmt) not in quantizers:
-                    quantizers[(name, fmt)] = _weight_quantizer(layer, planner.node(name), fmt, spec, per_channel_ok)
+                    quantizers[(name, fmt)] = _weight_quantizer(layer, planner.node(name), fmt, spec)
             if home[name] == MAIN_SCOPE and any((name, planner.weight_format(name, c)) in quantizers
                                                 for c in chosen[name]):
                 weight_tensors.append(layer.weight.tensor)
