@@ -200,11 +200,15 @@ def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     copy_fields(skeleton.graph, graph, skip=("initializer",))
     for tensor in graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() >= SKELETON_MIN_BYTES:
+        if _left_out_of_skeleton(tensor):
             skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         else:
             skeleton.graph.initializer.append(tensor)
     return skeleton
+
+
+def _left_out_of_skeleton(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() >= SKELETON_MIN_BYTES
 
 
 def copy_fields(target: google.protobuf.message.Message, source: google.protobuf.message.Message,
@@ -339,7 +343,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     if current >= target:
         return model
     try:
-        converted = onnx.version_converter.convert_version(model, target)
+        converted = _convert_without_weights(model, target)
     except Exception as error:
         raise ModelError(
             f"the model's opset {current} must be converted to {target} for the chosen precisions, "
@@ -347,6 +351,28 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
             f"re-export the model at opset {target}, or choose 8-bit per-tensor precisions",
         ) from error
     logger.info("converted model from opset %d to %d", current, target)
+    return converted
+
+
+def _convert_without_weights(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """``onnx.version_converter`` run on the model's :func:`shape_skeleton`, the weights put
+    back afterwards: the converter serialises its input, so on the whole model it held the
+    weights two and a half times over (and took 30 s on a 110M encoder). The adapters rewrite
+    ops and small constants, not weights; a weight they changed sends the model through the
+    converter whole."""
+    originals = {t.name: t for t in model.graph.initializer if _left_out_of_skeleton(t)}
+    converted = onnx.version_converter.convert_version(shape_skeleton(model), target)
+    restored = 0
+    for tensor in converted.graph.initializer:
+        original = originals.get(tensor.name)
+        if original is None:
+            continue
+        if list(tensor.dims) != list(original.dims) or tensor.data_type != original.data_type:
+            return onnx.version_converter.convert_version(model, target)
+        tensor.CopyFrom(original)
+        restored += 1
+    if restored != len(originals):
+        return onnx.version_converter.convert_version(model, target)
     return converted
 
 
