@@ -678,7 +678,7 @@ def analyze(
             will use it: each tensor calibrated at the finest precision analysed for it.
             the model's batch dimension is dynamic.
         memory_budget_mb: bound on the activations cached between evaluations (the feeds are
-            processed in chunks that fit); ``None``: :func:`default_memory_budget` (the size
+            processed in chunks that fit); ``None``: :func:`default_memory_budget` (half the size
             of the model, at least 256 MiB, at most a quarter of the available memory).
 
     Returns:

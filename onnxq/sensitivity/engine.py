@@ -780,7 +780,8 @@ class Evaluator:
             (then call :meth:`fp32_outputs` and :meth:`set_reference` first).
     """
 
-    #: Bytes of weight noise kept between jobs (plans and pairs reuse every layer's noise).
+    #: Bytes of weight noise kept between jobs (plans and pairs reuse every layer's noise), at
+    #: most a quarter of the weights' own bytes (at least 32 MiB).
     NOISE_CACHE_BYTES = 256 << 20
 
     def __init__(self, context: EvalContext) -> None:
@@ -819,6 +820,8 @@ class Evaluator:
                 self.weights[name] = onnx.numpy_helper.to_array(small[name]).astype(np.float32)
         self._noise: OrderedDict[object, np.ndarray] = OrderedDict()
         self._noise_bytes = 0
+        self._noise_budget = min(self.NOISE_CACHE_BYTES,
+                                 max(32 << 20, sum(w.nbytes for w in self.weights.values()) // 4))
         self._log_probs: list[list[np.ndarray | None]] | None = None
         self._chunks: list[list[dict[str, np.ndarray]]] | None = None
         self._loaded: int | None = None
@@ -892,7 +895,7 @@ class Evaluator:
             hit = make()
             self._noise[key] = hit
             self._noise_bytes += hit.nbytes
-            while self._noise_bytes > self.NOISE_CACHE_BYTES and len(self._noise) > 1:
+            while self._noise_bytes > self._noise_budget and len(self._noise) > 1:
                 self._noise_bytes -= self._noise.popitem(last=False)[1].nbytes
         else:
             self._noise.move_to_end(key)
@@ -1013,7 +1016,7 @@ def _available_memory() -> int:
 
 
 def default_memory_budget(model_bytes: int = 0) -> int:
-    """The default bound on cached activations: as many bytes as the model's weights (at least
+    """The default bound on cached activations: half the bytes of the model's weights (at least
     :data:`MIN_DEFAULT_BUDGET`), never more than a quarter of the memory the kernel reports
     available (``MemAvailable``), at least 64 MiB.
 
@@ -1022,7 +1025,7 @@ def default_memory_budget(model_bytes: int = 0) -> int:
     budget of a quarter of a big machine's memory made a 110M-parameter encoder hold 1.4 GB of
     activations next to 0.4 GB of weights.
     """
-    return max(64 << 20, min(_available_memory() // 4, max(MIN_DEFAULT_BUDGET, int(model_bytes))))
+    return max(64 << 20, min(_available_memory() // 4, max(MIN_DEFAULT_BUDGET, int(model_bytes) // 2)))
 
 
 def peak_rss_mib() -> float:
