@@ -119,8 +119,36 @@ def _check_external_locations(model: onnx.ModelProto, base_dir: Path) -> None:
             )
 
 
+#: Bytes per element of the tensor types whose ``raw_data`` is sized exactly by their dims.
+_RAW_ITEM_BYTES = {
+    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+    onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2,
+    onnx.TensorProto.INT32: 4, onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
+    onnx.TensorProto.BOOL: 1,
+}
+
+
+def _raw_bytes_lower_bound(model: onnx.ModelProto) -> int:
+    """Bytes of the tensors held in ``raw_data``, from their dims (reads no tensor data)."""
+    total = 0
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.HasField("raw_data") and tensor.data_type in _RAW_ITEM_BYTES:
+            count = 1
+            for dim in tensor.dims:
+                count *= int(dim)
+            total += count * _RAW_ITEM_BYTES[tensor.data_type]
+    return total
+
+
 def byte_size(model: onnx.ModelProto) -> int:
-    """``model.ByteSize()``, or at least 2 GB when protobuf cannot size it (it refuses over 2 GB)."""
+    """``model.ByteSize()``, or at least 2 GB when the model is larger than protobuf can serialise.
+
+    Models whose tensors alone exceed 2 GB are sized from their tensors' dims: the upb
+    protobuf runtime serialises the whole message to size it, a transient copy of the model.
+    """
+    raw = _raw_bytes_lower_bound(model)
+    if raw >= _TWO_GB:
+        return raw
     try:
         return int(model.ByteSize())
     except (google.protobuf.message.EncodeError, ValueError):
