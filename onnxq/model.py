@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import google.protobuf.message
+import numpy as np
 import onnx
 import onnx.external_data_helper
+import onnx.numpy_helper
 import onnx.shape_inference
 import onnx.version_converter
 
@@ -34,6 +36,9 @@ __all__ = [
     "model_sha256",
     "byte_size",
     "is_large",
+    "large_initializers",
+    "without_initializers",
+    "detach_initializers",
     "check_output_path",
     "float16_tensors",
     "check_quantizable_dtypes",
@@ -130,14 +135,7 @@ _RAW_ITEM_BYTES = {
 
 def _raw_bytes_lower_bound(model: onnx.ModelProto) -> int:
     """Bytes of the tensors held in ``raw_data``, from their dims (reads no tensor data)."""
-    total = 0
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.HasField("raw_data") and tensor.data_type in _RAW_ITEM_BYTES:
-            count = 1
-            for dim in tensor.dims:
-                count *= int(dim)
-            total += count * _RAW_ITEM_BYTES[tensor.data_type]
-    return total
+    return sum(_raw_nbytes(t) for t in onnx.external_data_helper._get_all_tensors(model) if t.HasField("raw_data"))
 
 
 def byte_size(model: onnx.ModelProto) -> int:
@@ -158,6 +156,62 @@ def byte_size(model: onnx.ModelProto) -> int:
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether ``model`` is too large to serialise as one protobuf (≥ 2 GB)."""
     return byte_size(model) >= _TWO_GB
+
+
+def _raw_nbytes(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= int(dim)
+    return count * _RAW_ITEM_BYTES.get(tensor.data_type, 0)
+
+
+def large_initializers(model: onnx.ModelProto, min_bytes: int = 1 << 20) -> list[str]:
+    """Names of the main graph's float32 initializers of at least ``min_bytes`` held in
+    ``raw_data`` (sized from their dims: reads no tensor data)."""
+    return [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+            and t.HasField("raw_data") and _raw_nbytes(t) >= min_bytes]
+
+
+def without_initializers(model: onnx.ModelProto, names: set[str] | frozenset[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose main-graph initializers ``names`` are graph inputs of the same
+    type and shape instead.
+
+    Built field by field, so the left-out tensors are never copied: for a model over 2 GB this
+    costs the graph, not a second copy of the weights.
+    """
+    shell = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(shell, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(shell.graph, field, value)
+    inputs = {i.name for i in shell.graph.input}
+    for tensor in model.graph.initializer:
+        if tensor.name not in names:
+            shell.graph.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            shell.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                        list(tensor.dims)))
+    return shell
+
+
+def detach_initializers(model: onnx.ModelProto,
+                        names: set[str] | frozenset[str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """:func:`without_initializers` and the values of the left-out tensors (read one at a time):
+    sessions of the returned model are fed them as inputs (onnxruntime does not copy contiguous
+    CPU inputs), so the weights live once, as these arrays."""
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
+    return without_initializers(model, names), values
+
+
+def _infer_large(model: onnx.ModelProto) -> None:
+    """Shape inference of a model over 2 GB (``infer_shapes`` refuses it in memory), run on the
+    model without its large weights; the inferred ``value_info`` is added to ``model``."""
+    shell = without_initializers(model, set(large_initializers(model)))
+    inferred = onnx.shape_inference.infer_shapes(shell, check_type=False, strict_mode=False, data_prop=True)
+    known = {v.name for v in model.graph.value_info}
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
 
 
 def _check_names(graph: onnx.GraphProto) -> None:
@@ -316,9 +370,12 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, infer_shapes
     except Exception as error:  # ValidationError, and whatever else the C++ checker throws on garbage
         first = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
         raise ModelError(f"model fails onnx.checker: {first}", "fix or re-export the model") from error
-    if infer_shapes and not large:
+    if infer_shapes:
         try:
-            proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+            if large:
+                _infer_large(proto)
+            else:
+                proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
         except Exception as error:  # shape inference is best-effort: onnxq also reads real shapes at run time
             logger.warning("shape inference failed (%s); continuing without inferred shapes", error)
     return LoadedModel(proto=proto, path=path, sha256=model_sha256(proto))
