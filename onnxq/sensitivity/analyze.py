@@ -93,7 +93,7 @@ from onnxq.calibration.weights import weight_range_method
 from onnxq.errors import CalibrationError, ModelError, PlanError, UsageError
 from onnxq.graph import GraphView, Layer, graph_view_for, scope_views_for
 from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
-from onnxq.model import atomic_write_text, model_opset, upgrade_opset
+from onnxq.model import atomic_write_text, is_large, model_opset, upgrade_opset
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
 from onnxq.rewrite import weight_axis
 from onnxq.sensitivity.engine import (
@@ -180,13 +180,21 @@ def _weight_quantizer(layer: Layer, node: onnx.NodeProto, fmt: WeightFormat, spe
 def _as_rewritten(model: onnx.ModelProto, spec: HardwareSpec,
                   candidates: Mapping[str, Sequence[Candidate | str]] | None) -> onnx.ModelProto:
     """A copy of ``model`` at the opset the prepare pass gives a plan of these candidates, so
-    that weights are quantized per channel exactly when the rewrite will do it."""
+    that weights are quantized per channel exactly when the rewrite will do it.
+
+    A model over 2 GB already at that opset, whose nodes have unique names (the graph view
+    would name them in place), is returned itself: the analysis only reads it, and a copy would
+    hold its weights twice.
+    """
     needed = PER_CHANNEL_OPSET
     wanted = ([_as_candidate(c) for cs in candidates.values() for c in cs] if candidates is not None
               else [c for rule in spec.ops.values() for c in rule.candidates])
     for candidate in wanted:
         if not candidate.is_float:
             needed = max(needed, spec.opset_needed(candidate, per_channel=True))
+    names = [node.name for node in model.graph.node]
+    if model_opset(model) >= needed and all(names) and len(set(names)) == len(names) and is_large(model):
+        return model
     work = onnx.ModelProto()
     work.CopyFrom(model)
     try:
