@@ -639,7 +639,8 @@ def analyze(
     model_sha = _cache.model_digest(model)
     work = _as_rewritten(model, spec, candidates)
     try:
-        work = onnx.shape_inference.infer_shapes(work, strict_mode=False)
+        if not is_large(work):  # over 2 GB it serialises the whole model before refusing it (load_model infers those)
+            work = onnx.shape_inference.infer_shapes(work, strict_mode=False)
     except Exception as exc:  # noqa: BLE001 - shapes only feed MACs
         logger.debug("shape inference failed (%s)", exc)
     view = graph_view_for(work, spec)
