@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from onnxq.calibration.histogram import RunningHistogram, TensorStats
 from onnxq.errors import CalibrationError, ModelError
-from onnxq.model import MAX_IR_VERSION, detach_initializers, is_large, large_initializers
+from onnxq.model import MAX_IR_VERSION, detach_initializers, is_large, large_initializers, without_initializers
 from onnxq.runtime import make_session
 
 __all__ = [
@@ -96,6 +96,8 @@ def model_input_names(model: onnx.ModelProto) -> tuple[list[str], set[str]]:
 
 def _known_types(model: onnx.ModelProto) -> dict[str, int]:
     graph = model.graph
+    if is_large(model):  # infer_shapes would serialise the whole model, then refuse it
+        model = without_initializers(model, set(large_initializers(model)))
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
     except Exception as exc:  # noqa: BLE001 - inference is an optional refinement
