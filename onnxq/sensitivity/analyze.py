@@ -106,6 +106,7 @@ from onnxq.sensitivity.engine import (
     WeightQuantizer,
     default_memory_budget,
     peak_rss_mib,
+    serialize_for_workers,
     weight_noise,
 )
 from onnxq.sensitivity.executors import require_executor, run_jobs
@@ -698,8 +699,9 @@ def analyze(
                                  for q in planner.activation_quants(name, c.activations, c.dynamic))
         segments.append(Segment(name, seg_weights, tuple(seg_acts), tuple(dict.fromkeys(partners[name]))))
     segments.extend(Segment(f"tensor:{t}", (), (t,)) for t in act_tensors)
+    model_bytes, shared_weights = serialize_for_workers(work)
     context = EvalContext(
-        model_bytes=work.SerializeToString(), feeds=tuple(feed_list), activation_tensors=tuple(act_tensors),
+        model_bytes=model_bytes, weights=shared_weights, feeds=tuple(feed_list), activation_tensors=tuple(act_tensors),
         weight_tensors=tuple(weight_tensors), ranges=ranges, loss="mse", segments=tuple(segments),
         cache_bytes=int(memory_budget_mb * 2**20) if memory_budget_mb else default_memory_budget(),
     )

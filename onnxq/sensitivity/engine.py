@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.calibration import weight_ranges
-from onnxq.model import MAX_IR_VERSION
+from onnxq.model import MAX_IR_VERSION, detach_initializers, is_large
 from onnxq.numerics import fake_quantize, qparams_from_range
 from onnxq.precision import Precision, is_integer
 from onnxq.qdq_patterns import fake_quantize_blockwise
@@ -59,6 +59,7 @@ __all__ = [
     "loss_between",
     "loss_terms",
     "split_shared_weights",
+    "serialize_for_workers",
     "with_weights",
     "batch_splittable",
     "plan_chunks",
@@ -187,6 +188,9 @@ class EvalContext:
     reference: tuple[tuple[np.ndarray, ...], ...] | None = field(default=None, compare=False)
     segments: tuple[Segment, ...] = ()
     cache_bytes: int = 1 << 30
+    #: shared weights already taken out of ``model_bytes`` (graph inputs there): models over
+    #: 2 GB, which protobuf cannot serialise whole (:func:`serialize_for_workers`)
+    weights: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False)
 
 
 def _round_bf16(w: np.ndarray) -> np.ndarray:
@@ -318,13 +322,11 @@ def split_shared_weights(model: onnx.ModelProto, min_bytes: int = SHARED_MIN_BYT
     Small tensors (shapes, biases, scalars) stay initializers: constant folding needs them.
     """
     graph = model.graph
-    conv_inputs = {t for node in graph.node if node.op_type in _CONV_OPS for t in node.input}
+    names = _shared_names(graph, min_bytes, conv_min_bytes)
     shared: dict[str, np.ndarray] = {}
     keep = []
     for tensor in graph.initializer:
-        nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * 4
-        if tensor.data_type == onnx.TensorProto.FLOAT and nbytes >= (
-                conv_min_bytes if tensor.name in conv_inputs else min_bytes):
+        if tensor.name in names:
             shared[tensor.name] = onnx.numpy_helper.to_array(tensor)
         else:
             keep.append(tensor)
@@ -337,6 +339,23 @@ def split_shared_weights(model: onnx.ModelProto, min_bytes: int = SHARED_MIN_BYT
         if name not in inputs:
             graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(value.shape)))
     return shared
+
+
+def _shared_names(graph: onnx.GraphProto, min_bytes: int, conv_min_bytes: int) -> set[str]:
+    conv_inputs = {t for node in graph.node if node.op_type in _CONV_OPS for t in node.input}
+    return {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+            and int(np.prod(t.dims, dtype=np.int64)) * 4 >= (conv_min_bytes if t.name in conv_inputs else min_bytes)}
+
+
+def serialize_for_workers(model: onnx.ModelProto) -> tuple[bytes, dict[str, np.ndarray]]:
+    """``model`` serialised for an :class:`EvalContext`, and the weights taken out of it: none
+    below 2 GB; above, protobuf cannot serialise the model whole, so the weights
+    :func:`split_shared_weights` shares are read out one at a time
+    (:func:`onnxq.model.detach_initializers`, no copy of the model) and go in ``EvalContext.weights``."""
+    if not is_large(model):
+        return model.SerializeToString(), {}
+    shell, weights = detach_initializers(model, _shared_names(model.graph, SHARED_MIN_BYTES, SHARED_CONV_MIN_BYTES))
+    return shell.SerializeToString(), weights
 
 
 def with_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -708,7 +727,7 @@ class Evaluator:
         for name in context.weight_tensors:  # Constant-node weights become initializers, so they can be fed
             if name not in inits:
                 constant_to_initializer(model.graph, name)
-        self.shared = split_shared_weights(model)
+        self.shared = {**context.weights, **split_shared_weights(model)}
         #: the model without its shared weights (they are graph inputs); parsed again so that
         #: the protobuf arena that held the weights is released
         self.model = onnx.ModelProto()
