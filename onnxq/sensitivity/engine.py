@@ -877,13 +877,13 @@ class Evaluator:
         return self.fq.run_all([{**shared, **f} for f in feeds], self._calibrated(acts), own)  # type: ignore[arg-type]
 
     def _plan_outputs(self, job: Job) -> list[Sequence[np.ndarray]]:
-        """A validation plan's outputs: a model built for it, fed the unperturbed shared weights."""
+        """A validation plan's outputs: a model built for it, fed the shared weights, perturbed
+        or not (baked in, the perturbed ones were copied into the model and again into its session)."""
         weights, acts = self.job_feeds(job)
-        model = bake(with_weights(self.model, {k: v for k, v in weights.items() if k in self.shared}),
-                     acts, {k: v for k, v in weights.items() if k not in self.shared})  # type: ignore[arg-type]
+        model = bake(self.model, acts, {k: v for k, v in weights.items() if k not in self.shared})  # type: ignore[arg-type]
         session, names = self._full_session(model)
-        rest = {k: v for k, v in self.shared.items() if k not in weights}
-        return [session.run(names, {**rest, **f}) for f in self.context.feeds]  # type: ignore[attr-defined]
+        shared = {k: weights.get(k, v) for k, v in self.shared.items()}
+        return [session.run(names, {**shared, **f}) for f in self.context.feeds]  # type: ignore[attr-defined]
 
     def losses(self, jobs: Sequence[Job], advance: Callable[[int], object] | None = None) -> list[float]:
         """The loss of each job against the fp32 reference.
