@@ -183,9 +183,9 @@ def _as_rewritten(model: onnx.ModelProto, spec: HardwareSpec,
     """A copy of ``model`` at the opset the prepare pass gives a plan of these candidates, so
     that weights are quantized per channel exactly when the rewrite will do it.
 
-    A model over 2 GB already at that opset, whose nodes have unique names (the graph view
-    would name them in place), is returned itself: the analysis only reads it, and a copy would
-    hold its weights twice.
+    A model over 2 GB whose nodes have unique names (the graph view would name them in place)
+    is returned itself, at its own opset: the analysis only reads it, a copy would hold its
+    weights twice, and onnx.version_converter cannot convert it (it serialises the model whole).
     """
     needed = PER_CHANNEL_OPSET
     wanted = ([_as_candidate(c) for cs in candidates.values() for c in cs] if candidates is not None
@@ -194,7 +194,10 @@ def _as_rewritten(model: onnx.ModelProto, spec: HardwareSpec,
         if not candidate.is_float:
             needed = max(needed, spec.opset_needed(candidate, per_channel=True))
     names = [node.name for node in model.graph.node]
-    if model_opset(model) >= needed and all(names) and len(set(names)) == len(names) and is_large(model):
+    if all(names) and len(set(names)) == len(names) and is_large(model):
+        if model_opset(model) < needed:
+            logger.warning("sensitivity analyses the model at its own opset %d: onnx.version_converter cannot "
+                           "convert a model over 2 GB to opset %d", model_opset(model), needed)
         return model
     work = onnx.ModelProto()
     work.CopyFrom(model)
