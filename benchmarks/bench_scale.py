@@ -442,6 +442,60 @@ def task_e1b(workdir: Path, timeout: float, vmem_kb: int) -> list[str]:
     return lines
 
 
+# -- ray: the Ray executor against in-process evaluation ------------------------------------------
+
+_RAY_CODE = """
+import hashlib, json, os, sys, time
+import numpy as np, onnx
+from onnxq.sensitivity import analyze
+from onnxq.spec import load_spec
+model = onnx.load(sys.argv[1]); samples = int(sys.argv[3]); ids = np.load(sys.argv[2])["input_ids"][:samples]
+executor, workers = sys.argv[4], int(sys.argv[5])
+started = 0.0
+if executor == "ray":
+    import ray
+    t = time.perf_counter(); ray.init(num_cpus=os.cpu_count(), log_to_driver=False); started = time.perf_counter() - t
+t = time.perf_counter()
+sens = analyze(model, [{"input_ids": ids}], load_spec("ort-cpu-x86"), None, pairs=True, cache_dir=None, seed=0,
+               max_samples=samples, executor=executor, workers=workers)
+seconds = time.perf_counter() - t
+digest = hashlib.sha256(json.dumps({"layers": sens["layers"], "pairs": sens["pairs"]}, sort_keys=True).encode())
+print("RESULT " + json.dumps({"seconds": seconds, "ray_start": started, "evaluations": sens["evaluations"],
+                              "digest": digest.hexdigest()[:16]}))
+"""
+
+#: (executor, workers) of the ray table: in-process, then 1 and 2 Ray actors.
+RAY_RUNS = (("local", 0), ("ray", 1), ("ray", 2))
+
+
+def task_ray(workdir: Path, timeout: float, vmem_kb: int, samples: int) -> list[str]:
+    """``analyze`` (every candidate, pairs on) on the 4-layer encoder of the 22M width with the
+    in-process evaluator and with 1 and 2 Ray actors (a local Ray cluster started in the run,
+    its start-up timed apart); the numbers must be identical."""
+    path = write_encoder(workdir, "enc4", EncoderShape(4, 384, 6, 1536))
+    lines = ["| executor | workers | evaluations | seconds | Ray start s | speed-up vs 1 actor | same numbers as "
+             "local | peak RSS MiB (driver) | load |", "|" + "---|" * 9]
+    first: dict[str, Any] = {}
+    for executor, workers in RAY_RUNS:
+        run = run_limited(_python(_RAY_CODE) + [str(path), str(path.with_suffix(".calib.npz")), str(samples),
+                                                executor, str(workers)], timeout, vmem_kb)
+        r = _result(run)
+        if not r:
+            print(run["output"], file=sys.stderr)
+            lines.append(f"| {executor} | {workers} | failed (exit {run['exit']}) | {run['seconds']:.0f} | | | | | "
+                         f"{run['load']} |")
+            continue
+        first.setdefault("local", r)
+        if executor == "ray" and workers == 1:
+            first["ray1"] = r
+        speedup = f"{first['ray1']['seconds'] / r['seconds']:.2f}" if executor == "ray" and "ray1" in first else ""
+        same = "yes" if r["digest"] == first["local"]["digest"] else "NO"
+        lines.append(f"| {executor} | {workers} | {r['evaluations']} | {r['seconds']:.1f} | {r['ray_start']:.1f} | "
+                     f"{speedup} | {same} | {run['peak_rss_mib']:.0f} | {run['load']} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/onnxq-bench-scale")
@@ -450,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--vmem-kb", type=int, default=20_000_000)
     parser.add_argument("--depth-samples", type=int, default=32, help="calibration samples of the depth table")
+    parser.add_argument("--ray-samples", type=int, default=32, help="calibration samples of the ray table")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -468,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += header + rows
     if "e1b" in args.tasks:
         lines += [""] + task_e1b(workdir, args.timeout, args.vmem_kb)
+    if "ray" in args.tasks:
+        lines += [""] + task_ray(workdir, args.timeout, args.vmem_kb, args.ray_samples)
     print("\n".join(lines))
     return 0
 
