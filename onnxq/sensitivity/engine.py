@@ -191,6 +191,9 @@ class EvalContext:
     #: shared weights already taken out of ``model_bytes`` (graph inputs there): models over
     #: 2 GB, which protobuf cannot serialise whole (:func:`serialize_for_workers`)
     weights: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False)
+    #: intra-op threads of every session (0: onnxruntime's default, one per core); parallel
+    #: executors give each worker its share of the cores
+    threads: int = 0
 
 
 def _round_bf16(w: np.ndarray) -> np.ndarray:
@@ -279,8 +282,8 @@ def loss_terms(
     return total, count
 
 
-def _session(model: onnx.ModelProto) -> object:
-    """An optimized CPU session for many short runs.
+def _session(model: onnx.ModelProto, threads: int = 0) -> object:
+    """An optimized CPU session for many short runs (``threads`` intra-op threads; 0: one per core).
 
     Intra-op threads do not spin between runs (spinning costs more than it saves when runs last
     milliseconds or the CPU is shared); no memory arena, so a session idle between its jobs keeps
@@ -291,12 +294,14 @@ def _session(model: onnx.ModelProto) -> object:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = False
+    if threads:
+        options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         return create_session(model, options, ["CPUExecutionProvider"])
     except Exception:  # noqa: BLE001 - the shared helper reports the error in onnxq's words
-        return make_session(model)
+        return make_session(model, threads=threads)
 
 
 def _has_subgraphs(model: onnx.ModelProto) -> bool:
@@ -446,11 +451,12 @@ class SuffixRunner:
     FQ_CACHE_BYTES = 128 << 20
 
     def __init__(self, model: onnx.ModelProto, segments: Sequence[Segment], shared: Mapping[str, np.ndarray],
-                 dynamic_batch: bool = False) -> None:
+                 dynamic_batch: bool = False, threads: int = 0) -> None:
         if _has_subgraphs(model):
             raise ValueError("control-flow subgraphs")
         self.model = model
         self.shared = shared
+        self.threads = threads
         self.dynamic_batch = dynamic_batch
         #: keep the cut tensors' dims that are the same over the first loaded chunk (off when
         #: several chunks of uncuttable feeds may differ in shape)
@@ -532,7 +538,7 @@ class SuffixRunner:
                 if t not in present:
                     probe.graph.output.append(onnx.helper.make_tensor_value_info(
                         t, self.types[t].tensor_type.elem_type, None))
-            session = _session(probe)
+            session = _session(probe, self.threads)
             self._probe = session, [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
         return self._probe
 
@@ -583,7 +589,7 @@ class SuffixRunner:
         model.functions.extend(self.model.functions)
         if self.internal[key]:
             self._insert_internal_fake_quant(model, self.internal[key])
-        return _session(model), outputs, shared
+        return _session(model, self.threads), outputs, shared
 
     def _insert_internal_fake_quant(self, model: onnx.ModelProto, tensors: Sequence[str]) -> None:
         """Always-on fake-quant (no ``Where``) of the layer's own activations produced in the suffix."""
@@ -740,7 +746,7 @@ class Evaluator:
         if context.segments and USE_CUT_SESSIONS:
             try:
                 self.suffix = SuffixRunner(model, context.segments, self.shared,
-                                           batch_splittable(model, context.feeds))
+                                           batch_splittable(model, context.feeds), context.threads)
             except ValueError as exc:
                 logger.warning("sensitivity: no cut sessions (%s); every evaluation runs the whole model "
                                "in one fake-quant session (slower)", exc)
@@ -804,7 +810,7 @@ class Evaluator:
         return self.suffix.reference
 
     def _full_session(self, model: onnx.ModelProto) -> tuple[object, list[str]]:
-        session = _session(model)
+        session = _session(model, self.context.threads)
         return session, [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
 
     def fp32_outputs(self) -> tuple[tuple[np.ndarray, ...], ...]:
