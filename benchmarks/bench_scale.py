@@ -477,8 +477,11 @@ def task_ray(workdir: Path, timeout: float, vmem_kb: int, samples: int) -> list[
              "local | peak RSS MiB (driver) | load |", "|" + "---|" * 9]
     first: dict[str, Any] = {}
     for executor, workers in RAY_RUNS:
+        # Ray runs its workers at nice 15 by default: on a shared machine they would lose the
+        # cores to everything else, so they run at the driver's priority here
         run = run_limited(_python(_RAY_CODE) + [str(path), str(path.with_suffix(".calib.npz")), str(samples),
-                                                executor, str(workers)], timeout, vmem_kb)
+                                                executor, str(workers)], timeout, vmem_kb,
+                          env={"PYTHONPATH": str(ROOT), "RAY_worker_niceness": "0"})
         r = _result(run)
         if not r:
             print(run["output"], file=sys.stderr)
