@@ -81,6 +81,7 @@ class EncoderShape:
     heads: int
     ffn: int
     vocab: int = 30522
+    seq: int = SEQ
 
 
 MINILM = EncoderShape(6, 384, 6, 1536)
@@ -119,8 +120,8 @@ class _Builder:
 
 def _attention(g: _Builder, x: str, name: str, shape: EncoderShape) -> str:
     d = shape.hidden // shape.heads
-    split = g.const(f"{name}.split_shape", np.array([0, SEQ, shape.heads, d], np.int64))
-    merge = g.const(f"{name}.merge_shape", np.array([0, SEQ, shape.hidden], np.int64))
+    split = g.const(f"{name}.split_shape", np.array([0, shape.seq, shape.heads, d], np.int64))
+    merge = g.const(f"{name}.merge_shape", np.array([0, shape.seq, shape.hidden], np.int64))
 
     def heads(t: str, tag: str, perm: list[int]) -> str:
         return g.op("Transpose", [g.op("Reshape", [t, split], f"{name}/{tag}/Reshape")], f"{name}/{tag}/Transpose",
@@ -149,9 +150,14 @@ def _gelu(g: _Builder, x: str, name: str) -> str:
 
 def build_encoder(shape: EncoderShape, seed: int = 0) -> onnx.ModelProto:
     """A seeded random BERT-style encoder (opset 17, IR 8, dynamic batch, ``input_ids`` → ``logits``)."""
-    g = _Builder(np.random.default_rng(seed))
+    model = _encoder_model(_Builder(np.random.default_rng(seed)), shape)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _encoder_model(g: _Builder, shape: EncoderShape) -> onnx.ModelProto:
     tok = g.weight("embeddings.word", (shape.vocab, shape.hidden))
-    pos = g.weight("embeddings.position", (1, SEQ, shape.hidden))
+    pos = g.weight("embeddings.position", (1, shape.seq, shape.hidden))
     x = g.op("Add", [g.op("Gather", [tok, "input_ids"], "embeddings/Gather", axis=0), pos], "embeddings/Add")
     x = g.layer_norm(x, "embeddings/LayerNorm", shape.hidden)
     for i in range(shape.layers):
@@ -166,11 +172,9 @@ def build_encoder(shape: EncoderShape, seed: int = 0) -> onnx.ModelProto:
     logits = g.linear(pooled, "head", shape.hidden, CLASSES)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits/Identity"))
     graph = helper.make_graph(
-        g.nodes, "bert", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", SEQ])],
+        g.nodes, "bert", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", shape.seq])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def params(model: onnx.ModelProto) -> int:
@@ -182,7 +186,7 @@ def write_encoder(workdir: Path, stem: str, shape: EncoderShape, samples: int = 
     path = workdir / f"{stem}.onnx"
     if not path.exists():
         onnx.save(build_encoder(shape), str(path))
-        ids = np.random.default_rng(1).integers(0, shape.vocab, size=(samples, SEQ), dtype=np.int64)
+        ids = np.random.default_rng(1).integers(0, shape.vocab, size=(samples, shape.seq), dtype=np.int64)
         np.savez(workdir / f"{stem}.calib.npz", input_ids=ids)
     return path
 
@@ -281,14 +285,229 @@ def task_cli(workdir: Path, stem: str, shape: EncoderShape, command: str, timeou
     return [line]
 
 
+# -- e1b: a 1B-parameter encoder stored with external data ----------------------------------------
+
+#: 20 layers of hidden 2048 (16 heads, intermediate 8192), an 8192-token vocabulary and 16-token
+#: sequences: 1.03 B parameters, a 3.9 GiB external data file.
+E1B = EncoderShape(20, 2048, 16, 8192, vocab=8192, seq=16)
+#: Tensors at least this big go to the external data file.
+EXTERNAL_MIN_BYTES = 1024
+#: The watchdog stops a run when the machine has less memory available than this (MiB).
+MIN_AVAILABLE_MIB = 768
+
+
+class _ExternalBuilder(_Builder):
+    """A builder that writes each large tensor to the external data file as soon as it is made,
+    so that building holds one weight at a time, never the model."""
+
+    def __init__(self, rng: np.random.Generator, handle: Any, location: str) -> None:
+        super().__init__(rng)
+        self.handle = handle
+        self.location = location
+
+    def weight(self, name: str, shape: tuple[int, ...], std: float = 0.02) -> str:
+        return self.const(name, self.rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        value = np.ascontiguousarray(value)
+        if value.nbytes < EXTERNAL_MIN_BYTES:
+            return super().const(name, value)
+        offset = self.handle.tell()
+        pad = -offset % 4096  # page-aligned, as onnxq.model.save_model writes external data
+        self.handle.write(b"\0" * pad)
+        value.tofile(self.handle)
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, item in (("location", self.location), ("offset", offset + pad), ("length", value.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(item)
+        self.inits.append(tensor)
+        return name
+
+
+def write_external_encoder(workdir: Path, stem: str, shape: EncoderShape, samples: int = 8) -> Path:
+    """``<stem>.onnx`` with its weights in ``<stem>.onnx.data``, and ``<stem>.calib.npz``; checked
+    by path (``onnx.checker`` refuses a proto over 2 GB in memory)."""
+    path = workdir / f"{stem}.onnx"
+    if path.exists():
+        return path
+    data = path.with_name(path.name + ".data")
+    with open(data, "wb") as handle:
+        model = _encoder_model(_ExternalBuilder(np.random.default_rng(0), handle, data.name), shape)
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path))
+    ids = np.random.default_rng(1).integers(0, shape.vocab, size=(samples, shape.seq), dtype=np.int64)
+    np.savez(workdir / f"{stem}.calib.npz", input_ids=ids)
+    return path
+
+
+def _tree_rss_mib(root: int) -> float:
+    """Resident memory of ``root`` and its descendants, MiB."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        parents[int(entry.name)] = int(fields.get("PPid", "0").strip())
+        rss[int(entry.name)] = int(fields.get("VmRSS", "0 kB").split()[0])
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo.extend(child for child, parent in parents.items() if parent == pid and child not in tree)
+    return sum(rss.get(pid, 0) for pid in tree) / 1024
+
+
+def _available_mib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def run_watched(argv: list[str], timeout: float, vmem_kb: int, rss_limit_mib: float,
+                env: dict[str, str] | None = None) -> dict[str, Any]:
+    """:func:`run_limited` with a watchdog: the run's process group is killed as soon as its
+    resident memory exceeds ``rss_limit_mib`` or the machine runs short of memory (the machine
+    has no swap and is shared). Adds the watchdog's own peak sample and why it killed."""
+    script = f"ulimit -v {int(vmem_kb)}; exec timeout {int(timeout)} {shlex.join(argv)}"
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, cwd=ROOT, start_new_session=True)
+        sampled, killed = 0.0, ""
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            rss = _tree_rss_mib(proc.pid)
+            sampled = max(sampled, rss)
+            if not killed and (rss > rss_limit_mib or _available_mib() < MIN_AVAILABLE_MIB):
+                killed = f"RSS {rss:.0f} MiB, available {_available_mib():.0f} MiB"
+                os.killpg(proc.pid, 9)
+            time.sleep(0.2)
+        log.seek(0)
+        out = log.read().decode(errors="replace")
+    return {"seconds": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "sampled_rss_mib": sampled, "killed": killed, "exit": os.waitstatus_to_exitcode(status),
+            "output": out[-6000:], "load": load()}
+
+
+_BUILD_CODE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import bench_scale
+path = bench_scale.write_external_encoder(bench_scale.Path(sys.argv[2]), sys.argv[3], bench_scale.E1B)
+print("RESULT {}")
+"""
+
+
+def task_e1b(workdir: Path, timeout: float, vmem_kb: int) -> list[str]:
+    """``onnxq sensitivity`` (8 samples, the CLI's defaults otherwise) on the 1B encoder; the
+    bound is 4 × the fp32 file size (graph and data) + 1 GiB."""
+    stem = "bert1b"
+    path = workdir / f"{stem}.onnx"
+    lines = []
+    if not path.exists():
+        build = run_watched(_python(_BUILD_CODE) + [str(ROOT / "benchmarks"), str(workdir), stem], timeout,
+                            vmem_kb, 8192)
+        lines.append(f"build: exit {build['exit']}, {build['seconds']:.0f} s, peak RSS {build['peak_rss_mib']:.0f} MiB")
+        print(lines[-1], flush=True)
+        if build["exit"] != 0:
+            print(build["output"], file=sys.stderr)
+            return lines
+    size_mib = (path.stat().st_size + path.with_name(path.name + ".data").stat().st_size) / 2**20
+    bound = 4 * size_mib + 1024
+    count = params(onnx.load(str(path), load_external_data=False))
+    out = workdir / f"{stem}.sens.json"
+    argv = [sys.executable, "-m", "onnxq", "sensitivity", str(path), "--spec", SPEC, "--calib",
+            str(workdir / f"{stem}.calib.npz"), "-o", str(out)]
+    run = run_watched(argv, timeout, vmem_kb, bound, env={"PYTHONPATH": str(ROOT),
+                                                          "ONNXQ_CACHE_DIR": tempfile.mkdtemp()})
+    ok = run["exit"] == 0 and not run["killed"] and run["peak_rss_mib"] < bound
+    if run["exit"] != 0 or run["killed"]:
+        print(run["output"], file=sys.stderr)
+    evaluations = json.loads(out.read_text())["evaluations"] if run["exit"] == 0 and out.exists() else "-"
+    lines += ["| model | params | fp32 file MiB | bound MiB | ok | evaluations | seconds | peak RSS MiB | load |",
+              "|---|---|---|---|---|---|---|---|---|",
+              f"| {stem} (E1B, external data) | {count / 1e9:.2f} B | {size_mib:.0f} | {bound:.0f} | "
+              f"{'ok' if ok else 'exit ' + str(run['exit']) + (', killed: ' + run['killed'] if run['killed'] else '')} | "
+              f"{evaluations} | {run['seconds']:.1f} | {run['peak_rss_mib']:.0f} | {run['load']} |"]
+    print(lines[-1], flush=True)
+    return lines
+
+
+# -- ray: the Ray executor against in-process evaluation ------------------------------------------
+
+_RAY_CODE = """
+import hashlib, json, os, sys, time
+import numpy as np, onnx
+from onnxq.sensitivity import analyze
+from onnxq.spec import load_spec
+model = onnx.load(sys.argv[1]); samples = int(sys.argv[3]); ids = np.load(sys.argv[2])["input_ids"][:samples]
+executor, workers = sys.argv[4], int(sys.argv[5])
+started = 0.0
+if executor == "ray":
+    import ray
+    t = time.perf_counter(); ray.init(num_cpus=os.cpu_count(), log_to_driver=False); started = time.perf_counter() - t
+t = time.perf_counter()
+sens = analyze(model, [{"input_ids": ids}], load_spec("ort-cpu-x86"), None, pairs=True, cache_dir=None, seed=0,
+               max_samples=samples, executor=executor, workers=workers)
+seconds = time.perf_counter() - t
+digest = hashlib.sha256(json.dumps({"layers": sens["layers"], "pairs": sens["pairs"]}, sort_keys=True).encode())
+print("RESULT " + json.dumps({"seconds": seconds, "ray_start": started, "evaluations": sens["evaluations"],
+                              "digest": digest.hexdigest()[:16]}))
+"""
+
+#: (executor, workers) of the ray table: in-process, then 1 and 2 Ray actors.
+RAY_RUNS = (("local", 0), ("ray", 1), ("ray", 2))
+
+
+def task_ray(workdir: Path, timeout: float, vmem_kb: int, samples: int) -> list[str]:
+    """``analyze`` (every candidate, pairs on) on the 4-layer encoder of the 22M width with the
+    in-process evaluator and with 1 and 2 Ray actors (a local Ray cluster started in the run,
+    its start-up timed apart); the numbers must be identical."""
+    path = write_encoder(workdir, "enc4", EncoderShape(4, 384, 6, 1536))
+    lines = ["| executor | workers | evaluations | seconds | Ray start s | speed-up vs 1 actor | same numbers as "
+             "local | peak RSS MiB (driver) | load |", "|" + "---|" * 9]
+    first: dict[str, Any] = {}
+    for executor, workers in RAY_RUNS:
+        # Ray runs its workers at nice 15 by default: on a shared machine they would lose the
+        # cores to everything else, so they run at the driver's priority here
+        run = run_limited(_python(_RAY_CODE) + [str(path), str(path.with_suffix(".calib.npz")), str(samples),
+                                                executor, str(workers)], timeout, vmem_kb,
+                          env={"PYTHONPATH": str(ROOT), "RAY_worker_niceness": "0"})
+        r = _result(run)
+        if not r:
+            print(run["output"], file=sys.stderr)
+            lines.append(f"| {executor} | {workers} | failed (exit {run['exit']}) | {run['seconds']:.0f} | | | | | "
+                         f"{run['load']} |")
+            continue
+        first.setdefault("local", r)
+        if executor == "ray" and workers == 1:
+            first["ray1"] = r
+        speedup = f"{first['ray1']['seconds'] / r['seconds']:.2f}" if executor == "ray" and "ray1" in first else ""
+        same = "yes" if r["digest"] == first["local"]["digest"] else "NO"
+        lines.append(f"| {executor} | {workers} | {r['evaluations']} | {r['seconds']:.1f} | {r['ray_start']:.1f} | "
+                     f"{speedup} | {same} | {run['peak_rss_mib']:.0f} | {run['load']} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/onnxq-bench-scale")
     parser.add_argument("--tasks", nargs="*", default=["depth", "e22", "s22"],
-                        choices=["depth", "e22", "s22", "e110"])
+                        choices=["depth", "e22", "s22", "e110", "e1b", "ray"])
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--vmem-kb", type=int, default=20_000_000)
     parser.add_argument("--depth-samples", type=int, default=32, help="calibration samples of the depth table")
+    parser.add_argument("--ray-samples", type=int, default=32, help="calibration samples of the ray table")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -305,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += task_cli(workdir, "bert110m", BERT_BASE, "quantize", args.timeout, args.vmem_kb)
     if rows:
         lines += header + rows
+    if "e1b" in args.tasks:
+        lines += [""] + task_e1b(workdir, args.timeout, args.vmem_kb)
+    if "ray" in args.tasks:
+        lines += [""] + task_ray(workdir, args.timeout, args.vmem_kb, args.ray_samples)
     print("\n".join(lines))
     return 0
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import google.protobuf.message
+import numpy as np
 import onnx
 import onnx.external_data_helper
+import onnx.numpy_helper
 import onnx.shape_inference
 import onnx.version_converter
 
@@ -35,6 +37,9 @@ __all__ = [
     "model_sha256",
     "byte_size",
     "is_large",
+    "large_initializers",
+    "without_initializers",
+    "detach_initializers",
     "check_output_path",
     "shape_skeleton",
     "copy_fields",
@@ -122,8 +127,29 @@ def _check_external_locations(model: onnx.ModelProto, base_dir: Path) -> None:
             )
 
 
+#: Bytes per element of the tensor types whose ``raw_data`` is sized exactly by their dims.
+_RAW_ITEM_BYTES = {
+    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+    onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2,
+    onnx.TensorProto.INT32: 4, onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
+    onnx.TensorProto.BOOL: 1,
+}
+
+
+def _raw_bytes_lower_bound(model: onnx.ModelProto) -> int:
+    """Bytes of the tensors held in ``raw_data``, from their dims (reads no tensor data)."""
+    return sum(_raw_nbytes(t) for t in onnx.external_data_helper._get_all_tensors(model) if t.HasField("raw_data"))
+
+
 def byte_size(model: onnx.ModelProto) -> int:
-    """``model.ByteSize()``, or at least 2 GB when protobuf cannot size it (it refuses over 2 GB)."""
+    """``model.ByteSize()``, or at least 2 GB when the model is larger than protobuf can serialise.
+
+    Models whose tensors alone exceed 2 GB are sized from their tensors' dims: the upb
+    protobuf runtime serialises the whole message to size it, a transient copy of the model.
+    """
+    raw = _raw_bytes_lower_bound(model)
+    if raw >= _TWO_GB:
+        return raw
     try:
         return int(model.ByteSize())
     except (google.protobuf.message.EncodeError, ValueError):
@@ -133,6 +159,53 @@ def byte_size(model: onnx.ModelProto) -> int:
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether ``model`` is too large to serialise as one protobuf (≥ 2 GB)."""
     return byte_size(model) >= _TWO_GB
+
+
+def _raw_nbytes(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= int(dim)
+    return count * _RAW_ITEM_BYTES.get(tensor.data_type, 0)
+
+
+def large_initializers(model: onnx.ModelProto, min_bytes: int = 1 << 20) -> list[str]:
+    """Names of the main graph's float32 initializers of at least ``min_bytes`` held in
+    ``raw_data`` (sized from their dims: reads no tensor data)."""
+    return [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+            and t.HasField("raw_data") and _raw_nbytes(t) >= min_bytes]
+
+
+def without_initializers(model: onnx.ModelProto, names: set[str] | frozenset[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose main-graph initializers ``names`` are graph inputs of the same
+    type and shape instead.
+
+    Built field by field, so the left-out tensors are never copied: for a model over 2 GB this
+    costs the graph, not a second copy of the weights.
+    """
+    shell = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(shell, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(shell.graph, field, value)
+    inputs = {i.name for i in shell.graph.input}
+    for tensor in model.graph.initializer:
+        if tensor.name not in names:
+            shell.graph.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            shell.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                        list(tensor.dims)))
+    return shell
+
+
+def detach_initializers(model: onnx.ModelProto,
+                        names: set[str] | frozenset[str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """:func:`without_initializers` and the values of the left-out tensors (read one at a time):
+    sessions of the returned model are fed them as inputs (onnxruntime does not copy contiguous
+    CPU inputs), so the weights live once, as these arrays."""
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
+    return without_initializers(model, names), values
 
 
 def _check_names(graph: onnx.GraphProto) -> None:

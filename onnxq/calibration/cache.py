@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from onnxq.calibration.types import TensorRange
+from onnxq.model import model_sha256
 
 __all__ = ["ALGORITHM_VERSION", "CACHE_FORMAT", "cache_key", "feeds_digest", "load", "model_digest", "store"]
 
@@ -31,8 +32,9 @@ ALGORITHM_VERSION = 1
 
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """sha256 of the serialized model."""
-    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    """sha256 of the serialized model (:func:`onnxq.model.model_sha256`: models over 2 GB are
+    hashed part by part)."""
+    return model_sha256(model)
 
 
 def feeds_digest(feeds: Sequence[Mapping[str, np.ndarray]]) -> str:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from onnxq.calibration.histogram import RunningHistogram, TensorStats
 from onnxq.errors import CalibrationError, ModelError
-from onnxq.model import MAX_IR_VERSION, shape_skeleton
+from onnxq.model import MAX_IR_VERSION, detach_initializers, large_initializers, shape_skeleton
 from onnxq.runtime import make_session
 
 __all__ = [
@@ -262,6 +262,11 @@ def sweep(
     required, known = model_input_names(model)
     input_names = [t for t in tensors if t in known]
     output_names = [t for t in tensors if t not in known]
+    weights: dict[str, ort.OrtValue] = {}
+    large = set(large_initializers(model))
+    if large:  # the session is fed the weights: a reduction model and session with their own copies tripled them
+        model, values = detach_initializers(model, large)
+        weights = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in values.items()}
     stats = {
         t: TensorStats(histogram=RunningHistogram(num_bins) if num_bins else None)
         for t in tensors
@@ -291,6 +296,7 @@ def sweep(
             for k, v in arrays.items()
             if k in session_inputs
         }
+        run_feed.update(weights)
         try:
             # OrtValue outputs are viewed by numpy without a copy (session.run copies each one)
             values = session.run_with_ort_values(fetch, run_feed) if fetch else []

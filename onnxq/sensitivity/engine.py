@@ -193,6 +193,9 @@ class EvalContext:
     segments: tuple[Segment, ...] = ()
     cache_bytes: int = 1 << 30
     weights: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False)
+    #: intra-op threads of every session (0: onnxruntime's default, one per core); parallel
+    #: executors give each worker its share of the cores
+    threads: int = 0
 
 
 def _round_bf16(w: np.ndarray) -> np.ndarray:
@@ -281,8 +284,8 @@ def loss_terms(
     return total, count
 
 
-def _session(model: onnx.ModelProto) -> object:
-    """An optimized CPU session for many short runs.
+def _session(model: onnx.ModelProto, threads: int = 0) -> object:
+    """An optimized CPU session for many short runs (``threads`` intra-op threads; 0: one per core).
 
     Intra-op threads do not spin between runs (spinning costs more than it saves when runs last
     milliseconds or the CPU is shared); no memory arena, so a session idle between its jobs keeps
@@ -293,12 +296,14 @@ def _session(model: onnx.ModelProto) -> object:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = False
+    if threads:
+        options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         return create_session(model, options, ["CPUExecutionProvider"])
     except Exception:  # noqa: BLE001 - the shared helper reports the error in onnxq's words
-        return make_session(model)
+        return make_session(model, threads=threads)
 
 
 def _has_subgraphs(model: onnx.ModelProto) -> bool:
@@ -471,11 +476,12 @@ class SuffixRunner:
     FQ_CACHE_BYTES = 128 << 20
 
     def __init__(self, model: onnx.ModelProto, segments: Sequence[Segment], shared: Mapping[str, np.ndarray],
-                 dynamic_batch: bool = False) -> None:
+                 dynamic_batch: bool = False, threads: int = 0) -> None:
         if _has_subgraphs(model):
             raise ValueError("control-flow subgraphs")
         self.model = model
         self.shared = shared
+        self.threads = threads
         self.dynamic_batch = dynamic_batch
         #: keep the cut tensors' dims that are the same over the first loaded chunk (off when
         #: several chunks of uncuttable feeds may differ in shape)
@@ -560,7 +566,7 @@ class SuffixRunner:
                 if t not in present:
                     probe.graph.output.append(onnx.helper.make_tensor_value_info(
                         t, self.types[t].tensor_type.elem_type, None))
-            session = _session(probe)
+            session = _session(probe, self.threads)
             self._probe = session, [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
         return self._probe
 
@@ -612,7 +618,7 @@ class SuffixRunner:
         model.functions.extend(self.model.functions)
         if self.internal[key]:
             self._insert_internal_fake_quant(model, self.internal[key])
-        return _session(model), outputs, shared
+        return _session(model, self.threads), outputs, shared
 
     def _members(self, key: str) -> list[Segment]:
         """The segments whose weights session ``key`` exposes."""
@@ -807,7 +813,7 @@ class Evaluator:
         if context.segments and USE_CUT_SESSIONS:
             try:
                 self.suffix = SuffixRunner(model, context.segments, self.shared,
-                                           batch_splittable(model, context.feeds))
+                                           batch_splittable(model, context.feeds), context.threads)
             except ValueError as exc:
                 logger.warning("sensitivity: no cut sessions (%s); every evaluation runs the whole model "
                                "in one fake-quant session (slower)", exc)
@@ -873,7 +879,7 @@ class Evaluator:
         return self.suffix.reference
 
     def _full_session(self, model: onnx.ModelProto) -> tuple[object, list[str]]:
-        session = _session(model)
+        session = _session(model, self.context.threads)
         return session, [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
 
     def fp32_outputs(self) -> tuple[tuple[np.ndarray, ...], ...]:
@@ -946,13 +952,13 @@ class Evaluator:
         return self.fq.run_all([{**shared, **f} for f in feeds], self._calibrated(acts), own)  # type: ignore[arg-type]
 
     def _plan_outputs(self, job: Job) -> list[Sequence[np.ndarray]]:
-        """A validation plan's outputs: a model built for it, fed the unperturbed shared weights."""
+        """A validation plan's outputs: a model built for it, fed the shared weights, perturbed
+        or not (baked in, the perturbed ones were copied into the model and again into its session)."""
         weights, acts = self.job_feeds(job)
-        model = bake(with_weights(self.model, {k: v for k, v in weights.items() if k in self.shared}),
-                     acts, {k: v for k, v in weights.items() if k not in self.shared})  # type: ignore[arg-type]
+        model = bake(self.model, acts, {k: v for k, v in weights.items() if k not in self.shared})  # type: ignore[arg-type]
         session, names = self._full_session(model)
-        rest = {k: v for k, v in self.shared.items() if k not in weights}
-        return [session.run(names, {**rest, **f}) for f in self.context.feeds]  # type: ignore[attr-defined]
+        shared = {k: weights.get(k, v) for k, v in self.shared.items()}
+        return [session.run(names, {**shared, **f}) for f in self.context.feeds]  # type: ignore[attr-defined]
 
     def losses(self, jobs: Sequence[Job], advance: Callable[[int], object] | None = None) -> list[float]:
         """The loss of each job against the fp32 reference.

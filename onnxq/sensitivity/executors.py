@@ -5,6 +5,13 @@ session from the same :class:`~onnxq.sensitivity.engine.EvalContext` (the fp32 r
 computed once by the parent), so the numbers do not depend on the executor. Worker processes
 split the memory budget (``EvalContext.cache_bytes``) between them and take large batches of
 jobs, since each batch runs the fp32 pass of every chunk of feeds once.
+
+Local worker processes share this machine's cores (``EvalContext.threads``: cores ÷ workers
+each). Ray actors each reserve one CPU and run single-threaded sessions, spread over the
+cluster's nodes, never more actors than the cluster has CPUs (an actor waiting for a CPU would
+never start); the context goes to the object store once (the model and, for models over 2 GB,
+its weights, which actors on one node then share), and batches of jobs are handed to whichever
+actor is free, so a slow node or an expensive batch does not hold the others back.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import concurrent.futures as cf
 import logging
 import math
 import multiprocessing
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -117,7 +125,9 @@ def run_jobs(
         return []
     if spec.kind == "ray" or workers > 1:
         count = max(1, workers)
-        worker_context = replace(context, cache_bytes=max(1, context.cache_bytes // count))
+        threads = 1 if spec.kind == "ray" else max(1, (os.cpu_count() or 1) // count)
+        worker_context = replace(context, cache_bytes=max(1, context.cache_bytes // count),
+                                 threads=context.threads or threads)
         bar = tqdm(total=len(jobs), desc=f"sensitivity: {len(jobs)} evaluations, {count} workers", unit="eval",
                    disable=not progress, leave=False)
         try:
@@ -151,31 +161,50 @@ def _run_processes(context: EvalContext, jobs: Sequence[Job], workers: int,
     return [loss for chunk in results for loss in (chunk or [])]
 
 
+class _Actor:  # pragma: no cover - runs inside Ray workers
+    """A Ray actor: one :class:`Evaluator`, built once, that runs every batch it is handed."""
+
+    def __init__(self, context: EvalContext) -> None:
+        self.evaluator = Evaluator(context)
+
+    def losses(self, chunk: list[Job]) -> list[float]:
+        return self.evaluator.losses(chunk)
+
+
+def _actor_count(ray, wanted: int) -> int:  # type: ignore[no-untyped-def]
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if 0 < cpus < wanted:
+        logger.warning("sensitivity: %d Ray actors asked for, the cluster has %d CPUs: running %d", wanted, cpus, cpus)
+        return cpus
+    return wanted
+
+
 def _run_ray(context: EvalContext, jobs: Sequence[Job], actors: int, address: str | None,
              advance: Callable[[int], object]) -> list[float]:
     ray = _import_ray()
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-
-    @ray.remote
-    class _Actor:  # pragma: no cover - runs inside Ray workers
-        def __init__(self, ctx: EvalContext) -> None:
-            self.evaluator = Evaluator(ctx)
-
-        def losses(self, chunk: list[Job]) -> list[float]:
-            return self.evaluator.losses(chunk)
-
     ref = ray.put(context)
-    pool = [_Actor.remote(ref) for _ in range(actors)]
-    chunks = _chunks(jobs, actors)
-    pending = {pool[i % actors].losses.remote(chunk): i for i, chunk in enumerate(chunks)}
+    remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_Actor)
+    pool = [remote.remote(ref) for _ in range(_actor_count(ray, actors))]
+    chunks = _chunks(jobs, len(pool))
     results: list[list[float] | None] = [None] * len(chunks)
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for obj in done:
-            index = pending.pop(obj)
-            results[index] = ray.get(obj)
-            advance(len(chunks[index]))
-    for actor in pool:
-        ray.kill(actor)
+    waiting = list(range(len(chunks)))
+    pending = {}
+    try:
+        for actor in pool[:len(chunks)]:
+            index = waiting.pop(0)
+            pending[actor.losses.remote(chunks[index])] = (index, actor)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for obj in done:
+                index, actor = pending.pop(obj)
+                results[index] = ray.get(obj)
+                advance(len(chunks[index]))
+                if waiting:
+                    following = waiting.pop(0)
+                    pending[actor.losses.remote(chunks[following])] = (following, actor)
+    finally:
+        for actor in pool:
+            ray.kill(actor)
     return [loss for chunk in results for loss in (chunk or [])]
