@@ -93,6 +93,20 @@ ANCHOR_CANDIDATES = ("int8/dyn-uint8", "int8/uint8")
 OBJECTIVE_AXIS = {Objective.LATENCY: "latency", Objective.SIZE: "size", Objective.BALANCED: "balanced"}
 
 
+def _latency_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The first :data:`LATENCY_FEEDS` deploy feeds, fewer when they are large: each is run about
+    15 times per timed plan (warm-up, five interleaved rounds of the plan and fp32), and one
+    640×640 page already takes a fifth of a second, long enough to time on its own."""
+    chosen, elements = [], 0
+    for feed in feeds[:LATENCY_FEEDS]:
+        size = sum(int(np.asarray(v).size) for v in feed.values())
+        if chosen and elements + size > SENSITIVITY_INPUT_ELEMENTS:
+            break
+        chosen.append(feed)
+        elements += size
+    return chosen
+
+
 class _PlanMeter:
     """Builds plans' models once and measures them: drop, written size and, on a present target,
     latency interleaved with fp32 at the deploy batch."""
@@ -107,7 +121,7 @@ class _PlanMeter:
         objective = Objective(getattr(ctx.options, "objective", Objective.LATENCY.value))
         self.timed = runs_here(spec.runtime) and objective is not Objective.SIZE
         self.batch = int(getattr(ctx.options, "deploy_batch", 1) or 1)
-        self.feeds = deploy_feeds(list(ctx.artifacts["feeds"].held_back), self.batch)[:LATENCY_FEEDS] if self.timed else []
+        self.feeds = _latency_feeds(deploy_feeds(list(ctx.artifacts["feeds"].held_back), self.batch)) if self.timed else []
         self.timed = self.timed and bool(self.feeds)
         self.results: dict[int, MeasuredPlan] = {}
         self.latency: dict[int, LatencyRatio] = {}
