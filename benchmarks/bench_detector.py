@@ -225,7 +225,7 @@ def onnxq_note(row: dict[str, Any]) -> str:
     return text
 
 
-def render(rows: dict[str, dict[str, Any]], metrics: dict[str, dict[str, float]], lat: dict[str, Any],
+def render(rows: dict[str, dict[str, Any]], metrics: dict[str, dict[str, float]], lats: dict[str, dict[str, Any]],
            sizes: dict[str, int], meta: dict[str, Any], args: argparse.Namespace, started: str, load_start: str) -> str:
     lines = [
         "# Real-weights text detector (PP-OCRv4 DBNet, 640×640): onnxq vs onnxruntime's quantizers", "",
@@ -244,27 +244,31 @@ def render(rows: dict[str, dict[str, Any]], metrics: dict[str, dict[str, float]]
         "unclip by area × 1.6 / perimeter), one-to-one matching to ground truth at IoU ≥ 0.5; "
         "map MAD: mean |p − p_fp32| over all pixels; mask IoU: IoU of the maps binarised at 0.3 with fp32's.",
         "", "## Results", "",
-        "| variant | ok | precision | recall | F1 | map MAD | mask IoU | size vs fp32 | latency b1 vs fp32 (IQR) "
-        "| quantize s (CPU s) | peak RSS MiB | load after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | ok | precision | recall | F1 | map MAD | mask IoU | size vs fp32 | "
+        + " | ".join(f"latency b1 vs fp32, {label} (IQR)" for label in lats)
+        + " | quantize s (CPU s) | peak RSS MiB | load after |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(lats) + "---|---|---|",
     ]
     for name in ["fp32", *args.variants]:
         row = rows.get(name, {})
         if name != "fp32" and name not in metrics:
-            lines.append(f"| {TITLES[name]} | **no** | – | – | – | – | – | – | – | {row.get('seconds', 0):.1f} "
+            lines.append(f"| {TITLES[name]} | **no** | – | – | – | – | – | – | {'– | ' * len(lats)}{row.get('seconds', 0):.1f} "
                          f"| {row.get('peak_rss_mib', 0):.0f} | {row.get('load', '')} |")
             continue
-        m, t = metrics[name], lat[name]
+        m = metrics[name]
+        ratios = " | ".join(f"{t[name].ratio:.2f} ({t[name].ratio_low:.2f}–{t[name].ratio_high:.2f})" for t in lats.values())
         quantize = "–" if name == "fp32" else f"{row['seconds']:.1f} ({row['cpu_seconds']:.0f})"
         rss = "–" if name == "fp32" else f"{row['peak_rss_mib']:.0f}"
         lines.append(f"| {TITLES[name]} | yes | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} "
                      f"| {m['prob_mad']:.4f} | {m['mask_iou']:.4f} | {sizes[name] / sizes['fp32']:.3f} "
-                     f"| {t.ratio:.2f} ({t.ratio_low:.2f}–{t.ratio_high:.2f}) | {quantize} | {rss} "
+                     f"| {ratios} | {quantize} | {rss} "
                      f"| {row.get('load', '–')} |")
     lines += [
-        "", f"fp32 absolute: {lat['fp32'].median_ms:.0f} ms per page at batch 1 "
-        f"({'intra_op_num_threads=' + str(args.threads) if args.threads else 'default threads'}), median of "
-        f"{lat['fp32'].rounds} interleaved rounds (every model once per round, order rotated).", "",
+        "", "fp32 absolute, per page at batch 1: " + "; ".join(
+            f"{label} {t['fp32'].median_ms:.0f} ms (median of {t['fp32'].rounds} interleaved rounds)"
+            for label, t in lats.items())
+        + ". Every model runs once per round, in an order rotated every round; onnxq's search and its "
+        "final report time with onnxruntime's default thread count.", "",
         "Quantize seconds: wall time of the quantizer's subprocess (interpreter start, imports and loading "
         f"included) under `ulimit -v {args.vmem_kb}`, and in brackets its CPU time (user + system, from "
         "`os.wait4`; less sensitive to the other jobs on the machine than the wall time); peak RSS from "
@@ -310,19 +314,25 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 - a model onnxruntime cannot load is a failed row
             rows[name]["failure"] = f"onnxruntime cannot load the written model: {str(error).strip()[:400]}"
     paths = {name: path for name, path in paths.items() if name in sessions}
+    threads = [args.threads] if args.threads == 0 else [args.threads, 0]
     det = export_module()
     with np.load(args.model.with_suffix(".test.npz"), allow_pickle=False) as data:
         test = {key: data[key] for key in data.files}
     metrics = task_metrics(sessions, test, det)
     print("F1:", {k: round(v["f1"], 4) for k, v in metrics.items()}, flush=True)
     page = {"x": det.preprocess(test["images"][:1])}
-    lat = time_interleaved(sessions, [page], "fp32", budget_seconds=args.budget, min_rounds=7, max_rounds=200)
+    lats = {}
+    for count in threads:
+        timed = sessions if count == args.threads else {name: session(path, count) for name, path in paths.items()}
+        label = f"{count} thread{'s' if count > 1 else ''}" if count else f"default threads ({os.cpu_count()} cores)"
+        lats[label] = time_interleaved(timed, [page], "fp32", budget_seconds=args.budget, min_rounds=7, max_rounds=200)
     sizes = {name: path.stat().st_size for name, path in paths.items()}
     meta = json.loads(args.model.with_suffix(".json").read_text())
-    text = render(rows, metrics, lat, sizes, meta, args, started, load_start)
+    text = render(rows, metrics, lats, sizes, meta, args, started, load_start)
     args.out.write_text(text)
     (args.workdir / "results.json").write_text(json.dumps({
-        "metrics": metrics, "sizes": sizes, "latency_b1": {k: vars(v) for k, v in lat.items()},
+        "metrics": metrics, "sizes": sizes,
+        "latency_b1": {label: {k: vars(v) for k, v in t.items()} for label, t in lats.items()},
         "quantize": {k: {f: v[f] for f in ("seconds", "cpu_seconds", "peak_rss_mib", "exit", "load", "load_before")}
                      for k, v in rows.items()},
     }, indent=1))
