@@ -104,6 +104,8 @@ def pre_process(model: Path, out: Path) -> str:
     except Exception as error:  # noqa: BLE001 - the documented fallback
         quant_pre_process(str(upgraded), str(out), skip_symbolic_shape=True)
         notes.append(f"quant_pre_process(skip_symbolic_shape=True) after: {str(error).strip()[:80]}")
+    finally:
+        (Path.cwd() / "sym_shape_infer_temp.onnx").unlink(missing_ok=True)  # left by the failed inference
     upgraded.unlink()
     return "; ".join(notes)
 
