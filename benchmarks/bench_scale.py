@@ -198,7 +198,8 @@ def load() -> str:
 
 
 def run_limited(argv: list[str], timeout: float, vmem_kb: int, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``argv`` under ``ulimit -v vmem_kb`` and ``timeout``: wall seconds, peak RSS (MiB), exit code, output."""
+    """Run ``argv`` under ``ulimit -v vmem_kb`` and ``timeout``: wall seconds, peak RSS (MiB), CPU seconds
+    (user + system, children included), exit code, output."""
     script = f"ulimit -v {int(vmem_kb)}; exec timeout {int(timeout)} {shlex.join(argv)}"
     started = time.perf_counter()
     proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -207,7 +208,8 @@ def run_limited(argv: list[str], timeout: float, vmem_kb: int, env: dict[str, st
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"seconds": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "exit": proc.returncode, "output": out[-3000:], "load": load()}
+            "cpu_seconds": usage.ru_utime + usage.ru_stime, "exit": proc.returncode, "output": out[-3000:],
+            "load": load()}
 
 
 def _python(code: str) -> list[str]:

@@ -145,6 +145,8 @@ def resolve_calibration_path(model: str, calib: str | None) -> str:
 
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+#: Stacked samples that fill fewer than two batches are cut into this many smaller ones.
+MIN_BATCHES = 4
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -289,6 +291,10 @@ def _cut_batches(data: dict[str, np.ndarray], inputs: Sequence[InputSpec], axes:
                                "stack the same number of samples for every input (along its batch axis)")
     total = next(iter(counts.values()))
     step = fixed_batch[0] if fixed_batch else batch_size
+    if not fixed_batch and total < 2 * step:
+        # a dozen large samples would make one batch, held back and calibrated on at once:
+        # smaller batches give the fidelity measurement samples of its own
+        step = max(1, -(-total // MIN_BATCHES))
     if fixed_batch and total < step:
         raise CalibrationError(
             f"only {total} calibration sample(s), and the model's batch dimension is fixed at {step}: "

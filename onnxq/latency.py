@@ -216,10 +216,14 @@ def time_interleaved(
     if not feeds:
         raise UsageError("latency needs at least one feed")
     names = list(sessions)
+    one_pass = 0.0
     for name in names:
-        for _ in range(warmup):
-            _run_all(sessions[name], feeds)
-    one_pass = _run_all(sessions[reference], feeds)
+        for run in range(warmup):
+            last = _run_all(sessions[name], feeds)
+            if name == reference and run >= 1:
+                one_pass = last  # a warm run of the reference sizes the rounds (no extra run)
+    if one_pass <= 0.0:
+        one_pass = _run_all(sessions[reference], feeds)
     repeats = max(1, int(np.ceil(min_round_seconds / max(one_pass, 1e-6))))
     times: dict[str, list[float]] = {name: [] for name in names}
     started = time.perf_counter()

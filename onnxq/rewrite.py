@@ -234,6 +234,7 @@ def apply_layout(
     and zero points from the calibrated ``ranges`` and from the weights.
     """
     ensure_node_names(model)
+    used_before = _used_names(model.graph)
     _materialize_constant_weights(model.graph, layout)
     b = _Builder(model)
     initializers = {i.name: i for i in model.graph.initializer}
@@ -246,6 +247,7 @@ def apply_layout(
     weight_bytes += _quantize_constants(b, view, layout)
     model.graph.node.extend(b.new_nodes)
     _drop_unused_initializers(model.graph, initializers)
+    _drop_replaced_constants(model.graph, used_before)
     toposort_nodes(model.graph)
     _infer_value_info(model)
     summary = {name: str(form.candidate) for name, form in sorted(layout.layer_forms.items())}
@@ -562,7 +564,8 @@ def _to_fp16(b: _Builder, view: GraphView, node: onnx.NodeProto) -> int:
     return weight_bytes
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto, originals: Mapping[str, onnx.TensorProto]) -> None:
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    """Tensors some node (or a control-flow body) reads, and the graph outputs."""
     used = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
     for node in graph.node:
         for attr in node.attribute:
@@ -571,6 +574,21 @@ def _drop_unused_initializers(graph: onnx.GraphProto, originals: Mapping[str, on
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
                     used |= outer_references(sub)
+    return used
+
+
+def _drop_replaced_constants(graph: onnx.GraphProto, used_before: set[str]) -> None:
+    """Delete the Constant nodes the rewrite left unread: a float bias held in a Constant node,
+    replaced by its int32 codes (52 dangling Constant nodes in a quantized PP-OCR detector, each
+    reported by onnxruntime's CleanUnusedInitializersAndNodeArgs at every session start)."""
+    used = _used_names(graph)
+    dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] in used_before and n.output[0] not in used]
+    for node in dead:
+        graph.node.remove(node)
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto, originals: Mapping[str, onnx.TensorProto]) -> None:
+    used = _used_names(graph)
     keep = [i for i in graph.initializer if i.name in used or i.name not in originals]
     keep = [i for i in keep if i.name in used]
     del graph.initializer[:]

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 from onnxq.passes.layout import plan_layouts
 
-from onnxq.calibration import TensorRange, collect_ranges
+from onnxq.calibration import TensorRange, collect_range_variants, collect_ranges
 from onnxq.calibration.weights import written_weight_ranges
 from onnxq.layout import Layout
 from onnxq.model import model_opset
@@ -99,10 +99,31 @@ class CalibratePass(Pass):
     def prime(self, ctx: PassContext, layouts: list[Layout], scoped: bool) -> None:
         """Collect, in one sweep, the ranges of every tensor ``layouts`` quantize into the run's
         ``range_memo``: the search knows the plans it will build, and one sweep over the
-        calibration feeds costs as much for one tensor as for all of them."""
-        if _range_memo(ctx) is not None:
-            targets, symmetric = _targets(layouts)
-            self._ranges(ctx, targets, symmetric, scoped)
+        calibration feeds costs as much for one tensor as for all of them. A tensor gets a range
+        per quantizer the layouts give it (``int8`` in one plan, ``uint8`` in another): a build
+        that found only the other one would sweep the feeds again for it."""
+        memo = _range_memo(ctx)
+        if memo is None:
+            return
+        method = ctx.options.calibration
+        variants: dict[str, list[tuple[Precision, bool]]] = {}
+        for layout in layouts:
+            targets, symmetric = _targets([layout])
+            for tensor, precision in targets.items():
+                variant = (precision, symmetric.get(tensor, False))
+                if (tensor, precision.value, variant[1], method) not in memo and variant not in variants.get(tensor, []):
+                    variants.setdefault(tensor, []).append(variant)
+        if not variants:
+            return
+        model, mapping = expose(ctx.model, sorted(variants)) if scoped else (ctx.model, {t: t for t in variants})
+        ranges = collect_range_variants(model, list(ctx.artifacts["feeds"].calibration),
+                                        {mapping[t]: v for t, v in variants.items()}, method=method,
+                                        cache_dir=ctx.options.cache_path(), progress=ctx.options.progress,
+                                        seed=ctx.options.seed)
+        inverse = {exposed: original for original, exposed in mapping.items()}
+        for (tensor, precision, symmetric), value in ranges.items():
+            memo[(inverse.get(tensor, tensor), precision.value, symmetric, method)] = value
+        logger.info("calibrated %d tensors (%s) for the search's plans", len(variants), method)
 
     def _ranges(self, ctx: PassContext, targets: dict[str, Precision], symmetric: dict[str, bool],
                 scoped: bool) -> dict[str, TensorRange]:

@@ -50,7 +50,8 @@ from onnxq.search.objective import Choice, MeasuredPlan, Objective, choose
 from onnxq.sensitivity import analyze, bounded_cross
 from onnxq.spec.model import HardwareSpec
 
-__all__ = ["SearchPass", "SENSITIVITY_SAMPLES", "FRONT_POINTS", "USE_PAIRS", "build_problem", "predicted_front"]
+__all__ = ["SearchPass", "SENSITIVITY_SAMPLES", "SENSITIVITY_INPUT_ELEMENTS", "FRONT_POINTS", "USE_PAIRS", "build_problem",
+           "predicted_front", "sensitivity_samples", "input_sample_limit"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ SENSITIVITY_MAC_BUDGET = 10**13
 _EVALUATIONS_PER_ENTRY = 1.3
 #: Mean fraction of the graph a cut session re-runs (the layers downstream of the perturbed one).
 _MEAN_SUFFIX = 0.5
+#: Whatever the MAC budget allows, at most as many samples as hold this many input elements
+#: together (at least one). MACs undercount large activations: a DBNet detector's 640×640 page
+#: (2.3 GMAC, 1.2M input elements) runs at a fifth of an encoder's MAC rate, and its analysis on
+#: twelve pages took 15 minutes; one page, analysed alone, is 410k output positions the loss
+#: averages over. Digits (256 elements), sentences and 224×224 images (150k: 13 samples) keep more.
+SENSITIVITY_INPUT_ELEMENTS = 1 << 21
 #: Budgets swept to build the predicted Pareto front in the accuracy-range mode.
 FRONT_POINTS = 8
 #: Use the sensitivity pair cross terms in the predicted loss (benchmarks turn it off to compare).
@@ -86,6 +93,20 @@ ANCHOR_CANDIDATES = ("int8/dyn-uint8", "int8/uint8")
 OBJECTIVE_AXIS = {Objective.LATENCY: "latency", Objective.SIZE: "size", Objective.BALANCED: "balanced"}
 
 
+def _latency_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The first :data:`LATENCY_FEEDS` deploy feeds, fewer when they are large: each is run about
+    15 times per timed plan (warm-up, five interleaved rounds of the plan and fp32), and one
+    640×640 page already takes a fifth of a second, long enough to time on its own."""
+    chosen, elements = [], 0
+    for feed in feeds[:LATENCY_FEEDS]:
+        size = sum(int(np.asarray(v).size) for v in feed.values())
+        if chosen and elements + size > SENSITIVITY_INPUT_ELEMENTS:
+            break
+        chosen.append(feed)
+        elements += size
+    return chosen
+
+
 class _PlanMeter:
     """Builds plans' models once and measures them: drop, written size and, on a present target,
     latency interleaved with fp32 at the deploy batch."""
@@ -100,7 +121,7 @@ class _PlanMeter:
         objective = Objective(getattr(ctx.options, "objective", Objective.LATENCY.value))
         self.timed = runs_here(spec.runtime) and objective is not Objective.SIZE
         self.batch = int(getattr(ctx.options, "deploy_batch", 1) or 1)
-        self.feeds = deploy_feeds(list(ctx.artifacts["feeds"].held_back), self.batch)[:LATENCY_FEEDS] if self.timed else []
+        self.feeds = _latency_feeds(deploy_feeds(list(ctx.artifacts["feeds"].held_back), self.batch)) if self.timed else []
         self.timed = self.timed and bool(self.feeds)
         self.results: dict[int, MeasuredPlan] = {}
         self.latency: dict[int, LatencyRatio] = {}
@@ -256,13 +277,28 @@ def sensitivity_samples(macs_per_sample: float, entries: int) -> int:
     return int(min(SENSITIVITY_SAMPLES, max(MIN_SENSITIVITY_SAMPLES, SENSITIVITY_MAC_BUDGET // per_sample)))
 
 
+def _sample_count(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in a feed: the leading dimension of its first input (a feed of scalars is one)."""
+    first = next(iter(feed.values()), None)
+    return len(first) if first is not None and getattr(first, "ndim", 0) > 0 else 1
+
+
+def input_sample_limit(feeds: Sequence[Mapping[str, np.ndarray]]) -> int:
+    """At most as many samples as hold :data:`SENSITIVITY_INPUT_ELEMENTS` input elements together,
+    never fewer than one: large inputs (a 640×640 page) make every evaluation expensive."""
+    if not feeds:
+        return SENSITIVITY_SAMPLES
+    per_sample = sum(int(np.asarray(v).size) for v in feeds[0].values()) / max(1, _sample_count(feeds[0]))
+    return int(max(1, SENSITIVITY_INPUT_ELEMENTS // max(per_sample, 1.0)))
+
+
 def _sensitivity_feeds(feeds: Sequence[dict[str, np.ndarray]], limit: int) -> list[dict[str, np.ndarray]]:
-    """The first calibration feeds, up to ``limit`` samples (a feed of scalars counts as one)."""
+    """The first calibration feeds, up to ``limit`` samples (the analysis cuts the last feed to
+    exactly ``limit`` where the batch axis allows)."""
     chosen, samples = [], 0
     for feed in feeds:
         chosen.append(feed)
-        first = next(iter(feed.values()), None)
-        samples += len(first) if first is not None and getattr(first, "ndim", 0) > 0 else 1
+        samples += _sample_count(feed)
         if samples >= limit:
             break
     return chosen
@@ -361,11 +397,14 @@ class SearchPass(Pass):
         space = _search_space(views, spec, costs, axis, keep_float=ctx.artifacts.get("keep_float", frozenset()))
         started = time.perf_counter()
         candidates = {name: list(space.quantized(name)) for name in space.layers if space.quantized(name)}
-        samples = sensitivity_samples(sum(row.macs for row in costs.layers), sum(map(len, candidates.values())))
+        calibration = ctx.artifacts["feeds"].calibration
+        by_macs = sensitivity_samples(sum(row.macs for row in costs.layers), sum(map(len, candidates.values())))
+        samples = min(by_macs, input_sample_limit(calibration))
         if samples < SENSITIVITY_SAMPLES:
-            logger.info("sensitivity on %d samples (a %.1f GMAC model × %d layer candidates)", samples,
-                        sum(row.macs for row in costs.layers) / 1e9, sum(map(len, candidates.values())))
-        sens = analyze(ctx.model, _sensitivity_feeds(ctx.artifacts["feeds"].calibration, samples), spec, candidates,
+            logger.info("sensitivity on %d samples (a %.1f GMAC model × %d layer candidates%s)", samples,
+                        sum(row.macs for row in costs.layers) / 1e9, sum(map(len, candidates.values())),
+                        "" if samples == by_macs else "; large inputs")
+        sens = analyze(ctx.model, _sensitivity_feeds(calibration, samples), spec, candidates,
                        max_samples=samples, pairs=True,
                        workers=options.workers, executor=options.executor, cache_dir=options.cache_path(),
                        progress=options.progress, seed=options.seed, calibration=options.calibration,
@@ -515,10 +554,19 @@ class SearchPass(Pass):
     def _bisect(front: Sequence[tuple[dict[str, Candidate], float, float]], meter: _PlanMeter, max_drop: float,
                 progress: bool, integer_only: bool) -> int | None:
         """The cheapest plan of the front whose measured drop is inside the range (log₂ of the
-        front in real evaluations; fp32, last, passes by definition unless integer-only)."""
+        front in real evaluations; fp32, last, passes by definition unless integer-only).
+
+        The cheapest plan is measured first: on a model that tolerates everything the front
+        quantizes (a detector whose every candidate plan is inside the range) it is the answer
+        after one evaluation instead of log₂ of the front, each a model build, a run over the
+        held-back feeds and a latency measurement."""
         lo, hi = 0, len(front) - 1
         last = meter.measure(hi, front[hi][0]) if integer_only else meter.fp32(hi)
         passing = hi if last.drop <= max_drop else None
+        if lo < hi:
+            if meter.measure(lo, front[lo][0]).drop <= max_drop:
+                return lo
+            lo += 1
         bar = tqdm(total=max(1, math.ceil(math.log2(max(2, hi - lo + 1)))), desc="search (real evaluations)",
                    unit="plan", disable=not progress, leave=False)
         while lo < hi:

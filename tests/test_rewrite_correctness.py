@@ -214,3 +214,25 @@ def test_shared_scale_concat_covers_every_input() -> None:
     quantized = onnxq.quantize(model, feeds, "tensorrt-gpu", precision="int8/int8").model
     for ref, got in zip(_run(model, feeds), _run(quantized, feeds), strict=True):
         assert _cosine(ref, got) > 0.999
+
+
+# ---------------------------------------------------------------- weights and biases in Constant nodes
+def test_constant_node_bias_replaced_by_int32_codes_leaves_no_dead_constant() -> None:
+    # PaddleOCR's exporter keeps every weight and bias in a Constant node: the float bias the
+    # rewrite replaces with int32 codes must not stay behind (52 in the quantized PP-OCR detector)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    b = rng.standard_normal(8).astype(np.float32) * 0.1
+    nodes = [helper.make_node("Constant", [], ["w"], name="w_const", value=numpy_helper.from_array(w)),
+             helper.make_node("Constant", [], ["b"], name="b_const", value=numpy_helper.from_array(b)),
+             helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], [])
+    feeds = _feeds((1, 3, 8, 8))
+    quantized = onnxq.quantize(model, feeds, "ort-cpu-x86", precision="int8/uint8").model
+    read = {t for n in quantized.graph.node for t in n.input} | {o.name for o in quantized.graph.output}
+    assert all(n.output[0] in read for n in quantized.graph.node if n.op_type == "Constant")
+    assert any(n.op_type == "DequantizeLinear" and n.input[0].startswith("b") for n in quantized.graph.node)
+    for ref, got in zip(_run(model, feeds), _run(quantized, feeds), strict=True):
+        assert _cosine(ref, got) > 0.999

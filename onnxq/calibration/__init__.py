@@ -7,8 +7,8 @@ Public API::
 
 from __future__ import annotations
 
-from onnxq.calibration.collect import collect_ranges
+from onnxq.calibration.collect import collect_range_variants, collect_ranges
 from onnxq.calibration.types import CalibrationMethod, TensorRange
 from onnxq.calibration.weights import weight_ranges
 
-__all__ = ["CalibrationMethod", "TensorRange", "collect_ranges", "weight_ranges"]
+__all__ = ["CalibrationMethod", "TensorRange", "collect_range_variants", "collect_ranges", "weight_ranges"]

@@ -20,12 +20,15 @@ from onnxq.calibration.types import CalibrationMethod, TensorRange
 from onnxq.errors import UsageError
 from onnxq.precision import Precision, is_integer
 
-__all__ = ["DEFAULT_PRECISION", "collect_ranges", "ranges_from_stats"]
+__all__ = ["DEFAULT_PRECISION", "Variant", "collect_ranges", "collect_range_variants", "ranges_from_stats"]
 
 logger = logging.getLogger(__name__)
 
 #: Target precision of a tensor that ``precision_for`` does not name.
 DEFAULT_PRECISION = Precision.UINT8
+
+#: One quantizer a tensor's range is wanted for: its precision and whether it is symmetric.
+Variant = tuple[Precision, bool]
 
 
 def _method(method: CalibrationMethod | str) -> CalibrationMethod:
@@ -36,6 +39,13 @@ def _method(method: CalibrationMethod | str) -> CalibrationMethod:
         raise UsageError(
             f"unknown calibration method {method!r}", f"choose one of: {names}"
         ) from None
+
+
+def _check_options(percentile: float, num_bins: int) -> None:
+    if not 50.0 < float(percentile) <= 100.0:
+        raise UsageError(f"percentile {percentile} is not in (50, 100]", "e.g. 99.99")
+    if int(num_bins) < 16 or int(num_bins) % 2:
+        raise UsageError(f"num_bins {num_bins} must be an even number >= 16", "e.g. 2048")
 
 
 def _precisions(
@@ -53,6 +63,25 @@ def _precisions(
                 f"known precisions: {' '.join(p.value for p in Precision)}",
             ) from None
     return out
+
+
+def _cache_options(m: CalibrationMethod, tensors: Sequence[str], precisions: Mapping[str, Precision],
+                   symmetric: Mapping[str, bool], num_bins: int, percentile: float, seed: int,
+                   weights: Mapping[str, np.ndarray] | None) -> dict[str, object]:
+    """Everything a set of ranges depends on besides the model and the feeds (the cache key)."""
+    return {
+        "method": m.value,
+        "tensors": list(tensors),
+        "precision": {t: precisions[t].value for t in tensors},
+        "symmetric": {t: bool(symmetric[t]) for t in tensors},
+        "num_bins": int(num_bins) if m.needs_histogram else None,
+        "percentile": float(percentile) if m is CalibrationMethod.PERCENTILE else None,
+        "seed": int(seed) if m is CalibrationMethod.LAPQ else None,
+        "weights": (
+            {name: hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()[:16] for name, w in sorted(weights.items())}
+            if weights and m is CalibrationMethod.LAPQ else None
+        ),
+    }
 
 
 def ranges_from_stats(
@@ -140,10 +169,7 @@ def collect_ranges(
     """
     m = _method(method)
     tensors = list(dict.fromkeys(tensors))
-    if not 50.0 < float(percentile) <= 100.0:
-        raise UsageError(f"percentile {percentile} is not in (50, 100]", "e.g. 99.99")
-    if int(num_bins) < 16 or int(num_bins) % 2:
-        raise UsageError(f"num_bins {num_bins} must be an even number >= 16", "e.g. 2048")
+    _check_options(percentile, num_bins)
     feed_list = prepare_feeds(feeds)
     precisions = _precisions(tensors, precision_for)
     symmetric = {t: bool((symmetric_for or {}).get(t, False)) for t in tensors}
@@ -152,19 +178,7 @@ def collect_ranges(
     types = check_tensors(model, tensors)
 
     key = None
-    options: dict[str, object] = {
-        "method": m.value,
-        "tensors": tensors,
-        "precision": {t: precisions[t].value for t in tensors},
-        "symmetric": symmetric,
-        "num_bins": int(num_bins) if m.needs_histogram else None,
-        "percentile": float(percentile) if m is CalibrationMethod.PERCENTILE else None,
-        "seed": int(seed) if m is CalibrationMethod.LAPQ else None,
-        "weights": (
-            {name: hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()[:16] for name, w in sorted(weights.items())}
-            if weights and m is CalibrationMethod.LAPQ else None
-        ),
-    }
+    options = _cache_options(m, tensors, precisions, symmetric, num_bins, percentile, seed, weights)
     if cache_dir is not None:
         key = _cache.cache_key(
             _cache.model_digest(model), _cache.feeds_digest(feed_list), options
@@ -192,3 +206,60 @@ def collect_ranges(
     if key is not None and cache_dir is not None:
         _cache.store(cache_dir, key, ranges, options)
     return ranges
+
+
+def collect_range_variants(
+    model: onnx.ModelProto,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    variants: Mapping[str, Sequence[Variant]],
+    method: CalibrationMethod | str = "minmax",
+    percentile: float = 99.99,
+    num_bins: int = 2048,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    seed: int = 0,
+) -> dict[tuple[str, Precision, bool], TensorRange]:
+    """Ranges of every tensor at each of its quantizer ``variants``, from one sweep.
+
+    A search builds plans that quantize the same tensor at ``int8`` in one plan and ``uint8`` in
+    another; the statistics of one sweep serve every variant (:func:`ranges_from_stats`), where
+    :func:`collect_ranges`, one precision per tensor, would sweep the feeds again. The on-disk
+    cache holds each round of variants (the k-th variant of every tensor) under the key
+    :func:`collect_ranges` gives the same request. Not for ``lapq`` (its ranges are fitted
+    jointly per plan).
+
+    Returns:
+        ``{(tensor, precision, symmetric): TensorRange}``.
+    """
+    m = _method(method)
+    _check_options(percentile, num_bins)
+    if m is CalibrationMethod.LAPQ:
+        raise UsageError("lapq ranges are fitted per plan, not per tensor variant", "use collect_ranges")
+    feed_list = prepare_feeds(feeds)
+    depth = max((len(v) for v in variants.values()), default=0)
+    rounds = [{t: tuple(v[k]) for t, v in variants.items() if k < len(v)} for k in range(depth)]
+    digests = (_cache.model_digest(model), _cache.feeds_digest(feed_list)) if cache_dir is not None else None
+    out: dict[tuple[str, Precision, bool], TensorRange] = {}
+    todo: list[tuple[dict[str, Variant], dict[str, object], str | None]] = []
+    for chosen in rounds:
+        tensors = list(chosen)
+        options = _cache_options(m, tensors, {t: chosen[t][0] for t in tensors}, {t: chosen[t][1] for t in tensors},
+                                 num_bins, percentile, seed, None)
+        key = _cache.cache_key(*digests, options) if digests is not None else None
+        hit = _cache.load(cache_dir, key, tensors) if key is not None and cache_dir is not None else None
+        if hit is None:
+            todo.append((chosen, options, key))
+        else:
+            out.update({(t, *chosen[t]): r for t, r in hit.items()})
+    if not todo:
+        return out
+    tensors = list(dict.fromkeys(t for chosen, _, _ in todo for t in chosen))
+    stats = sweep(model, feed_list, tensors, num_bins=int(num_bins) if m.needs_histogram else None,
+                  progress=progress, types=check_tensors(model, tensors))
+    for chosen, options, key in todo:
+        ranges = ranges_from_stats({t: stats[t] for t in chosen}, m, {t: v[0] for t, v in chosen.items()},
+                                   {t: v[1] for t, v in chosen.items()}, percentile)
+        if key is not None and cache_dir is not None:
+            _cache.store(cache_dir, key, ranges, options)
+        out.update({(t, *chosen[t]): r for t, r in ranges.items()})
+    return out
