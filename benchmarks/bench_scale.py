@@ -34,6 +34,7 @@ Results 2026-11-30 (2 cores, shared; onnxruntime 1.32.0):
 | bert22m analyze, 128 samples, every candidate (663 evaluations), this engine | killed at 500 (timeout) | 3099 at kill | 4-5 |
 | bert110m (109M, 416 MiB) quantize --max-drop 0.01, 2026-11-30 14:47 (git f005d67, `--tasks e110`; before: killed at 9 min, 24.2 GB) | 703.3 | 7712 | 1.7 |
 | same, fp32 timing session rebuilt per plan (71aa6f1, reverted) | 787.9 | 7896 | 1.8 |
+| bert22m analyze, 128 samples, every candidate (496 evaluations, was 919), 2026-11-30 18:21, beside the slow test suite | killed at 600 (timeout) | 3322 at kill | 4.0-4.7 |
 | bert110m quantize --max-drop 0.01, 2026-11-30 18:03 (no model copies in the analysis, skeleton shape inference and opset conversion, half-model activation budget, 18 of 32 sensitivity samples by the MAC budget, 277 evaluations instead of 315; a helper's 1B analysis ran niced beside it) | 837.0 | 4313 (sensitivity 2871) | 4.4 |
 
 Depth table (``--depth-samples 8``, load 8-11, so the plain-pass denominators are noisy):
