@@ -53,10 +53,19 @@ def make_session(
     optimized_path: str | None = None,
     exact_qdq: bool = False,
     providers: Sequence[str] | None = None,
+    node_order: bool = False,
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session for ``model`` (default session options unless asked)."""
+    """An onnxruntime CPU session for ``model`` (default session options unless asked).
+
+    ``node_order``: run the nodes in the order of the graph's node list where the dependencies
+    allow (onnxruntime's priority-based order, ties broken by node index) instead of its
+    default order, which may postpone a side branch such as a reduction of an early tensor to
+    the end of the run and keep every such tensor alive until then.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = level
+    if node_order:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads

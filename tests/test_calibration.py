@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -314,3 +315,27 @@ def test_nan_or_inf_inside_the_model_stays_out_of_the_range(method, bad):
         assert ranges["l"].min == pytest.approx(np.log(0.25), abs=1e-2)
     else:  # entropy may clip the lone outlier, never below the finite minimum
         assert np.log(0.25) - 1e-2 <= ranges["l"].min < 0
+
+
+def test_sweep_reduces_each_tensor_before_the_model_moves_on(tmp_path):
+    """The minmax sweep reduces a tensor right after its producer, so onnxruntime frees it then
+    (in its default order every reduction ran after the last model node: all tensors of the
+    model alive at once, +940 MB on a 22M encoder over batches of 16)."""
+    model = mlp()
+    reduced, fetch = sweep_mod.reduction_model(model, TENSORS)
+    session = sweep_mod.calibration_session(reduced)
+    options = session.get_session_options()
+    assert options.execution_order == ort.ExecutionOrder.PRIORITY_BASED
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "sweep")
+    profiled = ort.InferenceSession(reduced.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    profiled.run(fetch, heavy_feeds(1)[0])
+    events = json.loads(open(profiled.end_profiling()).read())
+    order = [e["name"].removesuffix("_kernel_time") for e in events
+             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    model_nodes = [n for n in order if not n.startswith("onnxq_calib/")]
+    assert model_nodes == ["mm1", "relu", "mm2"]
+    reduced_when = {name.split("/")[1]: order.index(name) for name in order if name.startswith("onnxq_calib/")}
+    next_model_node = {"x": "mm1", "h": "relu", "r": "mm2"}
+    for tensor, follower in next_model_node.items():
+        assert reduced_when[tensor] < order.index(follower), order

@@ -171,22 +171,34 @@ def reduction_model(
     """A copy of ``model`` that outputs ``ReduceMin``, ``ReduceMax`` and ``ReduceSum`` of each tensor.
 
     The min/max-only sweep fetches three scalars per tensor instead of the whole tensor, and
-    onnxruntime can release every intermediate as soon as it is reduced. ``ReduceSum`` is there
+    onnxruntime releases every intermediate as soon as it is reduced and its model consumers
+    have run (the reductions follow their producers in the node list; on a 22M encoder over
+    batches of 16 the sweep's run grows RSS by 50 MB instead of 940 MB). ``ReduceSum`` is there
     for NaN detection (onnxruntime's ``ReduceMin``/``ReduceMax`` may skip NaNs). Returns the
     model and the output names, three per tensor in the order min, max, sum.
     """
     copy = calibration_model(model, [], None)
     types = types or {}
     names: list[str] = []
+    reductions: dict[str, list[onnx.NodeProto]] = {}
     for t in tensors:
         elem = types.get(t, onnx.TensorProto.FLOAT)
         for op, what in (("ReduceMin", "min"), ("ReduceMax", "max"), ("ReduceSum", "sum")):
             out = f"onnxq_calib/{t}/{what}"
-            copy.graph.node.append(
-                onnx.helper.make_node(op, [t], [out], name=f"onnxq_calib/{t}/{op}", keepdims=0)
-            )
+            reductions.setdefault(t, []).append(
+                onnx.helper.make_node(op, [t], [out], name=f"onnxq_calib/{t}/{op}", keepdims=0))
             copy.graph.output.append(onnx.helper.make_tensor_value_info(out, elem, []))
             names.append(out)
+    # each tensor's reductions right after its producer: run in node order
+    # (calibration_session), the tensor is released as soon as the model is done with it
+    produced = {output for node in copy.graph.node for output in node.output}
+    nodes = [node for t in tensors if t not in produced for node in reductions.pop(t, [])]  # graph inputs
+    for node in copy.graph.node:
+        nodes.append(node)
+        for output in node.output:
+            nodes += reductions.pop(output, [])
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
     return copy, names
 
 
@@ -195,7 +207,7 @@ def calibration_session(model: onnx.ModelProto) -> ort.InferenceSession:
     sweep reads is computed as the model states it (fusions would hide intermediate tensors)."""
     global _SESSIONS_BUILT
     try:
-        session = make_session(model, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        session = make_session(model, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, node_order=True)
     except ModelError as exc:
         raise CalibrationError(f"cannot calibrate: {exc.message}", "check that the model runs in onnxruntime as given") from exc
     _SESSIONS_BUILT += 1
