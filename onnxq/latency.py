@@ -25,7 +25,6 @@ import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +36,7 @@ import onnxruntime as ort
 from onnxq.errors import ModelError, UsageError
 from onnxq.graph import DEFAULT_LAYER_OPS, GraphView, constant_tensors, constant_value
 from onnxq.model import atomic_write_text, model_sha256, shape_skeleton
-from onnxq.runtime import make_session
-from onnxq.spec.model import RuntimeTarget
+from onnxq.runtime import make_session, runs_here
 
 __all__ = [
     "TABLE_FORMAT",
@@ -160,16 +158,6 @@ class LatencyTable:
 
 
 # -- timing ------------------------------------------------------------------------------------
-
-
-@cache
-def runs_here(runtime: RuntimeTarget | None) -> bool:
-    """Whether the target ``runtime`` is this machine: onnxruntime with that execution provider
-    available, on one of the listed architectures. Latency is then measured, not estimated."""
-    if runtime is None or runtime.engine != "onnxruntime":
-        return False
-    return (runtime.execution_provider in ort.get_available_providers()
-            and platform.machine().lower() in runtime.machines)
 
 
 def machine_id() -> str:

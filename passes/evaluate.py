@@ -29,7 +29,7 @@ from onnxq.layout import Layout
 from onnxq.metrics import fidelity, resolve_metric
 from onnxq.pipeline import PassContext, Pipeline
 from onnxq.precision import Candidate
-from onnxq.runtime import make_session, run_all
+from onnxq.runtime import fidelity_session, make_session, run_all
 
 __all__ = ["Evaluation", "PlanEvaluator", "load_evaluator"]
 
@@ -126,7 +126,8 @@ class PlanEvaluator:
             self._reference = run_all(make_session(self.artifacts["fp32_model"]), self.feeds)
         metric = resolve_metric(self.options.metric, self._reference)
         self.metric_name = metric.value
-        value = fidelity(metric, self._reference, run_all(make_session(model), self.feeds))
+        session = fidelity_session(model, getattr(self.artifacts.get("spec"), "runtime", None))
+        value = fidelity(metric, self._reference, run_all(session, self.feeds))
         return Evaluation(value, 1.0 - value, time.perf_counter() - started)
 
     def measure(self, plan: Mapping[str, Candidate]) -> Evaluation:

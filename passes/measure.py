@@ -21,7 +21,7 @@ from onnxq.latency import deploy_feeds, time_interleaved
 from onnxq.metrics import fidelity, fidelity_interval, nonfinite_feeds, resolve_metric
 from onnxq.model import byte_size
 from onnxq.pipeline import ALL, Pass, PassContext
-from onnxq.runtime import make_session, run_all
+from onnxq.runtime import fidelity_session, make_session, run_all
 
 #: Deploy-shape feeds timed by the final latency measurement (batch > 1).
 LATENCY_FEEDS = 4
@@ -75,7 +75,8 @@ class MeasurePass(Pass):
             reference = run_all(fp32_session, feeds)
             ctx.artifacts["fp32_outputs"] = reference
         session = ctx.artifacts.get("session") or make_session(ctx.model)
-        outputs = run_all(session, feeds)
+        runtime = getattr(ctx.artifacts.get("spec"), "runtime", None)
+        outputs = run_all(fidelity_session(ctx.model, runtime, default=session), feeds)
         metric = resolve_metric(ctx.options.metric, reference)
         value = fidelity(metric, reference, outputs)
         measurement: dict[str, Any] = {
