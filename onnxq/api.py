@@ -21,6 +21,7 @@ from onnxq.model import check_quantizable_dtypes, load_model
 from onnxq.options import QuantizeOptions, excluded_layers
 from onnxq.passes import (
     CalibratePass,
+    CopyModelPass,
     ExplicitPlanPass,
     LayoutPass,
     MeasurePass,
@@ -63,7 +64,7 @@ def build_pipeline(options: QuantizeOptions, plan: Mapping[str, Candidate] | Non
         planner = ExplicitPlanPass(plan)
     else:
         planner = SearchPass()
-    return Pipeline([planner, KeepFloatPass(), PreparePass(), LayoutPass(), CalibratePass(), RewritePass(), ValidatePass(),
+    return Pipeline([planner, KeepFloatPass(), CopyModelPass(), PreparePass(), LayoutPass(), CalibratePass(), RewritePass(), ValidatePass(),
                      MeasurePass()])
 
 
@@ -119,8 +120,7 @@ def quantize(
     check_quantizable_dtypes(loaded.proto)
     load_seconds = time.perf_counter() - started
     feeds = load_feeds(calibration, loaded.proto, batch_size=opts.batch_size)
-    working = onnx.ModelProto()
-    working.CopyFrom(loaded.proto)
+    working = loaded.proto  # shared with the fp32 reference until CopyModelPass
     ctx = PassContext(model=working, options=opts)
     ctx.artifacts.update({"spec": hw, "feeds": feeds, "fp32_model": loaded.proto, "model_sha256": loaded.sha256})
     ensure_unique_node_names(working)

@@ -120,11 +120,26 @@ def _broadcast(values: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarra
     return values.reshape(shape)
 
 
-def quantize(x: np.ndarray, q: QParams) -> np.ndarray:
-    """Integer codes of ``x`` (as int64), saturated to the grid."""
+def quantize(x: np.ndarray, q: QParams, dtype: np.dtype | type = np.int64) -> np.ndarray:
+    """Integer codes of ``x`` saturated to the grid, as ``dtype`` (int64 unless asked; pass the
+    storage type to skip the int64 array)."""
+    if x.dtype == np.float32 and np.asarray(q.scale).dtype == np.float32 and max(-q.qmin, q.qmax) < 1 << 23:
+        return _codes_float32(x, q).astype(dtype)
     scale = _broadcast(q.scale, x, q.axis)
     zero = _broadcast(q.zero_point, x, q.axis)
-    return np.clip(np.rint(x / scale) + zero, q.qmin, q.qmax).astype(np.int64)
+    return np.clip(np.rint(x / scale) + zero, q.qmin, q.qmax).astype(dtype)
+
+
+def _codes_float32(x: np.ndarray, q: QParams) -> np.ndarray:
+    """The codes of :func:`quantize` in one float32 buffer, the same values: ``x / scale`` is
+    float32 either way, and every code on a grid under 2^23 is an integer float32 holds exactly
+    (an out-of-grid value stays out of it and saturates). Float64 and int64 temporaries of a
+    large embedding table are otherwise 6× its size."""
+    out = np.divide(x, _broadcast(np.asarray(q.scale), x, q.axis))
+    np.rint(out, out=out)
+    out += _broadcast(np.asarray(q.zero_point, dtype=np.float32), x, q.axis)
+    np.clip(out, q.qmin, q.qmax, out=out)
+    return out
 
 
 def dequantize(codes: np.ndarray, q: QParams) -> np.ndarray:
@@ -146,12 +161,7 @@ def _fake_quantize_float32(x: np.ndarray, q: QParams) -> np.ndarray:
     ``code − zero`` is an integer float32 holds exactly, and a float32 product rounds like the
     float64 one rounded to float32. Weights of hundreds of MB otherwise make several float64
     and int64 temporaries of their size."""
-    scale = _broadcast(np.asarray(q.scale), x, q.axis)
-    zero = _broadcast(np.asarray(q.zero_point, dtype=np.float32), x, q.axis)
-    out = np.divide(x, scale)
-    np.rint(out, out=out)
-    out += zero
-    np.clip(out, q.qmin, q.qmax, out=out)
-    out -= zero
-    out *= scale
+    out = _codes_float32(x, q)
+    out -= _broadcast(np.asarray(q.zero_point, dtype=np.float32), x, q.axis)
+    out *= _broadcast(np.asarray(q.scale), x, q.axis)
     return out

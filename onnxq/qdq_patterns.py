@@ -276,7 +276,7 @@ def dynamic_weight_layout(node: onnx.NodeProto, w: np.ndarray, bias: np.ndarray 
 def _per_column_int8(matrix: np.ndarray, reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
     bound = np.abs(matrix.astype(np.float64)).max(axis=0)
     q = qparams_from_range(-bound, bound, Precision.INT8, True, narrow=True, axis=1, reduce_range=reduce_range)
-    return quantize(matrix, q).astype(np.int8), q.scale
+    return quantize(matrix, q, np.int8), q.scale
 
 
 def _bias_consumer(consumers: list[onnx.NodeProto], constants: set[str]) -> bool:

@@ -375,7 +375,7 @@ def _dq_weight(b: _Builder, view: GraphView, node: onnx.NodeProto, form: LayerFo
         bias = view.weight_value(form.bias or "")
         if bias is not None and bias.ndim == 1 and np.isfinite(bias).all():
             wq = replace(wq, scale=bias_safe_weight_scale(wq.scale, x_q.scale, bias))
-    codes = quantize(w, wq).astype(numpy_dtype(candidate.weights))
+    codes = quantize(w, wq, numpy_dtype(candidate.weights))
     q_name = b.initializer(f"{weight}_quantized", codes, onnx_dtype(candidate.weights))
     scale, zp = _qparam_initializers(b, weight, wq)
     if lookup:
@@ -430,8 +430,8 @@ def _compress_constant_operands(b: _Builder, view: GraphView, tensors: AbstractS
         if value is None:
             continue
         q = constant_int8_qparams(value)
-        codes = quantize(value, q)
-        q_name = b.initializer(f"{tensor}_quantized", codes.astype(np.int8))
+        codes = quantize(value, q, np.int8)
+        q_name = b.initializer(f"{tensor}_quantized", codes)
         scale, zp = _qparam_initializers(b, tensor, q)
         dq = b.node("DequantizeLinear", [q_name, scale, zp], f"{tensor}_dequantized", f"{tensor}_DequantizeLinear")
         for consumer in view.consumers.get(tensor, []):
@@ -467,7 +467,7 @@ def _gather_codes(b: _Builder, node: onnx.NodeProto, table: np.ndarray, q: QPara
     ``tensor``, is then the quantized tensor itself (no QuantizeLinear after the Gather, no
     DequantizeLinear over the whole table before it, which onnxruntime does not drop)."""
     weight = node.input[0]
-    codes = quantize(table, q).astype(numpy_dtype(q.precision))
+    codes = quantize(table, q, numpy_dtype(q.precision))
     node.input[0] = b.initializer(f"{weight}_quantized", codes, onnx_dtype(q.precision))
     quantized_name = b.unique(f"{tensor}_quantized")
     node.output[0] = quantized_name
@@ -533,7 +533,7 @@ def _quantize_constant_operands(b: _Builder, view: GraphView, node: onnx.NodePro
         value = value.astype(np.float32)
         q = qparams_from_range(np.asarray(min(float(value.min()), 0.0)), np.asarray(max(float(value.max()), 0.0)),
                                grid.precision, grid.symmetric)
-        codes = quantize(value, q).astype(numpy_dtype(grid.precision))
+        codes = quantize(value, q, numpy_dtype(grid.precision))
         q_name = b.initializer(f"{tensor}_quantized", codes, onnx_dtype(grid.precision))
         scale, zp = _qparam_initializers(b, tensor, q)
         node.input[i] = b.node("DequantizeLinear", [q_name, scale, zp], f"{tensor}_dequantized",

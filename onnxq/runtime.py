@@ -34,15 +34,27 @@ def _serialise(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString()
 
 
+def _release_model_bytes(session: ort.InferenceSession, providers: Sequence[str]) -> None:
+    """Drop the serialised model a session built from bytes keeps for the rest of its life
+    (onnxruntime's Python wrapper holds it only to rebuild the session on a fallback execution
+    provider, which a CPU-only session never has): a second copy of the weights per live session."""
+    if set(providers) <= {"CPUExecutionProvider"} and getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
+
+
 def create_session(model: onnx.ModelProto | bytes, options: ort.SessionOptions,
                    providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
     """An InferenceSession from a proto or bytes; models over 2 GB go through a temporary file
     with external data (protobuf cannot serialise them in one piece)."""
     if isinstance(model, bytes):
-        return ort.InferenceSession(model, options, providers=list(providers))
+        session = ort.InferenceSession(model, options, providers=list(providers))
+        _release_model_bytes(session, providers)
+        return session
 
     if not is_large(model):
-        return ort.InferenceSession(_serialise(model), options, providers=list(providers))
+        session = ort.InferenceSession(_serialise(model), options, providers=list(providers))
+        _release_model_bytes(session, providers)
+        return session
     with tempfile.TemporaryDirectory(prefix="onnxq-session-") as folder:
         path = Path(folder) / "model.onnx"
         if model.ir_version > MAX_IR_VERSION:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from onnxq.passes.calibrate import CalibratePass
+from onnxq.passes.copy import CopyModelPass
 from onnxq.passes.layout import LayoutPass
 from onnxq.passes.measure import MeasurePass
 from onnxq.passes.plan import ExplicitPlanPass, UniformPlanPass
@@ -12,6 +13,7 @@ from onnxq.passes.validate import ValidatePass
 
 __all__ = [
     "CalibratePass",
+    "CopyModelPass",
     "ExplicitPlanPass",
     "LayoutPass",
     "MeasurePass",
