@@ -59,11 +59,13 @@ logger = logging.getLogger(__name__)
 SENSITIVITY_SAMPLES = 32
 #: ... and at least, when the budget below allows fewer.
 MIN_SENSITIVITY_SAMPLES = 8
-#: Multiply-accumulates the analysis may spend before it runs on fewer samples: about four
-#: minutes on a 2-core AVX2 CPU (42 GMAC/s measured on a 110M-parameter encoder). Layer
-#: rankings need far fewer samples than accuracy does, and every plan the search keeps is
-#: checked by a real evaluation on the held-back feeds.
-SENSITIVITY_MAC_BUDGET = 10**13
+#: Layer multiply-accumulates the analysis may spend before it runs on fewer samples: about
+#: half a minute on a 2-core AVX2 CPU, where the analysis of the 22M encoder ran at 22 GMAC/s
+#: of layer MACs (its non-layer ops, attention softmax, GELU and LayerNorm, are the rest). The
+#: 22M encoder gets 17 samples, a 110M one the minimum. Layer rankings need far fewer samples
+#: than accuracy does, and every plan the search keeps is checked by a real evaluation on the
+#: held-back feeds.
+SENSITIVITY_MAC_BUDGET = 6 * 10**11
 #: Evaluations per layer × candidate entry (pairs, activation terms), measured over depths.
 _EVALUATIONS_PER_ENTRY = 1.3
 #: Mean fraction of the graph a cut session re-runs (the layers downstream of the perturbed one).
