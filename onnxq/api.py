@@ -122,7 +122,8 @@ def quantize(
     feeds = load_feeds(calibration, loaded.proto, batch_size=opts.batch_size)
     working = loaded.proto  # shared with the fp32 reference until CopyModelPass
     ctx = PassContext(model=working, options=opts)
-    ctx.artifacts.update({"spec": hw, "feeds": feeds, "fp32_model": loaded.proto, "model_sha256": loaded.sha256})
+    ctx.artifacts.update({"spec": hw, "feeds": feeds, "fp32_model": loaded.proto, "model_sha256": loaded.sha256,
+                          "fp32_path": loaded.path})
     ensure_unique_node_names(working)
     ctx.analyses.register("graph_view", lambda c: graph_view_for(c.model, hw))
     ctx.analyses.register("scope_views", lambda c: scope_views_for(c.model, hw))

@@ -71,7 +71,8 @@ class PlanEvaluator:
         #: the pipeline's model, never modified here (every build works on its own copy)
         self.base = ctx.model
         self.options = ctx.options
-        self.artifacts = {key: ctx.artifacts[key] for key in ("spec", "feeds", "fp32_model") if key in ctx.artifacts}
+        self.artifacts = {key: ctx.artifacts[key] for key in ("spec", "feeds", "fp32_model", "fp32_path")
+                          if key in ctx.artifacts}
         # ranges the plan builds share with each other and with the pipeline's final calibration
         self.artifacts["range_memo"] = ctx.artifacts.setdefault("range_memo", {})
         self.analyses = ctx.analyses  # the same analyses as the pipeline, recomputed per plan model
@@ -123,7 +124,9 @@ class PlanEvaluator:
             value = self._user_value(model)
             return Evaluation(value, self._user_fp32 - value, time.perf_counter() - started)
         if self._reference is None:
-            self._reference = run_all(make_session(self.artifacts["fp32_model"]), self.feeds)
+            fp32 = make_session(self.artifacts["fp32_model"], path=self.artifacts.get("fp32_path"))
+            self._reference = run_all(fp32, self.feeds)
+            del fp32
         metric = resolve_metric(self.options.metric, self._reference)
         self.metric_name = metric.value
         session = fidelity_session(model, getattr(self.artifacts.get("spec"), "runtime", None))

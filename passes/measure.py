@@ -70,7 +70,7 @@ class MeasurePass(Pass):
         feeds = list(ctx.artifacts["feeds"].held_back)
         fp32_model = ctx.artifacts["fp32_model"]
         reference = ctx.artifacts.get("fp32_outputs")
-        fp32_session = make_session(fp32_model)
+        fp32_session = make_session(fp32_model, path=ctx.artifacts.get("fp32_path"))
         if reference is None:
             reference = run_all(fp32_session, feeds)
             ctx.artifacts["fp32_outputs"] = reference

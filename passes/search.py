@@ -117,6 +117,7 @@ class _PlanMeter:
         self.evaluator = evaluator
         self.max_drop = ctx.options.max_drop
         self.fp32_model = ctx.artifacts["fp32_model"]
+        self.fp32_path = ctx.artifacts.get("fp32_path")
         self.fp32_bytes = max(1, byte_size(self.fp32_model))
         spec: HardwareSpec = ctx.artifacts["spec"]
         # the size objective never reads a plan's latency: the written model's is measured once
@@ -146,7 +147,7 @@ class _PlanMeter:
         if self.timed and drop <= self.max_drop:  # latency only matters inside the range
             try:
                 if self._fp32_session is None:
-                    self._fp32_session = make_session(self.fp32_model)
+                    self._fp32_session = make_session(self.fp32_model, path=self.fp32_path)
                 latency = measure_latency(model, self._fp32_session, self.feeds, budget_seconds=LATENCY_BUDGET_SECONDS)
             except Exception as error:  # noqa: BLE001 - a plan that ran above must not fail on timing
                 logger.warning("latency of plan #%d not measured: %s", index, error)
