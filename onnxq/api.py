@@ -125,7 +125,7 @@ def quantize(
     ctx.artifacts.update({"spec": hw, "feeds": feeds, "fp32_model": loaded.proto, "model_sha256": loaded.sha256,
                           "fp32_path": loaded.path})
     ensure_unique_node_names(working)
-    ctx.analyses.register("graph_view", lambda c: graph_view_for(c.model, hw))
+    ctx.analyses.register("graph_view", lambda c: graph_view_for(c.model, hw, weights=c.artifacts.get("weight_source")))
     ctx.analyses.register("scope_views", lambda c: scope_views_for(c.model, hw))
     ctx.add_time("load", load_seconds)
     view = ctx.analysis("graph_view")

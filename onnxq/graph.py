@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
+from onnxq.model import is_stub
 from onnxq.spec.model import DEFAULT_BIAS_INPUTS, DEFAULT_WEIGHT_INPUTS, HardwareSpec
 from onnxq.subgraphs import Scope, Wrapped, outer_references, scopes, wrap
 
@@ -62,10 +63,11 @@ def weight_slots_for(spec: HardwareSpec) -> dict[str, int]:
 
 
 def graph_view_for(model: onnx.ModelProto, spec: HardwareSpec,
-                   value_info: Sequence[onnx.ValueInfoProto] = ()) -> GraphView:
+                   value_info: Sequence[onnx.ValueInfoProto] = (),
+                   weights: Mapping[str, onnx.TensorProto] | None = None) -> GraphView:
     """The graph view of ``model`` with the layers of ``spec``: its layer ops and weight slots
-    (``value_info``: shapes inferred elsewhere, see :class:`GraphView`)."""
-    return GraphView(model, layer_ops_for(spec), weight_slots_for(spec), value_info)
+    (``value_info``, ``weights``: see :class:`GraphView`)."""
+    return GraphView(model, layer_ops_for(spec), weight_slots_for(spec), value_info, weights)
 
 
 def scope_views_for(model: onnx.ModelProto, spec: HardwareSpec) -> list[ScopeView]:
@@ -207,12 +209,16 @@ class GraphView:
         weight_slots: input index of each layer op's weight.
         value_info: tensor shapes inferred on a copy of the model (:func:`onnxq.model.shape_skeleton`),
             for models too big to shape-infer in place.
+        weights: where the values of the model's stub initializers are (a plan built on a
+            :func:`~onnxq.model.shape_skeleton` of the fp32 model reads its weights there).
     """
 
     def __init__(self, model: onnx.ModelProto, layer_ops: Iterable[str] = DEFAULT_LAYER_OPS,
                  weight_slots: Mapping[str, int] | None = None,
-                 value_info: Sequence[onnx.ValueInfoProto] = ()) -> None:
+                 value_info: Sequence[onnx.ValueInfoProto] = (),
+                 weights: Mapping[str, onnx.TensorProto] | None = None) -> None:
         ensure_node_names(model)
+        self.weights = weights or {}
         self.model = model
         self.graph = model.graph
         self.layer_ops = frozenset(layer_ops)
@@ -283,7 +289,11 @@ class GraphView:
 
     def weight_value(self, tensor: str) -> np.ndarray | None:
         entry = self.constants.get(tensor)
-        return None if entry is None else constant_value(entry[1])
+        if entry is None:
+            return None
+        if isinstance(entry[1], onnx.TensorProto) and tensor in self.weights and is_stub(entry[1]):
+            return constant_value(self.weights[tensor])
+        return constant_value(entry[1])
 
     def finite_float_constant(self, tensor: str) -> bool:
         """Whether ``tensor`` is a float constant holding only finite values (cached: a layout

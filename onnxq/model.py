@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,6 +283,25 @@ def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             skeleton.graph.initializer.append(tensor)
     return skeleton
+
+
+def is_stub(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` is an initializer :func:`shape_skeleton` left without its data."""
+    return (tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.HasField("raw_data")
+            and all(d > 0 for d in tensor.dims) and len(tensor.dims) > 0
+            and not (tensor.float_data or tensor.int32_data or tensor.int64_data or tensor.double_data
+                     or tensor.uint64_data or tensor.string_data))
+
+
+def fill_stubs(model: onnx.ModelProto, source: Mapping[str, onnx.TensorProto]) -> int:
+    """Give every stub initializer of ``model``'s main graph (:func:`is_stub`) the data of the
+    tensor of its name in ``source``, in place; how many were filled."""
+    filled = 0
+    for tensor in model.graph.initializer:
+        if is_stub(tensor) and tensor.name in source:
+            tensor.CopyFrom(source[tensor.name])
+            filled += 1
+    return filled
 
 
 def _left_out_of_skeleton(tensor: onnx.TensorProto) -> bool:

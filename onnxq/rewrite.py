@@ -226,8 +226,10 @@ def apply_layout(
     *,
     weight_ranges: Callable[[np.ndarray, int | None, Precision, bool], tuple[np.ndarray, np.ndarray]] | None = None,
     per_channel_ok: bool = True,
+    weights: Mapping[str, onnx.TensorProto] | None = None,
 ) -> RewriteResult:
-    """Rewrite ``model`` in place to carry the Q/DQ of ``layout``.
+    """Rewrite ``model`` in place to carry the Q/DQ of ``layout`` (``weights``: the values of
+    its stub initializers, see :class:`~onnxq.graph.GraphView`).
 
     Every choice is the layout's (:mod:`onnxq.placement`): which tensor is quantized, who reads it
     how, which form each layer's weights and bias take. Only the numbers are computed here: scales
@@ -239,7 +241,7 @@ def apply_layout(
     b = _Builder(model)
     initializers = {i.name: i for i in model.graph.initializer}
     _fold_relus(model.graph, layout)
-    view = GraphView(model)
+    view = GraphView(model, weights=weights)
     seen = _quantize_activations(b, view, layout, ranges)
     numbers = _WeightNumbers(spec, weight_ranges, per_channel_ok)
     weight_bytes = sum(_write_layer(b, view, view.nodes[name], form, seen, numbers)

@@ -14,7 +14,7 @@ from onnxq.passes.layout import plan_layouts
 from onnxq.calibration import TensorRange, collect_range_variants, collect_ranges
 from onnxq.calibration.weights import written_weight_ranges
 from onnxq.layout import Layout
-from onnxq.model import model_opset
+from onnxq.model import fill_stubs, model_opset
 from onnxq.numerics import fake_quantize
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import Precision, bits, is_integer
@@ -144,6 +144,8 @@ class CalibratePass(Pass):
     def _collect(self, ctx: PassContext, targets: dict[str, Precision], symmetric: dict[str, bool],
                  scoped: bool) -> dict[str, TensorRange]:
         options = ctx.options
+        if "weight_source" in ctx.artifacts:  # a sweep runs the model: a skeleton build takes its weights now
+            fill_stubs(ctx.model, ctx.artifacts.pop("weight_source"))
         model = ctx.model
         mapping = {t: t for t in targets}
         if scoped:

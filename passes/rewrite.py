@@ -39,7 +39,8 @@ class RewritePass(Pass):
             quantized.update(scoped.quantized_layers)
             weight_bytes += scoped.weight_bytes
         result = apply_layout(ctx.model, ctx.artifacts["layout"], ranges, spec,
-                              weight_ranges=written_weight_ranges, per_channel_ok=per_channel_ok)
+                              weight_ranges=written_weight_ranges, per_channel_ok=per_channel_ok,
+                              weights=ctx.artifacts.get("weight_source"))
         if quantized:
             quantized.update(result.quantized_layers)
             result = RewriteResult(ctx.model, quantized, weight_bytes + result.weight_bytes)

@@ -191,3 +191,35 @@ def test_activation_job_uses_cut_tensor(resnet) -> None:  # type: ignore[no-unty
     evaluator.set_reference(evaluator.fp32_outputs())
     job = Job((), tuple(ActivationQuant(t, Precision.UINT8, False) for t in add.activations), (add.name,))
     assert evaluator.loss(job) > 0 and not evaluator.fallbacks
+
+
+CNN = MODELS / "digits_cnn.onnx"
+
+
+def test_evaluations_stop_once_their_loss_is_known(spec) -> None:  # type: ignore[no-untyped-def]
+    """On more than 64 samples an evaluation stops when its standard error is within the
+    tolerance: fewer session runs, the same deltas within that error, the same ranking."""
+    model = load_model(CNN).proto
+    feeds = _feeds(CNN, 256, 32)
+    kwargs = dict(max_samples=256, pairs=False, seed=0)
+    full = analyze(model, feeds, spec, tolerance=0, **kwargs)
+    early = analyze(model, feeds, spec, **kwargs)
+    assert full["stopped_early"] == 0
+    assert early["stopped_early"] > len(early["layers"]) // 2
+    expected, got = _deltas(full), _deltas(early)
+    typical = float(np.median(list(expected.values())))
+    for key, value in got.items():
+        assert abs(value - expected[key]) <= 0.35 * max(expected[key], typical), key
+    keys = sorted(expected)
+    rho = np.corrcoef(np.argsort(np.argsort([expected[k] for k in keys])),
+                      np.argsort(np.argsort([got[k] for k in keys])))[0, 1]
+    assert rho > 0.95
+
+
+def test_analyses_on_64_samples_use_every_sample(spec) -> None:  # type: ignore[no-untyped-def]
+    model = load_model(CNN).proto
+    feeds = _feeds(CNN, 64, 32)
+    early = analyze(model, feeds, spec, max_samples=64, pairs=False, seed=0)
+    full = analyze(model, feeds, spec, max_samples=64, pairs=False, seed=0, tolerance=0)
+    assert early["stopped_early"] == 0
+    assert _deltas(early) == _deltas(full)

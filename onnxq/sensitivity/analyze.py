@@ -130,6 +130,10 @@ HUTCHINSON_DIRECTIONS = 4
 ALGORITHM_VERSION = 5
 #: Calibration samples the analysis uses by default (the first ones; ``max_samples``).
 DEFAULT_SAMPLES = 64
+#: Relative standard error at which an evaluation on more than SEQUENTIAL_MIN_SAMPLES samples
+#: stops (``analyze(tolerance=...)``): the rank of a layer among others moves little once its
+#: loss is known to 10%, and the search checks every plan it keeps by a real evaluation.
+SEQUENTIAL_TOLERANCE = 0.1
 #: Feeds are concatenated into batches of up to this many samples when the model's inputs have
 #: a dynamic leading (batch) dimension: one run of a batch of 64 is far cheaper than 64 runs.
 MAX_BATCH = 256
@@ -647,6 +651,7 @@ def analyze(
     max_samples: int | None = DEFAULT_SAMPLES,
     calibration: str = "minmax",
     memory_budget_mb: float | None = None,
+    tolerance: float = SEQUENTIAL_TOLERANCE,
 ) -> dict:
     """Sensitivity of every layer × candidate, pair terms, and an optional validation.
 
@@ -680,6 +685,10 @@ def analyze(
         memory_budget_mb: bound on the activations cached between evaluations (the feeds are
             processed in chunks that fit); ``None``: :func:`default_memory_budget` (half the size
             of the model, at least 256 MiB, at most a quarter of the available memory).
+        tolerance: on more than :data:`~onnxq.sensitivity.engine.SEQUENTIAL_MIN_SAMPLES`
+            samples, a layer's evaluation stops once the standard error of its loss is within
+            this fraction of it (:func:`~onnxq.sensitivity.engine.converged`); ``0``: every
+            evaluation runs on every sample.
 
     Returns:
         The ``onnxq-sensitivity/1`` JSON dict (DESIGN.md), plus ``method``, ``spec``,
@@ -719,7 +728,7 @@ def analyze(
         "spec_ops": sorted(view.layer_ops),
         "candidates": {n: [str(c) for c in chosen[n]] for n in layer_names},
         "method": method, "radius": int(radius), "pairs": bool(pairs), "random_plans": int(random_plans),
-        "seed": int(seed), "loss": loss, "max_samples": max_samples,
+        "seed": int(seed), "loss": loss, "max_samples": max_samples, "tolerance": float(tolerance),
     }
     key = _cache.cache_key(model_sha, _cache.feeds_digest(feed_list), options_key)
     hit = _load_cached(cache_dir, key)
@@ -767,7 +776,7 @@ def analyze(
         model_bytes=skeleton, feeds=tuple(feed_list), activation_tensors=tuple(act_tensors),
         weight_tensors=tuple(weight_tensors), ranges=ranges, loss="mse", segments=tuple(segments),
         cache_bytes=int(memory_budget_mb * 2**20) if memory_budget_mb else default_memory_budget(weight_bytes),
-        weights=shared,
+        weights=shared, tolerance=float(tolerance),
     )
     local = Evaluator(context)
     reference = local.fp32_outputs()
@@ -853,6 +862,9 @@ def analyze(
                 ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())), method, workers, executor)
     main_jobs = [j for j in jobs if isinstance(j, Job)]
     main_losses = iter(run_jobs(context, main_jobs, workers=workers, executor=executor, progress=progress, local=local))
+    if local.stopped_early:
+        logger.info("sensitivity: %d of %d evaluations stopped before the last of %d chunks (standard error "
+                    "within %.0f%%)", local.stopped_early, len(main_jobs), local.planned_chunks, 100 * tolerance)
     scoped = ScopedEvaluator(work, scoped_views, scoped_weights, planner.ranges, feed_list, reference, loss_kind)
     losses = [next(main_losses) if isinstance(j, Job) else scoped.loss(j) for j in jobs]
     EVALUATION_COUNTER.total += len(jobs) + 1
@@ -919,6 +931,7 @@ def analyze(
         "pairs": pairs_json,
         "evaluations": len(jobs) + 1,
         "samples": sum(_sample_count(f) for f in feed_list),
+        "stopped_early": local.stopped_early,
         "options": {k: v for k, v in options_key.items() if k in ("method", "radius", "pairs", "random_plans", "seed",
                                                                     "calibration")},
         "conventions": ("delta = predicted loss increase when only that layer takes the candidate: "

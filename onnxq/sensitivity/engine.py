@@ -58,6 +58,8 @@ __all__ = [
     "rademacher",
     "loss_between",
     "loss_terms",
+    "converged",
+    "SEQUENTIAL_MIN_SAMPLES",
     "split_shared_weights",
     "detach_weights",
     "with_weights",
@@ -196,6 +198,9 @@ class EvalContext:
     #: intra-op threads of every session (0: onnxruntime's default, one per core); parallel
     #: executors give each worker its share of the cores
     threads: int = 0
+    #: relative standard error at which a segment job stops early (0: every job runs on every
+    #: sample; see :func:`converged`)
+    tolerance: float = 0.0
 
 
 def _round_bf16(w: np.ndarray) -> np.ndarray:
@@ -251,7 +256,7 @@ def loss_between(
     ``kl``: mean over samples of KL(softmax(ref) ‖ softmax(out)) on 2-D logit outputs (other
     outputs add their MSE); ``mse``: mean squared error over all output elements.
     """
-    total, count = loss_terms(kind, reference, outputs, reference_log_probs)
+    total, count, _ = loss_terms(kind, reference, outputs, reference_log_probs)
     return total / max(count, 1)
 
 
@@ -260,9 +265,12 @@ def loss_terms(
     reference: Sequence[Sequence[np.ndarray]],
     outputs: Sequence[Sequence[np.ndarray]],
     reference_log_probs: Sequence[Sequence[np.ndarray | None]] | None = None,
-) -> tuple[float, int]:
-    """:func:`loss_between` as ``(sum over samples, samples)``, so that chunks of feeds add up."""
+) -> tuple[float, int, float]:
+    """:func:`loss_between` as ``(sum over samples, samples, sum of squared per-sample
+    losses)``, so that chunks of feeds add up and the spread of the per-sample losses is known
+    (:meth:`Evaluator.losses` stops a job once its mean is known well enough)."""
     total = 0.0
+    squares = 0.0
     count = 0
     for f, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
         for o, (r, y) in enumerate(zip(ref, out, strict=True)):
@@ -273,15 +281,15 @@ def loss_terms(
                 if log_p is None:
                     log_p = _log_softmax(r)
                 log_q = _log_softmax(y)
-                kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
-                total += float(np.sum(kl))
-                count += r.shape[0]
+                per_row = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
             else:
                 diff = r.astype(np.float64) - y.astype(np.float64)
                 rows = r.shape[0] if r.ndim else 1
-                total += float(np.sum(diff * diff)) / max(r.size // max(rows, 1), 1)
-                count += rows
-    return total, count
+                per_row = np.sum((diff * diff).reshape(rows, -1), axis=1) / max(r.size // max(rows, 1), 1)
+            total += float(np.sum(per_row))
+            squares += float(np.sum(np.square(per_row, dtype=np.float64)))
+            count += int(per_row.size)
+    return total, count, squares
 
 
 def _session(model: onnx.ModelProto, threads: int = 0) -> object:
@@ -772,6 +780,34 @@ class SuffixRunner:
         return out
 
 
+#: Samples a job runs on before it may stop early (:func:`converged`); analyses on no more
+#: samples than this (every one inside ``quantize``) use every sample for every job.
+SEQUENTIAL_MIN_SAMPLES = 64
+
+
+def converged(totals: np.ndarray, counts: np.ndarray, squares: np.ndarray, active: Sequence[int],
+              tolerance: float) -> set[int]:
+    """The jobs among ``active`` whose mean loss is known well enough to stop: at least
+    :data:`SEQUENTIAL_MIN_SAMPLES` samples and a standard error of the mean within
+    ``tolerance`` × the larger of the job's mean and the median mean of the active jobs.
+
+    Sequential estimation: a job's loss is a mean over samples, and once its standard error
+    is small the remaining samples change the estimate by about that much. The floor at the
+    median keeps a near-zero loss (a 16-bit grid, an insensitive layer) from running to the
+    end for a relative precision that matters to no plan: the search adds losses up, so an
+    error small against a typical term is small against every sum.
+    """
+    rows = [i for i in active if counts[i] >= SEQUENTIAL_MIN_SAMPLES]
+    if not rows:
+        return set()
+    n = counts[rows]
+    means = totals[rows] / n
+    variances = np.maximum(squares[rows] / n - means * means, 0.0) * n / np.maximum(n - 1, 1)
+    errors = np.sqrt(variances / n)
+    floor = float(np.median(totals[active] / np.maximum(counts[active], 1)))
+    return {i for i, error, mean in zip(rows, errors, means, strict=True) if error <= tolerance * max(mean, floor)}
+
+
 class Evaluator:
     """Evaluates :class:`Job` s: cut sessions (:class:`SuffixRunner`) for the single-layer and
     pair jobs, chunk by chunk of the feeds; a model built per job for the validation plans; the
@@ -832,6 +868,8 @@ class Evaluator:
         self._chunks: list[list[dict[str, np.ndarray]]] | None = None
         self._loaded: int | None = None
         self.evaluations = 0
+        #: segment jobs that stopped before the last chunk (:func:`converged`)
+        self.stopped_early = 0
         self.cached_bytes = 0
         if context.reference is not None:
             self.set_reference(context.reference)
@@ -853,7 +891,7 @@ class Evaluator:
             else:
                 first = _split_feed(feeds[0], 1)[0] if self.suffix.dynamic_batch else feeds[0]
                 ratio = self.suffix.load([first]) / max(_feed_bytes(first), 1)
-                self._chunks = plan_chunks(feeds, ratio, self.context.cache_bytes, self.suffix.dynamic_batch)
+                self._chunks = plan_chunks(feeds, ratio, self._chunk_budget(feeds, ratio), self.suffix.dynamic_batch)
                 self._loaded = None
                 self.suffix.static_shapes = len(self._chunks) == 1 or self.suffix.dynamic_batch
                 if len(self._chunks) > 1:
@@ -861,6 +899,17 @@ class Evaluator:
                                 "input MB; memory budget %.0f MB)", len(self._chunks), ratio,
                                 self.context.cache_bytes / 2**20)
         return self._chunks
+
+    def _chunk_budget(self, feeds: Sequence[Mapping[str, np.ndarray]], ratio: float) -> float:
+        """The memory budget, or less when jobs may stop early: chunks of
+        :data:`SEQUENTIAL_MIN_SAMPLES` samples, so that a job can stop after the first."""
+        budget = float(self.context.cache_bytes)
+        rows = sum(len(next(iter(f.values()))) for f in feeds if f)
+        if self.context.tolerance > 0 and self.suffix is not None and self.suffix.dynamic_batch \
+                and rows > SEQUENTIAL_MIN_SAMPLES:
+            per_row = ratio * sum(_feed_bytes(f) for f in feeds) / rows
+            budget = min(budget, per_row * SEQUENTIAL_MIN_SAMPLES * (1 + 1e-9))
+        return budget
 
     @property
     def planned_chunks(self) -> int:
@@ -965,26 +1014,41 @@ class Evaluator:
 
         Segment jobs run chunk by chunk (each chunk's fp32 pass once, then every job on it) and
         their loss sums over the chunks; plan jobs run over all feeds in a model built for them.
-        ``advance`` is called with 1 after every job × chunk run.
+        With ``context.tolerance`` set, a segment job stops before the next chunk once it has
+        run on :data:`SEQUENTIAL_MIN_SAMPLES` samples and the standard error of its mean is
+        within the tolerance (:func:`converged`). ``advance`` is called with the number of job ×
+        chunk runs done or skipped.
         """
         totals = np.zeros(len(jobs))
         counts = np.zeros(len(jobs))
-        segment = [i for i, job in enumerate(jobs) if job.segments and (job.weights or job.activations)]
-        for index, chunk in enumerate(self.chunks() if segment else []):
+        squares = np.zeros(len(jobs))
+        active = [i for i, job in enumerate(jobs) if job.segments and (job.weights or job.activations)]
+        chunks = self.chunks() if active else []
+        for index, chunk in enumerate(chunks):
+            if index and self.context.tolerance > 0:
+                done = converged(totals, counts, squares, active, self.context.tolerance)
+                if done:
+                    self.stopped_early += len(done)
+                    active = [i for i in active if i not in done]
+                    if advance is not None:
+                        advance(len(done) * (len(chunks) - index))
+            if not active:
+                break
             reference = self._load(index)
             log_probs = self._log_probs_of(reference) if self.suffix is not None else self._log_probs
-            for i in segment:
-                t, c = loss_terms(self.context.loss, reference, self._chunk_outputs(jobs[i], chunk), log_probs)
+            for i in active:
+                t, c, q = loss_terms(self.context.loss, reference, self._chunk_outputs(jobs[i], chunk), log_probs)
                 totals[i] += t
                 counts[i] += c
+                squares[i] += q
                 if advance is not None:
                     advance(1)
         for i, job in enumerate(jobs):
             if job.segments and (job.weights or job.activations):
                 continue
             if job.weights or job.activations:
-                totals[i], counts[i] = loss_terms(self.context.loss, self.reference, self._plan_outputs(job),
-                                                  self._log_probs)
+                totals[i], counts[i], _ = loss_terms(self.context.loss, self.reference, self._plan_outputs(job),
+                                                     self._log_probs)
             if advance is not None:
                 advance(1)
         self.evaluations += len(jobs)
