@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import onnx
-
+from onnxq.model import shape_skeleton
 from onnxq.pipeline import Pass, PassContext
 
 __all__ = ["CopyModelPass"]
 
 
 class CopyModelPass(Pass):
-    """Replace ``ctx.model`` by a copy when it is the fp32 reference (artifact ``fp32_model``).
+    """Replace ``ctx.model`` by its :func:`~onnxq.model.shape_skeleton` when it is the fp32
+    reference (artifact ``fp32_model``), with the reference's tensors as ``weight_source``.
 
     The passes before it only read the model: the search analyses and measures plans against
     the one fp32 model the run holds, so a model of hundreds of MB is held once, not twice,
-    through the longest phase of the run. Every later pass rewrites the copy.
+    through the longest phase of the run. Every later pass rewrites the copy; it reads weights
+    from the source, and the rewrite copies in those the written model keeps (protobuf frees
+    a message's memory only with the message: a whole copy, rewritten, held the fp32 weights
+    until the end of the run).
     """
 
     name = "copy"
@@ -23,7 +26,7 @@ class CopyModelPass(Pass):
     def run(self, ctx: PassContext) -> bool:
         if ctx.model is not ctx.artifacts.get("fp32_model"):
             return False
-        copy = onnx.ModelProto()
-        copy.CopyFrom(ctx.model)
-        ctx.model = copy
+        fp32 = ctx.model
+        ctx.model = shape_skeleton(fp32)
+        ctx.artifacts["weight_source"] = {t.name: t for t in fp32.graph.initializer}
         return True

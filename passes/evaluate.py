@@ -27,7 +27,7 @@ from onnxq.passes.rewrite import RewritePass
 from onnxq.errors import UsageError
 from onnxq.layout import Layout
 from onnxq.metrics import fidelity, resolve_metric
-from onnxq.model import fill_stubs, shape_skeleton
+from onnxq.model import shape_skeleton
 from onnxq.pipeline import PassContext, Pipeline
 from onnxq.precision import Candidate
 from onnxq.runtime import fidelity_session, make_session, run_all
@@ -88,16 +88,15 @@ class PlanEvaluator:
         """The quantized model of ``plan`` (prepare, layout, calibrate, rewrite).
 
         The passes work on the fp32 model's :func:`~onnxq.model.shape_skeleton` and read its
-        weights from the fp32 model (artifact ``weight_source``); the fp32 tensors the built
-        model still holds (float layers) are copied in at the end. A copy of the whole model
-        per build held the weights twice for every plan measured.
+        weights from the fp32 model (artifact ``weight_source``); the rewrite copies in the fp32
+        tensors the built model keeps (float layers). A copy of the whole model per build held
+        the weights twice for every plan measured.
         """
         ctx = PassContext(model=shape_skeleton(self.base), options=self.options, analyses=self.analyses.fresh())
         ctx.artifacts.update(self.artifacts)
         ctx.artifacts["plan"] = dict(plan)
         ctx.artifacts["weight_source"] = {t.name: t for t in self.base.graph.initializer}
         Pipeline([PreparePass(), LayoutPass(), CalibratePass(), RewritePass()]).run(ctx)
-        fill_stubs(ctx.model, {t.name: t for t in self.base.graph.initializer})
         return ctx.model
 
     def prime(self, plans: Sequence[Mapping[str, Candidate]]) -> None:

@@ -8,7 +8,7 @@ import logging
 from onnxq.passes.plan import plan_to_json
 
 from onnxq.calibration.weights import written_weight_ranges
-from onnxq.model import model_opset
+from onnxq.model import fill_stubs, model_opset
 from onnxq.pipeline import Pass, PassContext
 from onnxq.rewrite import RewriteResult, apply_layout
 from onnxq.subgraphs import unwrap, wrap
@@ -31,6 +31,8 @@ class RewritePass(Pass):
         ranges = ctx.artifacts["ranges"]
         quantized: dict[str, str] = {}
         weight_bytes = 0
+        if ctx.artifacts.get("scope_layouts") and "weight_source" in ctx.artifacts:
+            fill_stubs(ctx.model, ctx.artifacts.pop("weight_source"))  # subgraphs may read outer weights
         # innermost scopes first: an outer scope's wrapper then carries its rewritten children
         for scope, layout in sorted(ctx.artifacts.get("scope_layouts", []), key=lambda item: -item[0].depth):
             wrapper, wrapped = wrap(ctx.model, scope)
@@ -41,6 +43,8 @@ class RewritePass(Pass):
         result = apply_layout(ctx.model, ctx.artifacts["layout"], ranges, spec,
                               weight_ranges=written_weight_ranges, per_channel_ok=per_channel_ok,
                               weights=ctx.artifacts.get("weight_source"))
+        if "weight_source" in ctx.artifacts:  # the fp32 tensors the written model keeps (float layers)
+            fill_stubs(ctx.model, ctx.artifacts.pop("weight_source"))
         if quantized:
             quantized.update(result.quantized_layers)
             result = RewriteResult(ctx.model, quantized, weight_bytes + result.weight_bytes)
