@@ -8,6 +8,8 @@ of stdout went away, with nothing printed. Errors are one line on stderr unless 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -96,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep layers in fp32: a layer name, re:PATTERN (whole name) or op:TYPE; repeatable")
     q.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk analysis cache")
     q.add_argument("--memory-budget", type=float, metavar="MB",
-                   help="bound on the activations the sensitivity analysis caches (default: half the model size, at least 256 MB, at most 1/4 of available memory)")
+                   help="bound on the activations the sensitivity analysis caches (default: a quarter of the model size, at least 128 MB, at most 1/4 of available memory)")
     _common(q)
 
     s = sub.add_parser("sensitivity", help="per-layer sensitivity analysis")
@@ -111,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--random-plans", type=int, default=20, help="random mixed plans measured to check the prediction (default 20)")
     _parallel(s)
     s.add_argument("--memory-budget", type=float, metavar="MB",
-                   help="bound on the activations cached between evaluations (default: half the model size, at least 256 MB, at most 1/4 of available memory)")
+                   help="bound on the activations cached between evaluations (default: a quarter of the model size, at least 128 MB, at most 1/4 of available memory)")
     _common(s)
 
     v = sub.add_parser("validate", help="check a QDQ model against a hardware spec")
@@ -339,8 +341,26 @@ def _reader_gone() -> int:
     return EXIT_READER_GONE
 
 
+#: Allocations at least this big get their own memory mapping (glibc ``M_MMAP_THRESHOLD``).
+MMAP_THRESHOLD_BYTES = 4 << 20
+
+
+def _return_large_frees_to_the_system() -> None:
+    """Serve every allocation of :data:`MMAP_THRESHOLD_BYTES` or more from its own mapping, so
+    that freeing it returns the memory at once. glibc raises this threshold as large blocks
+    are freed (up to 32 MB), after which activations and weight copies of a few MB come from
+    the heap, whose freed pages fragment and stay resident: the CLI process owns its heap, and
+    on a 110M encoder this kept 250-300 MB more resident through the sensitivity analysis."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its allocator's default behaviour
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _return_large_frees_to_the_system()
     debug = "--debug" in argv
     try:
         parser = _parser()

@@ -683,8 +683,8 @@ def analyze(
             will use it: each tensor calibrated at the finest precision analysed for it.
             the model's batch dimension is dynamic.
         memory_budget_mb: bound on the activations cached between evaluations (the feeds are
-            processed in chunks that fit); ``None``: :func:`default_memory_budget` (half the size
-            of the model, at least 256 MiB, at most a quarter of the available memory).
+            processed in chunks that fit); ``None``: :func:`default_memory_budget` (a quarter of the
+            size of the model, at least 128 MiB, at most a quarter of the available memory).
         tolerance: on more than :data:`~onnxq.sensitivity.engine.SEQUENTIAL_MIN_SAMPLES`
             samples, a layer's evaluation stops once the standard error of its loss is within
             this fraction of it (:func:`~onnxq.sensitivity.engine.converged`); ``0``: every

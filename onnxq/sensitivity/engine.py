@@ -481,7 +481,7 @@ class SuffixRunner:
     """
 
     #: Bytes of fake-quantized cut tensors kept between jobs.
-    FQ_CACHE_BYTES = 128 << 20
+    FQ_CACHE_BYTES = 64 << 20
 
     def __init__(self, model: onnx.ModelProto, segments: Sequence[Segment], shared: Mapping[str, np.ndarray],
                  dynamic_batch: bool = False, threads: int = 0) -> None:
@@ -1068,7 +1068,7 @@ class Evaluator:
 
 
 #: Floor of the default activation-cache budget (small models: every feed in one chunk).
-MIN_DEFAULT_BUDGET = 256 << 20
+MIN_DEFAULT_BUDGET = 128 << 20
 
 
 def _available_memory() -> int:
@@ -1086,16 +1086,16 @@ def _available_memory() -> int:
 
 
 def default_memory_budget(model_bytes: int = 0) -> int:
-    """The default bound on cached activations: half the bytes of the model's weights (at least
-    :data:`MIN_DEFAULT_BUDGET`), never more than a quarter of the memory the kernel reports
-    available (``MemAvailable``), at least 64 MiB.
+    """The default bound on cached activations: a quarter of the bytes of the model's weights
+    (at least :data:`MIN_DEFAULT_BUDGET`), never more than a quarter of the memory the kernel
+    reports available (``MemAvailable``), at least 64 MiB.
 
     Tied to the model so that the analysis' peak memory is a small multiple of the model
     whatever the machine has free: chunking the feeds costs one fp32 pass per chunk, while a
     budget of a quarter of a big machine's memory made a 110M-parameter encoder hold 1.4 GB of
     activations next to 0.4 GB of weights.
     """
-    return max(64 << 20, min(_available_memory() // 4, max(MIN_DEFAULT_BUDGET, int(model_bytes) // 2)))
+    return max(64 << 20, min(_available_memory() // 4, max(MIN_DEFAULT_BUDGET, int(model_bytes) // 4)))
 
 
 def peak_rss_mib() -> float:
