@@ -197,7 +197,7 @@ CNN = MODELS / "digits_cnn.onnx"
 
 
 def test_evaluations_stop_once_their_loss_is_known(spec) -> None:  # type: ignore[no-untyped-def]
-    """On more than 64 samples an evaluation stops when its standard error is within the
+    """On more than 32 samples an evaluation stops when its standard error is within the
     tolerance: fewer session runs, the same deltas within that error, the same ranking."""
     model = load_model(CNN).proto
     feeds = _feeds(CNN, 256, 32)
@@ -216,10 +216,11 @@ def test_evaluations_stop_once_their_loss_is_known(spec) -> None:  # type: ignor
     assert rho > 0.95
 
 
-def test_analyses_on_64_samples_use_every_sample(spec) -> None:  # type: ignore[no-untyped-def]
+def test_analyses_on_32_samples_use_every_sample(spec) -> None:  # type: ignore[no-untyped-def]
+    """Inside ``quantize`` (at most 32 samples) every evaluation runs on every sample."""
     model = load_model(CNN).proto
-    feeds = _feeds(CNN, 64, 32)
-    early = analyze(model, feeds, spec, max_samples=64, pairs=False, seed=0)
-    full = analyze(model, feeds, spec, max_samples=64, pairs=False, seed=0, tolerance=0)
+    feeds = _feeds(CNN, 32, 16)
+    early = analyze(model, feeds, spec, max_samples=32, pairs=False, seed=0)
+    full = analyze(model, feeds, spec, max_samples=32, pairs=False, seed=0, tolerance=0)
     assert early["stopped_early"] == 0
     assert _deltas(early) == _deltas(full)

@@ -782,7 +782,7 @@ class SuffixRunner:
 
 #: Samples a job runs on before it may stop early (:func:`converged`); analyses on no more
 #: samples than this (every one inside ``quantize``) use every sample for every job.
-SEQUENTIAL_MIN_SAMPLES = 64
+SEQUENTIAL_MIN_SAMPLES = 32
 
 
 def converged(totals: np.ndarray, counts: np.ndarray, squares: np.ndarray, active: Sequence[int],
