@@ -200,8 +200,8 @@ def test_evaluations_stop_once_their_loss_is_known(spec) -> None:  # type: ignor
     """On more than 32 samples an evaluation stops when its standard error is within the
     tolerance: fewer session runs, the same deltas within that error, the same ranking."""
     model = load_model(CNN).proto
-    feeds = _feeds(CNN, 256, 32)
-    kwargs = dict(max_samples=256, pairs=False, seed=0)
+    feeds = _feeds(CNN, 128, 32)
+    kwargs = dict(max_samples=128, pairs=False, seed=0)
     full = analyze(model, feeds, spec, tolerance=0, **kwargs)
     early = analyze(model, feeds, spec, **kwargs)
     assert full["stopped_early"] == 0
