@@ -37,7 +37,24 @@ Results 2026-11-30 (2 cores, shared; onnxruntime 1.32.0):
 | bert22m analyze, 128 samples, every candidate (496 evaluations, was 919), 2026-11-30 18:21, beside the slow test suite | killed at 600 (timeout) | 3322 at kill | 4.0-4.7 |
 | bert110m quantize --max-drop 0.01, 2026-11-30 18:03 (no model copies in the analysis, skeleton shape inference and opset conversion, half-model activation budget, 18 of 32 sensitivity samples by the MAC budget, 277 evaluations instead of 315; a helper's 1B analysis ran niced beside it) | 837.0 | 4313 (sensitivity 2871) | 4.4 |
 
-Depth table (``--depth-samples 8``, load 8-11, so the plain-pass denominators are noisy):
+| bert22m quantize --max-drop 0.01, 2026-11-30 21:25 (idle; 17-sample MAC budget, skeleton plan builds, fp32 sessions from the file) | 59.8 | 931 | 1.4-1.9 |
+| bert22m analyze, 128 samples, every candidate (496 evaluations; sequential stop from 32 samples at 10% standard error), 21:30 | 251.7 | 1107 | 1.7-1.9 |
+| bert22m analyze, same, stop from 64 samples (first run of the session) | 398.7 | 1113 | 1.7-2.3 |
+| bert110m quantize --max-drop 0.01, 2026-11-30 21:18 (idle; 8 sensitivity samples, one fp32 model per run, plans and final rewrite on its skeleton, fp32 sessions from the file, sweep releasing reduced tensors, 4 MB mmap threshold) | 319.5 | 2632 (bound 2689) | 1.8-2.1 |
+
+Depth table 2026-11-30 21:03 (``--depth-samples 8``, idle; plain-pass times are medians of 5 and noisy):
+
+| layers | analysed layers | layer×candidate entries | pairs | evaluations | seconds | plain pass ms | cost (plain passes) | plain passes per entry | peak RSS MiB |
+|---|---|---|---|---|---|---|---|---|---|
+| 2 | 27 | 199 | 1872 | 181 | 12.1 | 36.0 | 334 | 1.68 | 682 |
+| 4 | 51 | 371 | 3518 | 339 | 26.7 | 104.3 | 256 | 0.69 | 905 |
+| 8 | 99 | 715 | 6810 | 655 | 94.6 | 139.6 | 678 | 0.95 | 1190 |
+
+Evaluations per entry: 0.91, 0.91, 0.92. Ray (``--tasks ray``, 4-layer encoder, 32 samples, 339
+evaluations): in-process 83.0 s; 1 actor 132.4 s (same numbers); 2 actors 82.1 s, 1.61× one actor
+(numbers not bit-identical: each actor gets half the memory budget, so other chunks).
+
+Earlier depth table (``--depth-samples 8``, load 8-11, so the plain-pass denominators are noisy):
 
 | layers | analysed layers | layer×candidate entries | evaluations | seconds | plain pass ms | cost (plain passes) | peak RSS MiB |
 |---|---|---|---|---|---|---|---|
