@@ -407,6 +407,12 @@ def with_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> o
     return copy
 
 
+def _feed_rows(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in a feed: the leading dimension of its first input (a feed of scalars is one)."""
+    first = next(iter(feed.values()), None)
+    return int(np.shape(first)[0]) if first is not None and np.ndim(first) > 0 else 1
+
+
 def _feed_bytes(feed: Mapping[str, np.ndarray]) -> int:
     return sum(np.asarray(v).nbytes for v in feed.values())
 
@@ -904,7 +910,7 @@ class Evaluator:
         """The memory budget, or less when jobs may stop early: chunks of
         :data:`SEQUENTIAL_MIN_SAMPLES` samples, so that a job can stop after the first."""
         budget = float(self.context.cache_bytes)
-        rows = sum(len(next(iter(f.values()))) for f in feeds if f)
+        rows = sum(_feed_rows(f) for f in feeds)
         if self.context.tolerance > 0 and self.suffix is not None and self.suffix.dynamic_batch \
                 and rows > SEQUENTIAL_MIN_SAMPLES:
             per_row = ratio * sum(_feed_bytes(f) for f in feeds) / rows
@@ -1024,8 +1030,11 @@ class Evaluator:
         squares = np.zeros(len(jobs))
         active = [i for i, job in enumerate(jobs) if job.segments and (job.weights or job.activations)]
         chunks = self.chunks() if active else []
+        samples = 0
         for index, chunk in enumerate(chunks):
-            if index and self.context.tolerance > 0:
+            # stop only at multiples of SEQUENTIAL_MIN_SAMPLES: the same samples whatever the
+            # chunking (worker processes and Ray actors split the memory budget)
+            if index and self.context.tolerance > 0 and samples % SEQUENTIAL_MIN_SAMPLES == 0:
                 done = converged(totals, counts, squares, active, self.context.tolerance)
                 if done:
                     self.stopped_early += len(done)
@@ -1043,6 +1052,7 @@ class Evaluator:
                 squares[i] += q
                 if advance is not None:
                     advance(1)
+            samples += sum(_feed_rows(f) for f in chunk)
         for i, job in enumerate(jobs):
             if job.segments and (job.weights or job.activations):
                 continue
