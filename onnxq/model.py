@@ -208,6 +208,24 @@ def detach_initializers(model: onnx.ModelProto,
     return without_initializers(model, names), values
 
 
+def _check_strings(model: onnx.ModelProto) -> None:
+    """Refuse a model whose own or main graph's text fields are not valid UTF-8 (protobuf
+    raises when they are read, as :func:`shape_skeleton` does to copy them)."""
+    bad = False
+    try:
+        for message in (model, model.graph, *model.metadata_props):
+            for field in message.DESCRIPTOR.fields:
+                if field.type == field.TYPE_STRING:
+                    value = getattr(message, field.name)  # bytes when the text is not UTF-8
+                    values = [value] if isinstance(value, (str, bytes)) else list(value)
+                    bad = bad or any(not isinstance(v, str) for v in values)
+    except UnicodeDecodeError:
+        bad = True
+    if bad:
+        raise ModelError("the model holds a text field that is not valid UTF-8",
+                         "the file is corrupt; re-export the model")
+
+
 def _check_names(graph: onnx.GraphProto) -> None:
     """Refuse names that are not valid UTF-8 (protobuf hands them over as ``bytes``, not ``str``)."""
     def bad(value: object) -> bool:
@@ -400,6 +418,7 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, infer_shapes
             if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
                 tensor.ClearField("data_location")  # same bytes (and hash) as the model saved inline
 
+    _check_strings(proto)
     _check_names(proto.graph)
     opset = model_opset(proto)
     if opset < MIN_OPSET:
