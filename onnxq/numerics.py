@@ -135,7 +135,7 @@ def _codes_float32(x: np.ndarray, q: QParams) -> np.ndarray:
     float32 either way, and every code on a grid under 2^23 is an integer float32 holds exactly
     (an out-of-grid value stays out of it and saturates). Float64 and int64 temporaries of a
     large embedding table are otherwise 6× its size."""
-    out = np.divide(x, _broadcast(np.asarray(q.scale), x, q.axis))
+    out = np.asarray(np.divide(x, _broadcast(np.asarray(q.scale), x, q.axis)))  # 0-d: an array, not a scalar
     np.rint(out, out=out)
     out += _broadcast(np.asarray(q.zero_point, dtype=np.float32), x, q.axis)
     np.clip(out, q.qmin, q.qmax, out=out)
