@@ -22,7 +22,7 @@ import onnx
 from onnxq.errors import CalibrationError
 
 __all__ = ["InputSpec", "FeedSet", "model_inputs", "batch_axes", "first_sample", "load_feeds", "find_sibling_calibration",
-           "resolve_calibration_path"]
+           "resolve_calibration_path", "feed_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,12 @@ def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
         return {name: 0 if names[:1] == [_UNNAMED] else None for name, names in dims.items()}
     batch = max(votes, key=lambda symbol: votes[symbol])
     return {name: names.index(batch) if batch in names else None for name, names in dims.items()}
+
+
+def feed_samples(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in a stacked feed: the leading dimension of its first input (a feed of scalars is one)."""
+    first = next(iter(feed.values()), None)
+    return int(np.shape(first)[0]) if first is not None and np.ndim(first) > 0 else 1
 
 
 def first_sample(feed: Mapping[str, np.ndarray], axes: Mapping[str, int | None]) -> dict[str, np.ndarray]:

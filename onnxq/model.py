@@ -42,6 +42,7 @@ __all__ = [
     "detach_initializers",
     "check_output_path",
     "shape_skeleton",
+    "rewritable_copy",
     "copy_fields",
     "float16_tensors",
     "check_quantizable_dtypes",
@@ -301,6 +302,14 @@ def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             skeleton.graph.initializer.append(tensor)
     return skeleton
+
+
+def rewritable_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of ``model`` for passes that rewrite it, without a copy of its weights: its
+    :func:`shape_skeleton`, and the tensors of ``model`` that the skeleton's stubs stand for
+    (what :func:`fill_stubs` and ``GraphView(weights=)`` read). The caller keeps ``model`` alive
+    while the copy is in use."""
+    return shape_skeleton(model), {t.name: t for t in model.graph.initializer if _left_out_of_skeleton(t)}
 
 
 def is_stub(tensor: onnx.TensorProto) -> bool:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from onnxq.model import shape_skeleton
+from onnxq.model import rewritable_copy
 from onnxq.pipeline import Pass, PassContext
 
 __all__ = ["CopyModelPass"]
 
 
 class CopyModelPass(Pass):
-    """Replace ``ctx.model`` by its :func:`~onnxq.model.shape_skeleton` when it is the fp32
+    """Replace ``ctx.model`` by its :func:`~onnxq.model.rewritable_copy` when it is the fp32
     reference (artifact ``fp32_model``), with the reference's tensors as ``weight_source``.
 
     The passes before it only read the model: the search analyses and measures plans against
@@ -26,7 +26,5 @@ class CopyModelPass(Pass):
     def run(self, ctx: PassContext) -> bool:
         if ctx.model is not ctx.artifacts.get("fp32_model"):
             return False
-        fp32 = ctx.model
-        ctx.model = shape_skeleton(fp32)
-        ctx.artifacts["weight_source"] = {t.name: t for t in fp32.graph.initializer}
+        ctx.model, ctx.artifacts["weight_source"] = rewritable_copy(ctx.model)
         return True

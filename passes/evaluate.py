@@ -27,7 +27,7 @@ from onnxq.passes.rewrite import RewritePass
 from onnxq.errors import UsageError
 from onnxq.layout import Layout
 from onnxq.metrics import fidelity, resolve_metric
-from onnxq.model import shape_skeleton
+from onnxq.model import rewritable_copy
 from onnxq.pipeline import PassContext, Pipeline
 from onnxq.precision import Candidate
 from onnxq.runtime import fidelity_session, make_session, run_all
@@ -87,15 +87,16 @@ class PlanEvaluator:
     def build(self, plan: Mapping[str, Candidate]) -> onnx.ModelProto:
         """The quantized model of ``plan`` (prepare, layout, calibrate, rewrite).
 
-        The passes work on the fp32 model's :func:`~onnxq.model.shape_skeleton` and read its
+        The passes work on the fp32 model's :func:`~onnxq.model.rewritable_copy` and read its
         weights from the fp32 model (artifact ``weight_source``); the rewrite copies in the fp32
         tensors the built model keeps (float layers). A copy of the whole model per build held
         the weights twice for every plan measured.
         """
-        ctx = PassContext(model=shape_skeleton(self.base), options=self.options, analyses=self.analyses.fresh())
+        skeleton, weights = rewritable_copy(self.base)
+        ctx = PassContext(model=skeleton, options=self.options, analyses=self.analyses.fresh())
         ctx.artifacts.update(self.artifacts)
         ctx.artifacts["plan"] = dict(plan)
-        ctx.artifacts["weight_source"] = {t.name: t for t in self.base.graph.initializer}
+        ctx.artifacts["weight_source"] = weights
         Pipeline([PreparePass(), LayoutPass(), CalibratePass(), RewritePass()]).run(ctx)
         return ctx.model
 

@@ -37,6 +37,7 @@ from onnxq.passes.plan import all_layers, closest_candidate
 from tqdm import tqdm
 
 from onnxq.cost import boundary_edges, estimate, layer_costs, weight_bytes
+from onnxq.data import feed_samples
 from onnxq.graph import GraphView
 from onnxq.latency import LatencyRatio, deploy_feeds, measure_latency, runs_here
 from onnxq.model import byte_size, shape_skeleton
@@ -280,18 +281,12 @@ def sensitivity_samples(macs_per_sample: float, entries: int) -> int:
     return int(min(SENSITIVITY_SAMPLES, max(MIN_SENSITIVITY_SAMPLES, SENSITIVITY_MAC_BUDGET // per_sample)))
 
 
-def _sample_count(feed: Mapping[str, np.ndarray]) -> int:
-    """Samples in a feed: the leading dimension of its first input (a feed of scalars is one)."""
-    first = next(iter(feed.values()), None)
-    return len(first) if first is not None and getattr(first, "ndim", 0) > 0 else 1
-
-
 def input_sample_limit(feeds: Sequence[Mapping[str, np.ndarray]]) -> int:
     """At most as many samples as hold :data:`SENSITIVITY_INPUT_ELEMENTS` input elements together,
     never fewer than one: large inputs (a 640×640 page) make every evaluation expensive."""
     if not feeds:
         return SENSITIVITY_SAMPLES
-    per_sample = sum(int(np.asarray(v).size) for v in feeds[0].values()) / max(1, _sample_count(feeds[0]))
+    per_sample = sum(int(np.asarray(v).size) for v in feeds[0].values()) / max(1, feed_samples(feeds[0]))
     return int(max(1, SENSITIVITY_INPUT_ELEMENTS // max(per_sample, 1.0)))
 
 
@@ -301,7 +296,7 @@ def _sensitivity_feeds(feeds: Sequence[dict[str, np.ndarray]], limit: int) -> li
     chosen, samples = [], 0
     for feed in feeds:
         chosen.append(feed)
-        samples += _sample_count(feed)
+        samples += feed_samples(feed)
         if samples >= limit:
             break
     return chosen

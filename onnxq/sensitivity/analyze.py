@@ -91,6 +91,7 @@ from scipy.stats import spearmanr
 from onnxq.calibration import cache as _cache
 from onnxq.calibration import collect_ranges
 from onnxq.calibration.weights import weight_range_method
+from onnxq.data import feed_samples
 from onnxq.errors import CalibrationError, PlanError, UsageError
 from onnxq.graph import GraphView, Layer, graph_view_for, scope_views_for
 from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
@@ -574,11 +575,6 @@ def _weight_sources(name: str, formats: Sequence[WeightFormat],
     return {(name, f): (ref, energy[f] / energy[ref]) for f in fine}
 
 
-def _sample_count(feed: Mapping[str, np.ndarray]) -> int:
-    first = next(iter(feed.values()), None)
-    return len(first) if first is not None and np.ndim(first) > 0 else 1
-
-
 def _signature(feed: Mapping[str, np.ndarray]) -> tuple:
     """What must match for two feeds to be concatenated: names, dtypes, shapes after axis 0."""
     return tuple((k, np.asarray(v).dtype.str, np.shape(v)[1:]) for k, v in sorted(feed.items()))
@@ -627,7 +623,7 @@ def _rebatch(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     out: list[dict[str, np.ndarray]] = []
     for members in groups.values():
         merged = {k: np.concatenate([np.asarray(f[k]) for f in members]) for k in members[0]}
-        count = len(next(iter(merged.values())))
+        count = feed_samples(merged)
         out.extend({k: v[i:i + MAX_BATCH] for k, v in merged.items()} for i in range(0, count, MAX_BATCH))
     return out
 
@@ -930,7 +926,7 @@ def analyze(
         "layers": layers_json,
         "pairs": pairs_json,
         "evaluations": len(jobs) + 1,
-        "samples": sum(_sample_count(f) for f in feed_list),
+        "samples": sum(feed_samples(f) for f in feed_list),
         "stopped_early": local.stopped_early,
         "options": {k: v for k, v in options_key.items() if k in ("method", "radius", "pairs", "random_plans", "seed",
                                                                     "calibration")},

@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.calibration import weight_ranges
+from onnxq.data import feed_samples
 from onnxq.model import MAX_IR_VERSION, copy_fields
 from onnxq.numerics import fake_quantize, qparams_from_range
 from onnxq.precision import Precision, is_integer
@@ -407,18 +408,12 @@ def with_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> o
     return copy
 
 
-def _feed_rows(feed: Mapping[str, np.ndarray]) -> int:
-    """Samples in a feed: the leading dimension of its first input (a feed of scalars is one)."""
-    first = next(iter(feed.values()), None)
-    return int(np.shape(first)[0]) if first is not None and np.ndim(first) > 0 else 1
-
-
 def _feed_bytes(feed: Mapping[str, np.ndarray]) -> int:
     return sum(np.asarray(v).nbytes for v in feed.values())
 
 
 def _split_feed(feed: Mapping[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
-    rows = len(next(iter(feed.values())))
+    rows = feed_samples(feed)
     return [{k: v[i:i + size] for k, v in feed.items()} for i in range(0, rows, size)]
 
 
@@ -450,7 +445,7 @@ def plan_chunks(feeds: Sequence[Mapping[str, np.ndarray]], bytes_per_input_byte:
     used = largest = 0.0
     for feed in feeds:
         pieces = [dict(feed)]
-        rows = len(next(iter(feed.values()))) if splittable else 1
+        rows = feed_samples(feed) if splittable else 1
         per_row = bytes_per_input_byte * _feed_bytes(feed) / max(rows, 1)
         if splittable and per_row * rows > budget:
             pieces = _split_feed(feed, max(1, int(budget // max(per_row, 1.0))))
@@ -910,7 +905,7 @@ class Evaluator:
         """The memory budget, or less when jobs may stop early: chunks of
         :data:`SEQUENTIAL_MIN_SAMPLES` samples, so that a job can stop after the first."""
         budget = float(self.context.cache_bytes)
-        rows = sum(_feed_rows(f) for f in feeds)
+        rows = sum(feed_samples(f) for f in feeds)
         if self.context.tolerance > 0 and self.suffix is not None and self.suffix.dynamic_batch \
                 and rows > SEQUENTIAL_MIN_SAMPLES:
             per_row = ratio * sum(_feed_bytes(f) for f in feeds) / rows
@@ -1052,7 +1047,7 @@ class Evaluator:
                 squares[i] += q
                 if advance is not None:
                     advance(1)
-            samples += sum(_feed_rows(f) for f in chunk)
+            samples += sum(feed_samples(f) for f in chunk)
         for i, job in enumerate(jobs):
             if job.segments and (job.weights or job.activations):
                 continue
