@@ -421,13 +421,14 @@ def _available_mib() -> float:
 
 
 def run_watched(argv: list[str], timeout: float, vmem_kb: int, rss_limit_mib: float,
-                env: dict[str, str] | None = None) -> dict[str, Any]:
+                env: dict[str, str] | None = None, log_path: Path | None = None) -> dict[str, Any]:
     """:func:`run_limited` with a watchdog: the run's process group is killed as soon as its
     resident memory exceeds ``rss_limit_mib`` or the machine runs short of memory (the machine
-    has no swap and is shared). Adds the watchdog's own peak sample and why it killed."""
+    has no swap and is shared). Adds the watchdog's own peak sample and why it killed. The run's
+    output goes to ``log_path`` as it comes when given (to follow a long run's progress)."""
     script = f"ulimit -v {int(vmem_kb)}; exec timeout {int(timeout)} {shlex.join(argv)}"
     started = time.perf_counter()
-    with tempfile.TemporaryFile() as log:
+    with (open(log_path, "w+b") if log_path else tempfile.TemporaryFile()) as log:
         proc = subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, cwd=ROOT, start_new_session=True)
         sampled, killed = 0.0, ""
@@ -477,8 +478,10 @@ def task_e1b(workdir: Path, timeout: float, vmem_kb: int) -> list[str]:
     out = workdir / f"{stem}.sens.json"
     argv = [sys.executable, "-m", "onnxq", "sensitivity", str(path), "--spec", SPEC, "--calib",
             str(workdir / f"{stem}.calib.npz"), "-o", str(out)]
+    log_path = workdir / f"{stem}.log"
+    print(f"{stem}: following the run in {log_path}", flush=True)
     run = run_watched(argv, timeout, vmem_kb, bound, env={"PYTHONPATH": str(ROOT),
-                                                          "ONNXQ_CACHE_DIR": tempfile.mkdtemp()})
+                                                          "ONNXQ_CACHE_DIR": tempfile.mkdtemp()}, log_path=log_path)
     peak = max(run["peak_rss_mib"], run["sampled_rss_mib"])  # wait4 misses a child the watchdog killed
     ok = run["exit"] == 0 and not run["killed"] and peak < bound
     if run["exit"] != 0 or run["killed"]:
