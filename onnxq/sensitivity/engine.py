@@ -18,6 +18,7 @@ quantizer, Rademacher directions come from ``numpy.random.default_rng([seed, ind
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 from collections import OrderedDict
@@ -58,7 +59,7 @@ __all__ = [
     "weight_noise",
     "rademacher",
     "loss_between",
-    "loss_terms",
+    "sample_losses",
     "converged",
     "SEQUENTIAL_MIN_SAMPLES",
     "split_shared_weights",
@@ -257,22 +258,23 @@ def loss_between(
     ``kl``: mean over samples of KL(softmax(ref) ‖ softmax(out)) on 2-D logit outputs (other
     outputs add their MSE); ``mse``: mean squared error over all output elements.
     """
-    total, count, _ = loss_terms(kind, reference, outputs, reference_log_probs)
-    return total / max(count, 1)
+    rows = sample_losses(kind, reference, outputs, reference_log_probs)
+    return math.fsum(rows) / max(rows.size, 1)
 
 
-def loss_terms(
+def sample_losses(
     kind: str,
     reference: Sequence[Sequence[np.ndarray]],
     outputs: Sequence[Sequence[np.ndarray]],
     reference_log_probs: Sequence[Sequence[np.ndarray | None]] | None = None,
-) -> tuple[float, int, float]:
-    """:func:`loss_between` as ``(sum over samples, samples, sum of squared per-sample
-    losses)``, so that chunks of feeds add up and the spread of the per-sample losses is known
-    (:meth:`Evaluator.losses` stops a job once its mean is known well enough)."""
-    total = 0.0
-    squares = 0.0
-    count = 0
+) -> np.ndarray:
+    """The per-sample terms of :func:`loss_between`, float64, in feed and output order.
+
+    Callers sum them with :func:`math.fsum`, which is exact: a job's loss is then the same
+    to the last bit however the feeds were cut into chunks (worker processes and Ray actors
+    split the memory budget, so their chunks differ from an in-process run's).
+    """
+    parts: list[np.ndarray] = []
     for f, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
         for o, (r, y) in enumerate(zip(ref, out, strict=True)):
             if r.dtype.kind != "f":
@@ -287,10 +289,8 @@ def loss_terms(
                 diff = r.astype(np.float64) - y.astype(np.float64)
                 rows = r.shape[0] if r.ndim else 1
                 per_row = np.sum((diff * diff).reshape(rows, -1), axis=1) / max(r.size // max(rows, 1), 1)
-            total += float(np.sum(per_row))
-            squares += float(np.sum(np.square(per_row, dtype=np.float64)))
-            count += int(per_row.size)
-    return total, count, squares
+            parts.append(np.asarray(per_row, dtype=np.float64).reshape(-1))
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def _session(model: onnx.ModelProto, threads: int = 0) -> object:
@@ -786,8 +786,7 @@ class SuffixRunner:
 SEQUENTIAL_MIN_SAMPLES = 32
 
 
-def converged(totals: np.ndarray, counts: np.ndarray, squares: np.ndarray, active: Sequence[int],
-              tolerance: float) -> set[int]:
+def converged(losses: Sequence[Sequence[np.ndarray]], active: Sequence[int], tolerance: float) -> set[int]:
     """The jobs among ``active`` whose mean loss is known well enough to stop: at least
     :data:`SEQUENTIAL_MIN_SAMPLES` samples and a standard error of the mean within
     ``tolerance`` × the larger of the job's mean and the median mean of the active jobs.
@@ -797,16 +796,21 @@ def converged(totals: np.ndarray, counts: np.ndarray, squares: np.ndarray, activ
     median keeps a near-zero loss (a 16-bit grid, an insensitive layer) from running to the
     end for a relative precision that matters to no plan: the search adds losses up, so an
     error small against a typical term is small against every sum.
+
+    ``losses[i]``: the per-sample losses (:func:`sample_losses`) of job ``i`` so far, chunk by chunk.
     """
-    rows = [i for i in active if counts[i] >= SEQUENTIAL_MIN_SAMPLES]
-    if not rows:
-        return set()
-    n = counts[rows]
-    means = totals[rows] / n
-    variances = np.maximum(squares[rows] / n - means * means, 0.0) * n / np.maximum(n - 1, 1)
-    errors = np.sqrt(variances / n)
-    floor = float(np.median(totals[active] / np.maximum(counts[active], 1)))
-    return {i for i, error, mean in zip(rows, errors, means, strict=True) if error <= tolerance * max(mean, floor)}
+    seen = {i: np.concatenate(losses[i]) if losses[i] else np.zeros(0) for i in active}
+    means = {i: math.fsum(rows) / max(rows.size, 1) for i, rows in seen.items()}
+    floor = float(np.median(list(means.values()))) if means else 0.0
+    done = set()
+    for i, rows in seen.items():
+        n = rows.size
+        if n < SEQUENTIAL_MIN_SAMPLES:
+            continue
+        variance = max(math.fsum(rows * rows) / n - means[i] ** 2, 0.0) * n / max(n - 1, 1)
+        if math.sqrt(variance / n) <= tolerance * max(means[i], floor):
+            done.add(i)
+    return done
 
 
 class Evaluator:
@@ -1020,9 +1024,7 @@ class Evaluator:
         within the tolerance (:func:`converged`). ``advance`` is called with the number of job ×
         chunk runs done or skipped.
         """
-        totals = np.zeros(len(jobs))
-        counts = np.zeros(len(jobs))
-        squares = np.zeros(len(jobs))
+        seen: list[list[np.ndarray]] = [[] for _ in jobs]
         active = [i for i, job in enumerate(jobs) if job.segments and (job.weights or job.activations)]
         chunks = self.chunks() if active else []
         samples = 0
@@ -1030,7 +1032,7 @@ class Evaluator:
             # stop only at multiples of SEQUENTIAL_MIN_SAMPLES: the same samples whatever the
             # chunking (worker processes and Ray actors split the memory budget)
             if index and self.context.tolerance > 0 and samples % SEQUENTIAL_MIN_SAMPLES == 0:
-                done = converged(totals, counts, squares, active, self.context.tolerance)
+                done = converged(seen, active, self.context.tolerance)
                 if done:
                     self.stopped_early += len(done)
                     active = [i for i in active if i not in done]
@@ -1041,10 +1043,8 @@ class Evaluator:
             reference = self._load(index)
             log_probs = self._log_probs_of(reference) if self.suffix is not None else self._log_probs
             for i in active:
-                t, c, q = loss_terms(self.context.loss, reference, self._chunk_outputs(jobs[i], chunk), log_probs)
-                totals[i] += t
-                counts[i] += c
-                squares[i] += q
+                seen[i].append(sample_losses(self.context.loss, reference, self._chunk_outputs(jobs[i], chunk),
+                                             log_probs))
                 if advance is not None:
                     advance(1)
             samples += sum(feed_samples(f) for f in chunk)
@@ -1052,15 +1052,16 @@ class Evaluator:
             if job.segments and (job.weights or job.activations):
                 continue
             if job.weights or job.activations:
-                totals[i], counts[i], _ = loss_terms(self.context.loss, self.reference, self._plan_outputs(job),
-                                                     self._log_probs)
+                seen[i].append(sample_losses(self.context.loss, self.reference, self._plan_outputs(job),
+                                             self._log_probs))
             if advance is not None:
                 advance(1)
         self.evaluations += len(jobs)
         for reason, count in sorted(self.fallbacks.items()):
             logger.warning("sensitivity: %d job runs on the whole-model fake-quant session (%s)", count, reason)
         self.fallbacks.clear()
-        return [float(t / c) if c else 0.0 for t, c in zip(totals, counts, strict=True)]
+        losses = [np.concatenate(rows) if rows else np.zeros(0) for rows in seen]
+        return [math.fsum(rows) / rows.size if rows.size else 0.0 for rows in losses]
 
     def runs(self, jobs: Sequence[Job]) -> int:
         """Session runs :meth:`losses` reports through ``advance`` for ``jobs``."""
