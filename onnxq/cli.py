@@ -258,7 +258,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         precision=args.precision, plan_path=args.plan, max_drop=args.max_drop, target_size_mb=args.target_size,
         target_latency_ratio=args.target_latency_ratio, target_bits=args.target_bits, metric=args.metric,
         evaluator=args.evaluator, calibration=args.calibration, seed=args.seed, workers=args.workers,
-        executor=args.executor, progress=not args.quiet and sys.stderr.isatty(), batch_size=args.batch_size,
+        executor=args.executor, progress=not args.quiet, batch_size=args.batch_size,
         cache_dir="" if args.no_cache else None, exclude=tuple(args.exclude),
         objective=args.objective, deploy_batch=args.deploy_batch,
         memory_budget_mb=args.memory_budget,

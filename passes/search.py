@@ -34,7 +34,6 @@ import onnx
 import onnx.shape_inference
 from onnxq.passes.evaluate import PlanEvaluator
 from onnxq.passes.plan import all_layers, closest_candidate
-from tqdm import tqdm
 
 from onnxq.cost import boundary_edges, estimate, layer_costs, weight_bytes
 from onnxq.data import feed_samples
@@ -43,6 +42,7 @@ from onnxq.latency import LatencyRatio, deploy_feeds, measure_latency, runs_here
 from onnxq.model import byte_size, shape_skeleton
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import FP32, Candidate, bits
+from onnxq.progress import Progress
 from onnxq.rewrite import plan_summary
 from onnxq.runtime import make_session
 from onnxq.search.candidates import SearchSpace, build_space
@@ -565,8 +565,8 @@ class SearchPass(Pass):
             if meter.measure(lo, front[lo][0]).drop <= max_drop:
                 return lo
             lo += 1
-        bar = tqdm(total=max(1, math.ceil(math.log2(max(2, hi - lo + 1)))), desc="search (real evaluations)",
-                   unit="plan", disable=not progress, leave=False)
+        bar = Progress(max(1, math.ceil(math.log2(max(2, hi - lo + 1)))), "search (real evaluations)", "plan",
+                       progress)
         while lo < hi:
             mid = (lo + hi) // 2
             result = meter.measure(mid, front[mid][0])

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +296,18 @@ def test_cli_bad_model_path_exits_2(tmp_path, capsys) -> None:  # type: ignore[n
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("onnxq: error:") and len(err.splitlines()) == 1
+
+
+def test_a_long_analysis_logs_its_progress_off_a_terminal(cnn_path: Path, tmp_path: Path) -> None:
+    """Off a terminal (a CI log, a nohup file) the CLI logs count, rate and time left instead of a
+    bar. ``ONNXQ_PROGRESS_SECONDS=0`` logs at every update."""
+    env = {**os.environ, "ONNXQ_PROGRESS_SECONDS": "0", "ONNXQ_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "onnxq", "sensitivity", str(cnn_path), "--spec", "ort-cpu-x86",
+                           "--random-plans", "0", "-o", str(tmp_path / "s.json")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = re.findall(r"sensitivity \(\d+ evaluations × \d+ chunks?\): (\d+)/(\d+) runs, [\d.]+ (?:run/s|s/run), "
+                       r"about [\w ]+ left", proc.stderr)
+    assert len(lines) > 10
+    done = [int(d) for d, _ in lines]
+    assert done == sorted(done) and done[-1] <= int(lines[-1][1]) and len({t for _, t in lines}) == 1

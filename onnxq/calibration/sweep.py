@@ -18,11 +18,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-from tqdm import tqdm
 
 from onnxq.calibration.histogram import RunningHistogram, TensorStats
 from onnxq.errors import CalibrationError, ModelError
 from onnxq.model import MAX_IR_VERSION, detach_initializers, large_initializers, shape_skeleton
+from onnxq.progress import Progress
 from onnxq.runtime import make_session
 
 __all__ = [
@@ -264,7 +264,7 @@ def sweep(
         tensors: activation names (graph inputs or node outputs of the main graph), checked.
         num_bins: bins per sign of each histogram; ``None`` collects min/max only, reduced
             inside the graph (see :func:`reduction_model`).
-        progress: show a tqdm bar over the feeds.
+        progress: show the progress over the feeds (:class:`~onnxq.progress.Progress`).
         types: known element types (from :func:`check_tensors`).
 
     Raises:
@@ -297,11 +297,9 @@ def sweep(
     session = calibration_session(reduced)
     fallbacks: dict[tuple[str, ...], ort.InferenceSession] = {}
     session_inputs = {i.name for i in session.get_inputs()}
-    iterator: Iterable[Mapping[str, np.ndarray]] = feeds
-    if progress:
-        iterator = tqdm(feeds, desc="calibration", unit="batch", leave=False)
+    bar = Progress(len(feeds), "calibration", "batch", progress)
     logger.debug("sweep over %d feeds for %d tensors", len(feeds), len(tensors))
-    for index, feed in enumerate(iterator):
+    for index, feed in enumerate(feeds):
         arrays = check_feed(index, feed, required, known)
         run_feed = {
             k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
@@ -343,6 +341,8 @@ def sweep(
         for name in input_names:
             _update(stats[name], name, arrays[name], index)
         del values
+        bar.update(1)
+    bar.close()
     for name, st in stats.items():
         if st.non_finite:
             logger.warning("tensor %r takes NaN or Inf values on %d of %d calibration feeds; its range "

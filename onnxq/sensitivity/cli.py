@@ -73,7 +73,7 @@ def run_sensitivity_command(args: argparse.Namespace) -> int:
     sens = analyze(
         loaded.proto, list(feeds.all), spec, method=args.method, radius=args.radius,
         random_plans=args.random_plans, workers=args.workers, executor=args.executor,
-        cache_dir=default_cache_dir(), progress=not quiet and sys.stderr.isatty(), seed=args.seed,
+        cache_dir=default_cache_dir(), progress=not quiet, seed=args.seed,
         calibration=getattr(args, "calibration", None) or "minmax",
         memory_budget_mb=budget,
     )

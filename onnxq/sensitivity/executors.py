@@ -24,9 +24,8 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from tqdm import tqdm
-
 from onnxq.errors import UsageError
+from onnxq.progress import Progress
 from onnxq.sensitivity.engine import EvalContext, Evaluator, Job
 
 __all__ = ["ExecutorSpec", "parse_executor", "require_executor", "run_jobs"]
@@ -128,22 +127,15 @@ def run_jobs(
         threads = 1 if spec.kind == "ray" else max(1, (os.cpu_count() or 1) // count)
         worker_context = replace(context, cache_bytes=max(1, context.cache_bytes // count),
                                  threads=context.threads or threads)
-        bar = tqdm(total=len(jobs), desc=f"sensitivity: {len(jobs)} evaluations, {count} workers", unit="eval",
-                   disable=not progress, leave=False)
-        try:
+        with Progress(len(jobs), f"sensitivity ({count} workers)", "evaluation", progress) as bar:
             if spec.kind == "ray":
                 return _run_ray(worker_context, jobs, count, spec.address, bar.update)
             return _run_processes(worker_context, jobs, count, bar.update)
-        finally:
-            bar.close()
     evaluator = local or Evaluator(context)
     chunks = len(evaluator.chunks())
-    bar = tqdm(total=evaluator.runs(jobs), desc=f"sensitivity: {len(jobs)} evaluations × {chunks} chunk(s)",
-               unit="run", disable=not progress, leave=False)
-    try:
+    desc = f"sensitivity ({len(jobs)} evaluations × {chunks} chunk{'s' if chunks > 1 else ''})"
+    with Progress(evaluator.runs(jobs), desc, "run", progress) as bar:
         return evaluator.losses(jobs, bar.update)
-    finally:
-        bar.close()
 
 
 def _run_processes(context: EvalContext, jobs: Sequence[Job], workers: int,
