@@ -58,7 +58,9 @@ class FeedSet:
 
     @property
     def all(self) -> tuple[dict[str, np.ndarray], ...]:
-        return self.calibration + self.held_back
+        """Every feed once (with too few batches to hold one back, the held-back feeds are the
+        calibration feeds themselves)."""
+        return self.calibration + tuple(f for f in self.held_back if not any(f is c for c in self.calibration))
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:

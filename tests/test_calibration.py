@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,6 +22,7 @@ from onnxq.calibration import (
 from onnxq.calibration import sweep as sweep_mod
 from onnxq.calibration.histogram import RunningHistogram
 from onnxq.calibration.lapq import output_loss
+from onnxq.data import feed_samples, load_feeds
 from onnxq.errors import CalibrationError, UsageError
 from onnxq.numerics import MIN_SCALE, fake_quantize, qparams_from_range
 from onnxq.precision import Precision
@@ -340,3 +342,15 @@ def test_sweep_reduces_each_tensor_before_the_model_moves_on(tmp_path):
     next_model_node = {"x": "mm1", "h": "relu", "r": "mm2"}
     for tensor, follower in next_model_node.items():
         assert reduced_when[tensor] < order.index(follower), order
+
+
+def test_every_feed_is_counted_once_when_none_is_held_back(cnn_path: Path) -> None:
+    """With no held-back split the held-back feeds are the calibration feeds: ``all`` (what
+    ``onnxq sensitivity`` analyses) must not see each sample twice."""
+    model = onnx.load(str(cnn_path))
+    calib = str(cnn_path.with_name("digits_cnn.calib.npz"))
+    samples = len(next(iter(np.load(calib).values())))
+    feeds = load_feeds(calib, model, batch_size=64, held_back_fraction=0.0)
+    assert sum(feed_samples(f) for f in feeds.all) == samples == feeds.samples
+    split = load_feeds(calib, model, batch_size=16, held_back_fraction=0.25)
+    assert sum(feed_samples(f) for f in split.all) == samples and split.held_back
