@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from onnxq.calibration import weight_ranges
 from onnxq.data import feed_samples
-from onnxq.model import MAX_IR_VERSION, copy_fields
+from onnxq.model import MAX_IR_VERSION, detach_initializers
 from onnxq.numerics import fake_quantize, qparams_from_range
 from onnxq.precision import Precision, is_integer
 from onnxq.qdq_patterns import fake_quantize_blockwise
@@ -380,18 +380,10 @@ def detach_weights(model: onnx.ModelProto, extra_value_info: Sequence[onnx.Value
     second proto: this is how a model of several GB enters the analysis. ``extra_value_info``
     (inferred shapes) is added to the graph.
     """
-    skeleton = onnx.ModelProto()
-    copy_fields(skeleton, model, skip=("graph",))
-    graph = model.graph
-    copy_fields(skeleton.graph, graph, skip=("initializer",))
-    conv_inputs = _conv_inputs(graph)
-    shared: dict[str, np.ndarray] = {}
-    for tensor in graph.initializer:
-        if _is_shared(tensor, conv_inputs, SHARED_MIN_BYTES, SHARED_CONV_MIN_BYTES):
-            shared[tensor.name] = onnx.numpy_helper.to_array(tensor)
-        else:
-            skeleton.graph.initializer.append(tensor)
-    _as_inputs(skeleton.graph, shared)
+    conv_inputs = _conv_inputs(model.graph)
+    names = frozenset(t.name for t in model.graph.initializer
+                      if _is_shared(t, conv_inputs, SHARED_MIN_BYTES, SHARED_CONV_MIN_BYTES))
+    skeleton, shared = detach_initializers(model, names)
     known = {vi.name for vi in skeleton.graph.value_info}
     skeleton.graph.value_info.extend(vi for vi in extra_value_info if vi.name not in known)
     return skeleton.SerializeToString(), shared
