@@ -77,7 +77,8 @@ class Progress:
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta = _duration(left) if left != float("inf") else "unknown"
         pace = f"{rate:.2f} {self.unit}/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/{self.unit}"
-        return f"{self.desc}: {self.done}/{self.total} {self.unit}s, {pace}, about {eta} left"
+        units = self.unit + ("es" if self.unit.endswith(("ch", "sh", "s", "x")) else "s")
+        return f"{self.desc}: {self.done}/{self.total} {units}, {pace}, about {eta} left"
 
     def close(self) -> None:
         if self._bar is not None:
