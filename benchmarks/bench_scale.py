@@ -52,8 +52,9 @@ Depth table 2026-11-30 21:03 (``--depth-samples 8``, idle; plain-pass times are 
 
 Evaluations per entry: 0.91, 0.91, 0.92. Ray (``--tasks ray``, 4-layer encoder, 32 samples, 339
 evaluations): in-process 83.0 s; 1 actor 132.4 s (same numbers); 2 actors 82.1 s, 1.61× one actor
-(numbers not bit-identical: each actor gets half the memory budget, so other chunks, and
-onnxruntime's kernels and dynamic-quantization ranges depend on the batch).
+(numbers not bit-identical then: each actor got half the memory budget, so other chunks, and
+onnxruntime's kernels and dynamic-quantization ranges depend on the batch; the budget is now
+per worker and the numbers identical).
 
 Earlier depth table (``--depth-samples 8``, load 8-11, so the plain-pass denominators are noisy):
 

@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep layers in fp32: a layer name, re:PATTERN (whole name) or op:TYPE; repeatable")
     q.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk analysis cache")
     q.add_argument("--memory-budget", type=float, metavar="MB",
-                   help="bound on the activations the sensitivity analysis caches (default: a quarter of the model size, at least 128 MB, at most 1/4 of available memory)")
+                   help="bound on the activations the sensitivity analysis caches, per worker (default: a quarter of the model size, at least 128 MB, at most 1/4 of available memory)")
     _common(q)
 
     s = sub.add_parser("sensitivity", help="per-layer sensitivity analysis")
@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--random-plans", type=int, default=20, help="random mixed plans measured to check the prediction (default 20)")
     _parallel(s)
     s.add_argument("--memory-budget", type=float, metavar="MB",
-                   help="bound on the activations cached between evaluations (default: a quarter of the model size, at least 128 MB, at most 1/4 of available memory)")
+                   help="bound on the activations cached between evaluations, per worker (default: a quarter of the model size, at least 128 MB, at most 1/4 of available memory)")
     _common(s)
 
     v = sub.add_parser("validate", help="check a QDQ model against a hardware spec")

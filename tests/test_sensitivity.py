@@ -210,9 +210,11 @@ def test_cache_hit_returns_identical_json_without_evaluating(cnn_run, cnn, spec)
 def test_workers_give_the_same_numbers(cnn, spec) -> None:  # type: ignore[no-untyped-def]
     feeds = _feeds(CNN, 16, 16)
     only = ["/stem/stem.0/Conv", "/blocks/blocks.0/dw/dw.0/Conv", "/blocks/blocks.0/pw/pw.0/Conv"]
-    kwargs = dict(candidates=_candidates(cnn, spec, only), random_plans=2, seed=3)
+    # a budget of a few samples: the feeds run in chunks, which every worker must cut the same way
+    kwargs = dict(candidates=_candidates(cnn, spec, only), random_plans=2, seed=3, memory_budget_mb=0.4)
     serial = analyze(cnn, feeds, spec, workers=0, **kwargs)
     parallel = analyze(cnn, feeds, spec, workers=2, **kwargs)
+    assert serial["memory"]["chunks"] > 2
     for key in ("layers", "pairs", "validation", "evaluations"):
         assert serial[key] == parallel[key]
 
@@ -265,8 +267,10 @@ def test_transformer_int4_more_sensitive(spec) -> None:  # type: ignore[no-untyp
 def test_ray_executor_matches_local(cnn, spec) -> None:  # type: ignore[no-untyped-def]
     ray = pytest.importorskip("ray")
     feeds = _feeds(CNN, 16, 16)
-    kwargs = dict(candidates=_candidates(cnn, spec, ["/fc1/Gemm", "/fc2/Gemm"]), pairs=True, random_plans=2)
+    kwargs = dict(candidates=_candidates(cnn, spec, ["/fc1/Gemm", "/fc2/Gemm"]), pairs=True, random_plans=2,
+                  memory_budget_mb=0.005)
     local = analyze(cnn, feeds, spec, **kwargs)
+    assert local["memory"]["chunks"] > 2
     ray.init(num_cpus=2, log_to_driver=False, ignore_reinit_error=True)  # a local cluster of two CPUs
     try:
         remote = analyze(cnn, feeds, spec, executor="ray", workers=3, **kwargs)  # capped at two actors

@@ -2,9 +2,13 @@
 
 Every executor returns the losses in the order of the jobs, and every worker builds the same
 session from the same :class:`~onnxq.sensitivity.engine.EvalContext` (the fp32 reference is
-computed once by the parent), so the numbers do not depend on the executor. Worker processes
-split the memory budget (``EvalContext.cache_bytes``) between them and take large batches of
-jobs, since each batch runs the fp32 pass of every chunk of feeds once.
+computed once by the parent) and the same chunks of feeds, so the numbers do not depend on the
+executor: the memory budget (``EvalContext.cache_bytes``) is each worker's, like the weights
+every worker holds. Split between workers, it gave them smaller chunks, and onnxruntime's
+results depend on the batch (its kernels change with it; a dynamically quantized activation
+takes its range from the whole batch), so two Ray actors disagreed with one in the fourth
+digit. Workers take large batches of jobs, since each batch runs the fp32 pass of every chunk
+of feeds once.
 
 Local worker processes share this machine's cores (``EvalContext.threads``: cores ÷ workers
 each). Ray actors each reserve one CPU and run single-threaded sessions, spread over the
@@ -125,8 +129,7 @@ def run_jobs(
     if spec.kind == "ray" or workers > 1:
         count = max(1, workers)
         threads = 1 if spec.kind == "ray" else max(1, (os.cpu_count() or 1) // count)
-        worker_context = replace(context, cache_bytes=max(1, context.cache_bytes // count),
-                                 threads=context.threads or threads)
+        worker_context = replace(context, threads=context.threads or threads)
         with Progress(len(jobs), f"sensitivity ({count} workers)", "evaluation", progress) as bar:
             if spec.kind == "ray":
                 return _run_ray(worker_context, jobs, count, spec.address, bar.update)
