@@ -79,7 +79,12 @@ Tasks outside the default set:
 
 e1b results (``--tasks e1b``, 2 cores shared):
 
-E1B_ROWS
+| model | params | fp32 file MiB | bound MiB | ok | evaluations | seconds | peak RSS MiB | load |
+|---|---|---|---|---|---|---|---|---|
+| bert1b (E1B, external data) | 1.03 B | 3922 | 16713 | ok | 1605 | 3903.9 | 14938 | 1.5 1.9 2.0 |
+
+(2026-12-01, ``--random-plans 2``; 88% of the time is onnxruntime running the cut sessions, 2.4 s
+per evaluation on average; the default suite ran beside it for 6 of the 65 minutes.)
 
 ray results (``--tasks ray``, 2 cores shared; Ray workers at nice 0 like the driver — Ray nices
 them to 15, which loses the cores to anything else running):
