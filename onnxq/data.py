@@ -60,7 +60,8 @@ class FeedSet:
     def all(self) -> tuple[dict[str, np.ndarray], ...]:
         """Every feed once (with too few batches to hold one back, the held-back feeds are the
         calibration feeds themselves)."""
-        return self.calibration + tuple(f for f in self.held_back if not any(f is c for c in self.calibration))
+        calibrated = {id(feed) for feed in self.calibration}
+        return self.calibration + tuple(f for f in self.held_back if id(f) not in calibrated)
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:

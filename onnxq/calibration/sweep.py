@@ -297,52 +297,51 @@ def sweep(
     session = calibration_session(reduced)
     fallbacks: dict[tuple[str, ...], ort.InferenceSession] = {}
     session_inputs = {i.name for i in session.get_inputs()}
-    bar = Progress(len(feeds), "calibration", "batch", progress)
     logger.debug("sweep over %d feeds for %d tensors", len(feeds), len(tensors))
-    for index, feed in enumerate(feeds):
-        arrays = check_feed(index, feed, required, known)
-        run_feed = {
-            k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
-            for k, v in arrays.items()
-            if k in session_inputs
-        }
-        run_feed.update(weights)
-        try:
-            # OrtValue outputs are viewed by numpy without a copy (session.run copies each one)
-            values = session.run_with_ort_values(fetch, run_feed) if fetch else []
-        except Exception as exc:
-            raise CalibrationError(
-                f"onnxruntime failed on calibration feed {index}: {str(exc).splitlines()[0]}",
-                "check the feed's shapes and dtypes against the model inputs",
-            ) from exc
-        n_red = 3 * len(output_names)
-        scalars = [float(np.asarray(v.numpy())) for v in values[:n_red]]
-        unclean: list[str] = []
-        for k, name in enumerate(output_names):
-            lo, hi, total = scalars[3 * k : 3 * k + 3]
-            clean = _is_clean(lo, hi, total)
-            if with_tensors:
-                _update(stats[name], name, _as_array(values[n_red + k]), index, (lo, hi) if clean else None)
-            elif not clean:
-                unclean.append(name)
-            elif lo <= hi:
-                stats[name].update_range(lo, hi)
-        if unclean:
-            # rare: fetch just these tensors whole and reduce their finite values here
-            key = tuple(unclean)
-            if key not in fallbacks:
-                fallbacks[key] = calibration_session(calibration_model(model, unclean, types))
-            for name, value in zip(unclean, fallbacks[key].run(unclean, run_feed), strict=True):
-                finite = TensorStats()
-                _update(finite, name, np.asarray(value), index)
-                stats[name].non_finite += 1
-                if finite.count:
-                    stats[name].update_range(finite.min, finite.max)
-        for name in input_names:
-            _update(stats[name], name, arrays[name], index)
-        del values
-        bar.update(1)
-    bar.close()
+    with Progress(len(feeds), "calibration", "batch", progress) as bar:
+        for index, feed in enumerate(feeds):
+            arrays = check_feed(index, feed, required, known)
+            run_feed = {
+                k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                for k, v in arrays.items()
+                if k in session_inputs
+            }
+            run_feed.update(weights)
+            try:
+                # OrtValue outputs are viewed by numpy without a copy (session.run copies each one)
+                values = session.run_with_ort_values(fetch, run_feed) if fetch else []
+            except Exception as exc:
+                raise CalibrationError(
+                    f"onnxruntime failed on calibration feed {index}: {str(exc).splitlines()[0]}",
+                    "check the feed's shapes and dtypes against the model inputs",
+                ) from exc
+            n_red = 3 * len(output_names)
+            scalars = [float(np.asarray(v.numpy())) for v in values[:n_red]]
+            unclean: list[str] = []
+            for k, name in enumerate(output_names):
+                lo, hi, total = scalars[3 * k : 3 * k + 3]
+                clean = _is_clean(lo, hi, total)
+                if with_tensors:
+                    _update(stats[name], name, _as_array(values[n_red + k]), index, (lo, hi) if clean else None)
+                elif not clean:
+                    unclean.append(name)
+                elif lo <= hi:
+                    stats[name].update_range(lo, hi)
+            if unclean:
+                # rare: fetch just these tensors whole and reduce their finite values here
+                key = tuple(unclean)
+                if key not in fallbacks:
+                    fallbacks[key] = calibration_session(calibration_model(model, unclean, types))
+                for name, value in zip(unclean, fallbacks[key].run(unclean, run_feed), strict=True):
+                    finite = TensorStats()
+                    _update(finite, name, np.asarray(value), index)
+                    stats[name].non_finite += 1
+                    if finite.count:
+                        stats[name].update_range(finite.min, finite.max)
+            for name in input_names:
+                _update(stats[name], name, arrays[name], index)
+            del values
+            bar.update(1)
     for name, st in stats.items():
         if st.non_finite:
             logger.warning("tensor %r takes NaN or Inf values on %d of %d calibration feeds; its range "

@@ -271,8 +271,7 @@ def sample_losses(
     """The per-sample terms of :func:`loss_between`, float64, in feed and output order.
 
     Callers sum them with :func:`math.fsum`, which is exact: a job's loss is then the same
-    to the last bit however the feeds were cut into chunks (worker processes and Ray actors
-    split the memory budget, so their chunks differ from an in-process run's).
+    to the last bit in whatever order its chunks ran and were added up.
     """
     parts: list[np.ndarray] = []
     for f, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
@@ -1022,7 +1021,7 @@ class Evaluator:
         samples = 0
         for index, chunk in enumerate(chunks):
             # stop only at multiples of SEQUENTIAL_MIN_SAMPLES: the same samples whatever the
-            # chunking (worker processes and Ray actors split the memory budget)
+            # chunking (a smaller --memory-budget cuts the feeds into more chunks)
             if index and self.context.tolerance > 0 and samples % SEQUENTIAL_MIN_SAMPLES == 0:
                 done = converged(seen, active, self.context.tolerance)
                 if done:
