@@ -315,3 +315,41 @@ def test_a_long_analysis_logs_its_progress_off_a_terminal(cnn_path: Path, tmp_pa
     assert len(lines) > 10
     done = [int(d) for d, _ in lines]
     assert done == sorted(done) and done[-1] <= int(lines[-1][1]) and len({t for _, t in lines}) == 1
+
+
+def test_a_quantized_graph_output_runs_on_the_cut_path_like_the_fake_quant_session(caplog) -> None:  # type: ignore[no-untyped-def]
+    # on an integer-only target the graph output itself is quantized: nothing downstream reads
+    # it, so no cut session serves it; the final value is fake-quantized instead, and the terms
+    # must equal those of the whole-model fake-quant session without falling back to it
+    import importlib
+    import logging
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    module = importlib.import_module("onnxq.sensitivity.engine")
+    rng = np.random.default_rng(0)
+    nodes, inits, previous = [], [], "x"
+    for i in range(3):
+        inits.append(numpy_helper.from_array((rng.standard_normal((32, 32)) / 5).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [f"mm{i}"], name=f"layer{i}"))
+        previous = "y" if i == 2 else f"act{i}"
+        nodes.append(helper.make_node("Relu", [f"mm{i}"], [previous], name=f"relu{i}"))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((16, 32)).astype(np.float32)}]
+    spec = load_spec("edge-int-only")
+    kwargs = dict(seed=0, random_plans=0, cache_dir=None)
+    with caplog.at_level(logging.WARNING, logger="onnxq.sensitivity.engine"):
+        fast = analyze(model, feeds, spec, **kwargs)
+    assert not [r for r in caplog.records if "fake-quant session" in r.getMessage()]
+    module.USE_CUT_SESSIONS = False
+    try:
+        slow = analyze(model, feeds, spec, **kwargs)
+    finally:
+        module.USE_CUT_SESSIONS = True
+    terms = {(row["name"], c): e for row in slow["layers"] for c, e in row["candidates"].items()}
+    assert any("y" in e.get("activation_terms", {}) for e in terms.values())
+    for row in fast["layers"]:
+        for c, entry in row["candidates"].items():
+            assert entry["delta"] == pytest.approx(terms[(row["name"], c)]["delta"], rel=1e-3, abs=1e-10)

@@ -128,7 +128,7 @@ METHODS = ("onesided", "central", "hutchinson")
 #: Rademacher directions per layer for ``method="hutchinson"``.
 HUTCHINSON_DIRECTIONS = 4
 #: Bumped whenever the numbers this module computes change (part of the cache key).
-ALGORITHM_VERSION = 6
+ALGORITHM_VERSION = 7
 #: Calibration samples the analysis uses by default (the first ones; ``max_samples``).
 DEFAULT_SAMPLES = 64
 #: Relative standard error at which an evaluation on more than SEQUENTIAL_MIN_SAMPLES samples

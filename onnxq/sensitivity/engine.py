@@ -491,6 +491,9 @@ class SuffixRunner:
         self.output_names = [o.name for o in graph.output]
         self.initializers = {t.name for t in graph.initializer} | set(shared)
         self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializers]
+        #: graph outputs no node reads: a job quantizing one (the Q at an integer target's
+        #: output) fake-quantizes the final value in numpy, whichever session computed it
+        self.terminal = set(self.output_names) - {t for node in self.nodes for t in node.input}
         self.segments = {seg.name: seg for seg in segments}
         #: per session key (``w:<layer>`` weight-only, ``a:<layer>`` weight and activations):
         #: the suffix's node indices, its cut tensors, and the layer activations it produces
@@ -641,7 +644,7 @@ class SuffixRunner:
             self.start[key] = self.suffix[key][0] if self.suffix[key] else len(self.nodes)
         produced = {o for i in self.suffix[key] for o in self.nodes[i].output}
         for t, q in acts.items():
-            if t in produced and (t not in self.internal[key] or isinstance(q, DynamicQuant)):
+            if t in produced and t not in self.terminal and (t not in self.internal[key] or isinstance(q, DynamicQuant)):
                 return None
         if any(t not in acts for t in self.internal[key]):
             return None
@@ -728,7 +731,7 @@ class SuffixRunner:
             if not {other[2:] for other in later} <= set(self.segments[key[2:]].partners):
                 return None
             produced = {o for i in self.suffix[key] for o in self.nodes[i].output}
-            for t in acts:
+            for t in (t for t in acts if t not in self.terminal):
                 if t in produced and isinstance(acts[t], DynamicQuant) and t not in self.internal[key]:
                     return None  # a per-call range is not passed between sessions
                 if t in produced and t not in self.internal[key] and not any(
@@ -737,7 +740,8 @@ class SuffixRunner:
                     return None
             if any(t not in acts or isinstance(acts[t], DynamicQuant) for t in self.internal[key]):
                 return None  # per-call ranges of tensors computed inside a session: not here
-        if not any(t in self.cuts[key] or t in self.internal[key] for key in keys for t in acts) and acts:
+        if acts and not any(t in self.terminal for t in acts) and not any(
+                t in self.cuts[key] or t in self.internal[key] for key in keys for t in acts):
             return None
         return keys
 
@@ -768,7 +772,12 @@ class SuffixRunner:
                     if w in weights:
                         feed[w] = weights[w]
                 values.update(zip(names, session.run(names, feed), strict=True))  # type: ignore[attr-defined]
-            out.append(tuple(values.get(o, self.reference[f][k]) for k, o in enumerate(self.output_names)))
+            final = [values.get(o, self.reference[f][k]) for k, o in enumerate(self.output_names)]
+            inside = {t for key in keys for t in self.internal[key]}
+            for k, o in enumerate(self.output_names):
+                if o in self.terminal and o in acts and o not in inside:
+                    final[k] = fake_quantize_array(final[k], acts[o])  # type: ignore[arg-type]
+            out.append(tuple(final))
         return out
 
 
