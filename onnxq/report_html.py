@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scipy.stats import spearmanr
+from onnxq.statistics import spearman
 
 __all__ = ["render_html", "precision_colour", "COST_KEYS", "LOSS_KEYS", "MEASURED_LATENCY_KEY"]
 
@@ -334,12 +334,6 @@ def _svg_bars(title: str, labels: Sequence[str], values: Sequence[float], colour
 def _short(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
-
-def _spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Spearman's rank correlation, or None when it is undefined (fewer than 3 points, or a constant side)."""
-    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
-        return None
-    return float(spearmanr(xs, ys).statistic)
 
 
 # -- sections --------------------------------------------------------------------------------------
@@ -662,7 +656,7 @@ def _predicted_vs_measured(report: Mapping[str, Any], search: Mapping[str, Any])
     if not pairs:
         return ""
     xs, ys = tuple(p for p, _ in pairs), tuple(m for _, m in pairs)
-    rho = _spearman(xs, ys)
+    rho = spearman(xs, ys)
     rho_text = f"Spearman ρ = {rho:.2f}" if rho is not None else "Spearman ρ undefined"
     chosen = (_num(search.get("predicted_loss")), _num(search.get("measured_drop")))
     highlight = chosen if chosen[0] is not None and chosen[1] is not None else None

@@ -8,7 +8,9 @@ reports each violation with its file and line:
 2. underscore-private names taken from another module (``from m import _x`` or ``m._x``);
 3. analyses (sensitivity, search, calibration, graph, cost) importing the faces (``onnxq.cli``,
    ``onnxq.api``), anywhere in the module;
-4. function-local imports of anything but an optional dependency.
+4. function-local imports of anything but an optional dependency or a library deferred for
+   start-up time (scipy: most of a second that only ranking, LAPQ and the ILP need; every
+   command would pay it, ``onnxq --help`` included).
 
 The checker itself is tested on a small synthetic package, so it can fail.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import ast
 import configparser
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS: dict[str, Path] = {"onnxq": ROOT / "onnxq", "onnxq.passes": ROOT / "passes"}
 ANALYSES: tuple[str, ...] = ("onnxq.sensitivity", "onnxq.search", "onnxq.calibration", "onnxq.graph", "onnxq.cost")
 FACES: tuple[str, ...] = ("onnxq.cli", "onnxq.api")
-#: Optional dependencies, the only ones a function may import lazily.
-OPTIONAL_DEPS: frozenset[str] = frozenset({"ray", "matplotlib", "nncf", "psutil"})
+#: Optional dependencies, and scipy (deferred for start-up time): the only ones a function may import lazily.
+OPTIONAL_DEPS: frozenset[str] = frozenset({"ray", "matplotlib", "nncf", "psutil", "scipy"})
 
 
 @dataclass(frozen=True)
@@ -325,3 +329,10 @@ def test_version_lives_in_a_leaf_module_that_setup_cfg_reads(package: ImportScan
     assert config["metadata"]["version"].strip() == "attr: onnxq.version.__version__"
     assert not [e for e in package.edges if e.importer == "onnxq.version" and e.target.startswith("onnxq")]
     assert onnxq.__version__ == __version__
+
+
+def test_the_cli_starts_without_scipy() -> None:
+    """Every command, ``--help`` included, paid most of a second for scipy.stats before it was deferred."""
+    probe = "import sys, onnxq.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

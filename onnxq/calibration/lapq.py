@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-from scipy import optimize
 
 from onnxq.calibration import thresholds as _th
 from onnxq.calibration.histogram import TensorStats
@@ -155,6 +154,8 @@ def lapq_ranges(
     n = len(names)
     budget = int(maxfev) if maxfev is not None else min(MAXFEV_PER_TENSOR * n, MAXFEV_CAP)
     x0 = np.ones(n)
+    from scipy import optimize  # a second of import time that only LAPQ runs need
+
     result = optimize.minimize(
         objective,
         x0,

@@ -20,8 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_array
 
 from onnxq.precision import Candidate
 
@@ -211,6 +209,9 @@ def solve(
     b.row([(b.n - 1, 1.0)], 1.0, 1.0)
     integrality = np.ones(b.n)
     integrality[b.n_x:] = 0  # pair products and boundaries take integral values once x is integral
+    from scipy.optimize import Bounds, LinearConstraint, milp  # imported when a program is solved: CLI start-up
+    from scipy.sparse import coo_array
+
     matrix = coo_array((b.vals, (b.rows, b.cols)), shape=(len(b.lb), b.n)).tocsr()
     result = milp(objective, integrality=integrality, bounds=Bounds(np.zeros(b.n), np.ones(b.n)),
                   constraints=LinearConstraint(matrix, np.asarray(b.lb), np.asarray(b.ub)),

@@ -86,7 +86,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from scipy.stats import spearmanr
 
 from onnxq.calibration import cache as _cache
 from onnxq.calibration import collect_ranges
@@ -116,6 +115,7 @@ from onnxq.sensitivity.executors import require_executor, run_jobs
 from onnxq.sensitivity.scoped import MAIN_SCOPE, ScopeChange, ScopedEvaluator, ScopedJob
 from onnxq.simulate import WeightFormat, weight_format
 from onnxq.spec.model import Granularity, HardwareSpec
+from onnxq.statistics import spearman
 from onnxq.subgraphs import expose
 
 __all__ = ["SENSITIVITY_FORMAT", "METHODS", "ALGORITHM_VERSION", "analyze", "predicted_loss", "bounded_cross",
@@ -383,12 +383,6 @@ def _resolve_loss(loss: str, reference: Sequence[Sequence[np.ndarray]]) -> str:
     first = reference[0][0]
     return "kl" if first.dtype.kind == "f" and first.ndim == 2 and first.shape[-1] >= 2 else "mse"
 
-
-def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    value = float(spearmanr(x, y).statistic)
-    return None if not np.isfinite(value) else value
 
 
 def _random_plans(layers: Sequence[str], candidates: Mapping[str, Sequence[Candidate]], count: int,
@@ -949,8 +943,8 @@ def analyze(
         real = [measured(("plan", i)) for i in range(len(plans))]
         result["validation"] = {
             "plans": len(plans),
-            "spearman_with_pairs": _spearman(predicted_with, real),
-            "spearman_without_pairs": _spearman(predicted_without, real),
+            "spearman_with_pairs": spearman(predicted_with, real),
+            "spearman_without_pairs": spearman(predicted_without, real),
             "measured": real,
             "predicted_with_pairs": predicted_with,
             "predicted_without_pairs": predicted_without,
