@@ -1,12 +1,12 @@
 """Shared fixtures: bundled models and a CLI runner.
 
-``run_cli`` runs ``python -m onnxq ARGS`` as a real child process with its own stdout, stderr,
-exit code, working directory and environment. A fresh interpreter spends about a second of CPU
-importing onnxq, onnxruntime and scipy before the CLI starts, and the suite runs the CLI a
-hundred times; so by default the children are forked from one server process that has done
-those imports once (the forkserver idea of :mod:`multiprocessing`). Each child is a new process
-that runs ``onnxq/__main__.py`` the way ``python -m`` does: uncaught exceptions print their
-traceback and exit 1, ``atexit`` handlers run, fds 1 and 2 are the child's own. Set
+``run_cli`` runs ``python -m onnxq ARGS`` as a real child process with its own stdout, stderr, exit
+code, working directory and environment. A fresh interpreter spends about a second of CPU importing
+and compiling onnxq and its libraries before the CLI starts, and the suite runs the CLI a hundred
+times; so by default the children are forked from one server process that has done those imports,
+and compiled onnxq's bytecode, once (the forkserver idea of :mod:`multiprocessing`). Each child is a
+new process that runs ``onnxq/__main__.py`` the way ``python -m`` does: uncaught exceptions print
+their traceback and exit 1, ``atexit`` handlers run, fds 1 and 2 are the child's own. Set
 ``ONNXQ_TEST_SUBPROCESS=1`` to launch a fresh interpreter per run instead.
 """
 
@@ -49,11 +49,18 @@ os.dup2(null, 0)
 os.dup2(null, 1)
 # the slow imports every run would repeat; not onnxq itself, which imports onnxruntime: a child
 # forked after onnxruntime is imported aborts at exit (its thread pools do not survive fork)
-import jsonschema, networkx, numpy, onnx, onnx.shape_inference, onnx.version_converter, scipy.stats, tqdm
-import runpy
+import jsonschema, networkx, numpy, onnx, onnx.shape_inference, onnx.version_converter, tqdm
+import compileall, runpy, shutil, tempfile
+# onnxq's own bytecode, compiled once into a private folder: with PYTHONDONTWRITEBYTECODE set every
+# child would otherwise compile the whole package from source (about half a second a run)
+sys.pycache_prefix = tempfile.mkdtemp(prefix="onnxq-test-pyc-")
+sys.dont_write_bytecode = False
+for folder in ("onnxq", "passes"):
+    compileall.compile_dir(folder, quiet=1)
 while True:
     line = requests.readline()
     if not line:
+        shutil.rmtree(sys.pycache_prefix, ignore_errors=True)
         sys.exit(0)
     request = json.loads(line)
     pid = os.fork()

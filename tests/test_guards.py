@@ -118,24 +118,37 @@ def test_nonfinite_quantized_model_exits_1_from_the_cli(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ scored as the target computes (item 12)
 
-def test_an_integer_target_is_scored_as_it_computes() -> None:
-    """edge-int-only is not onnxruntime on this CPU: its int8 x int8 layers compute what the Q/DQ
-    model says. onnxruntime's x86 u8s8 kernels without VNNI saturate on full-range int8 weights;
-    scored through them, a correct uniform int8 CNN measured a drop of 0.66 and the search settled
-    on an int4 plan that missed --max-drop 0.01."""
-    cnn, calib = str(MODELS / "digits_cnn.onnx"), str(MODELS / "digits_cnn.calib.npz")
-    uniform = quantize(cnn, calib, "edge-int-only", precision="int8/int8", options=OPTIONS)
-    assert uniform.report["metric"]["drop"] < 0.01, uniform.report["metric"]
-    searched = quantize(cnn, calib, "edge-int-only", options=OPTIONS)  # the default --max-drop 0.01
-    assert searched.target_met, searched.report.get("shortfall")
-    assert searched.report["metric"]["drop"] <= 0.01
-    # on data the search never saw, run as the integer target runs it (Q/DQ as written)
+def _eval_agreement(model: onnx.ModelProto, cnn: str) -> tuple[float, float, float]:
+    """Accuracy of fp32 and of ``model`` run as the integer target runs it (Q/DQ as written), and
+    their agreement, on images no calibration or search saw."""
     with np.load(MODELS / "digits_cnn.eval.npz", allow_pickle=False) as data:
         images, labels = data["input"], data["labels"]
     fp32 = make_session(onnx.load(cnn)).run(None, {"input": images})[0].argmax(-1)
-    exact = make_session(searched.model, exact_qdq=True).run(None, {"input": images})[0].argmax(-1)
-    assert np.mean(exact == labels) >= np.mean(fp32 == labels) - 0.01
-    assert np.mean(exact == fp32) >= 0.98
+    exact = make_session(model, exact_qdq=True).run(None, {"input": images})[0].argmax(-1)
+    return float(np.mean(fp32 == labels)), float(np.mean(exact == labels)), float(np.mean(exact == fp32))
+
+
+def test_an_integer_target_is_scored_as_it_computes() -> None:
+    """edge-int-only is not onnxruntime on this CPU: its int8 x int8 layers compute what the Q/DQ
+    model says. onnxruntime's x86 u8s8 kernels without VNNI saturate on full-range int8 weights;
+    scored through them, a correct uniform int8 CNN measured a drop of 0.66."""
+    cnn, calib = str(MODELS / "digits_cnn.onnx"), str(MODELS / "digits_cnn.calib.npz")
+    uniform = quantize(cnn, calib, "edge-int-only", precision="int8/int8", options=OPTIONS)
+    assert uniform.report["metric"]["drop"] < 0.01, uniform.report["metric"]
+    fp32_accuracy, accuracy, agreement = _eval_agreement(uniform.model, cnn)
+    assert accuracy >= fp32_accuracy - 0.01 and agreement >= 0.98
+
+
+@pytest.mark.slow
+def test_the_integer_target_search_meets_the_default_range() -> None:
+    """Scored through the saturating kernels, the search settled on an int4 plan that missed
+    --max-drop 0.01; scored as the target computes, it meets it, on unseen data too."""
+    cnn, calib = str(MODELS / "digits_cnn.onnx"), str(MODELS / "digits_cnn.calib.npz")
+    searched = quantize(cnn, calib, "edge-int-only", options=OPTIONS)  # the default --max-drop 0.01
+    assert searched.target_met, searched.report.get("shortfall")
+    assert searched.report["metric"]["drop"] <= 0.01
+    fp32_accuracy, accuracy, agreement = _eval_agreement(searched.model, cnn)
+    assert accuracy >= fp32_accuracy - 0.01 and agreement >= 0.98
 
 
 # ------------------------------------------------------------------ budgets on the written model (item 5)
