@@ -217,6 +217,11 @@ def test_workers_give_the_same_numbers(cnn, spec) -> None:  # type: ignore[no-un
     assert serial["memory"]["chunks"] > 2
     for key in ("layers", "pairs", "validation", "evaluations"):
         assert serial[key] == parallel[key]
+    # the workers' own chunks, cache and peak are reported, not the idle parent's (0 chunks)
+    assert parallel["memory"]["chunks"] == serial["memory"]["chunks"]
+    assert parallel["memory"]["cached_mib"] == serial["memory"]["cached_mib"] > 0
+    assert "worker_peak_rss_mib" not in serial["memory"]
+    assert parallel["memory"]["worker_peak_rss_mib"] > 100  # a worker holds onnxruntime and the model
 
 
 def test_hutchinson_orders_bit_widths(cnn, spec) -> None:  # type: ignore[no-untyped-def]
@@ -278,6 +283,8 @@ def test_ray_executor_matches_local(cnn, spec) -> None:  # type: ignore[no-untyp
         ray.shutdown()
     for key in ("layers", "pairs", "validation", "evaluations"):
         assert local[key] == remote[key]
+    assert remote["memory"]["chunks"] == local["memory"]["chunks"]
+    assert remote["memory"]["worker_peak_rss_mib"] > 100
 
 
 def test_cli_writes_the_file(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -851,10 +851,12 @@ def analyze(
                 len(layer_names), sum(home[n] != MAIN_SCOPE for n in layer_names), len(pair_list), len(jobs),
                 ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())), method, workers, executor)
     main_jobs = [j for j in jobs if isinstance(j, Job)]
-    main_losses = iter(run_jobs(context, main_jobs, workers=workers, executor=executor, progress=progress, local=local))
-    if local.stopped_early:
+    main_list, usage = run_jobs(context, main_jobs, workers=workers, executor=executor, progress=progress, local=local)
+    main_losses = iter(main_list)
+    usage = usage or local.usage()
+    if usage.stopped_early:
         logger.info("sensitivity: %d of %d evaluations stopped before the last of %d chunks (standard error "
-                    "within %.0f%%)", local.stopped_early, len(main_jobs), local.planned_chunks, 100 * tolerance)
+                    "within %.0f%%)", usage.stopped_early, len(main_jobs), usage.chunks, 100 * tolerance)
     scoped = ScopedEvaluator(work, scoped_views, scoped_weights, planner.ranges, feed_list, reference, loss_kind)
     losses = [next(main_losses) if isinstance(j, Job) else scoped.loss(j) for j in jobs]
     EVALUATION_COUNTER.total += len(jobs) + 1
@@ -950,8 +952,11 @@ def analyze(
             "predicted_without_pairs": predicted_without,
         }
     result["seconds"] = round(time.perf_counter() - start, 3)
+    # the budget, chunks and cache are each worker's; with workers, the peak is given per process
     result["memory"] = {"peak_rss_mib": round(peak_rss_mib(), 1), "budget_mib": round(context.cache_bytes / 2**20, 1),
-                        "chunks": local.planned_chunks, "cached_mib": round(local.cached_bytes / 2**20, 1)}
+                        "chunks": usage.chunks, "cached_mib": round(usage.cached_bytes / 2**20, 1)}
+    if usage.process != os.getpid():
+        result["memory"]["worker_peak_rss_mib"] = round(usage.peak_rss_mib, 1)
     _store_cached(cache_dir, key, result)
     return result
 

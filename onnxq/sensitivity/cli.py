@@ -95,6 +95,7 @@ def run_sensitivity_command(args: argparse.Namespace) -> int:
           f"{sens['seconds']:.1f} s ({sens['loss']} loss); wrote {out}")
     memory = sens.get("memory")
     if memory:
-        print(f"peak memory {memory['peak_rss_mib']:.0f} MiB (cached activations {memory['cached_mib']:.0f} MiB "
-              f"in {memory['chunks']} chunk(s), budget {memory['budget_mib']:.0f} MiB)")
+        workers = f", each worker {memory['worker_peak_rss_mib']:.0f} MiB" if "worker_peak_rss_mib" in memory else ""
+        print(f"peak memory {memory['peak_rss_mib']:.0f} MiB{workers} (cached activations {memory['cached_mib']:.0f} "
+              f"MiB in {memory['chunks']} chunk(s), budget {memory['budget_mib']:.0f} MiB per worker)")
     return 0

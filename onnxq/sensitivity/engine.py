@@ -56,6 +56,7 @@ __all__ = [
     "SuffixRunner",
     "EvalContext",
     "Evaluator",
+    "EvaluatorUsage",
     "weight_noise",
     "rademacher",
     "loss_between",
@@ -813,6 +814,27 @@ def converged(losses: Sequence[Sequence[np.ndarray]], active: Sequence[int], tol
     return done
 
 
+@dataclass(frozen=True)
+class EvaluatorUsage:
+    """What one evaluator's process used so far: the chunks it cut the feeds into, its largest
+    cache of cut activations, its jobs that stopped before the last chunk, its peak RSS."""
+
+    process: int
+    chunks: int
+    cached_bytes: int
+    stopped_early: int
+    peak_rss_mib: float
+
+    @staticmethod
+    def combined(usages: Sequence[EvaluatorUsage]) -> EvaluatorUsage | None:
+        """Several workers as one: jobs are split between them, so early stops add up; the rest
+        is the largest (every worker cuts the same chunks)."""
+        if not usages:
+            return None
+        return EvaluatorUsage(-1, max(u.chunks for u in usages), max(u.cached_bytes for u in usages),
+                              sum(u.stopped_early for u in usages), max(u.peak_rss_mib for u in usages))
+
+
 class Evaluator:
     """Evaluates :class:`Job` s: cut sessions (:class:`SuffixRunner`) for the single-layer and
     pair jobs, chunk by chunk of the feeds; a model built per job for the validation plans; the
@@ -1062,6 +1084,10 @@ class Evaluator:
         self.fallbacks.clear()
         losses = [np.concatenate(rows) if rows else np.zeros(0) for rows in seen]
         return [math.fsum(rows) / rows.size if rows.size else 0.0 for rows in losses]
+
+    def usage(self) -> EvaluatorUsage:
+        """This evaluator's usage so far (workers send it back with each batch of losses)."""
+        return EvaluatorUsage(os.getpid(), self.planned_chunks, self.cached_bytes, self.stopped_early, peak_rss_mib())
 
     def runs(self, jobs: Sequence[Job]) -> int:
         """Session runs :meth:`losses` reports through ``advance`` for ``jobs``."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 from onnxq.errors import UsageError
 from onnxq.progress import Progress
-from onnxq.sensitivity.engine import EvalContext, Evaluator, Job
+from onnxq.sensitivity.engine import EvalContext, Evaluator, EvaluatorUsage, Job
 
 __all__ = ["ExecutorSpec", "parse_executor", "require_executor", "run_jobs"]
 
@@ -94,9 +94,9 @@ def _init_worker(context: EvalContext) -> None:
     _WORKER = Evaluator(context)
 
 
-def _run_chunk(jobs: Sequence[Job]) -> list[float]:
+def _run_chunk(jobs: Sequence[Job]) -> tuple[list[float], EvaluatorUsage]:
     assert _WORKER is not None, "worker not initialised"
-    return _WORKER.losses(jobs)
+    return _WORKER.losses(jobs), _WORKER.usage()
 
 
 def _chunks(jobs: Sequence[Job], workers: int) -> list[list[Job]]:
@@ -112,8 +112,9 @@ def run_jobs(
     executor: str = "local",
     progress: bool = False,
     local: Evaluator | None = None,
-) -> list[float]:
-    """Losses of ``jobs`` in order.
+) -> tuple[list[float], EvaluatorUsage | None]:
+    """Losses of ``jobs`` in order, and what the evaluators used (the workers' combined, when
+    workers ran them; None for no jobs).
 
     Args:
         context: what each worker builds its session from (``reference`` set).
@@ -125,7 +126,7 @@ def run_jobs(
     """
     spec = parse_executor(executor)
     if not jobs:
-        return []
+        return [], None
     if spec.kind == "ray" or workers > 1:
         count = max(1, workers)
         threads = 1 if spec.kind == "ray" else max(1, (os.cpu_count() or 1) // count)
@@ -138,22 +139,24 @@ def run_jobs(
     chunks = len(evaluator.chunks())
     desc = f"sensitivity ({len(jobs)} evaluations × {chunks} chunk{'s' if chunks > 1 else ''})"
     with Progress(evaluator.runs(jobs), desc, "run", progress) as bar:
-        return evaluator.losses(jobs, bar.update)
+        return evaluator.losses(jobs, bar.update), evaluator.usage()
 
 
 def _run_processes(context: EvalContext, jobs: Sequence[Job], workers: int,
-                   advance: Callable[[int], object]) -> list[float]:
+                   advance: Callable[[int], object]) -> tuple[list[float], EvaluatorUsage | None]:
     chunks = _chunks(jobs, workers)
     results: list[list[float] | None] = [None] * len(chunks)
+    usage: dict[int, EvaluatorUsage] = {}  # the latest of each worker process (its totals so far)
     ctx = multiprocessing.get_context("spawn")  # onnxruntime thread pools do not survive fork
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                 initargs=(context,)) as pool:
         futures = {pool.submit(_run_chunk, chunk): i for i, chunk in enumerate(chunks)}
         for future in cf.as_completed(futures):
             index = futures[future]
-            results[index] = future.result()
+            results[index], latest = future.result()
+            usage[latest.process] = latest
             advance(len(chunks[index]))
-    return [loss for chunk in results for loss in (chunk or [])]
+    return [loss for chunk in results for loss in (chunk or [])], EvaluatorUsage.combined(list(usage.values()))
 
 
 class _Actor:  # pragma: no cover - runs inside Ray workers
@@ -162,8 +165,8 @@ class _Actor:  # pragma: no cover - runs inside Ray workers
     def __init__(self, context: EvalContext) -> None:
         self.evaluator = Evaluator(context)
 
-    def losses(self, chunk: list[Job]) -> list[float]:
-        return self.evaluator.losses(chunk)
+    def losses(self, chunk: list[Job]) -> tuple[list[float], EvaluatorUsage]:
+        return self.evaluator.losses(chunk), self.evaluator.usage()
 
 
 def _actor_count(ray, wanted: int) -> int:  # type: ignore[no-untyped-def]
@@ -175,7 +178,7 @@ def _actor_count(ray, wanted: int) -> int:  # type: ignore[no-untyped-def]
 
 
 def _run_ray(context: EvalContext, jobs: Sequence[Job], actors: int, address: str | None,
-             advance: Callable[[int], object]) -> list[float]:
+             advance: Callable[[int], object]) -> tuple[list[float], EvaluatorUsage | None]:
     ray = _import_ray()
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
@@ -184,6 +187,7 @@ def _run_ray(context: EvalContext, jobs: Sequence[Job], actors: int, address: st
     pool = [remote.remote(ref) for _ in range(_actor_count(ray, actors))]
     chunks = _chunks(jobs, len(pool))
     results: list[list[float] | None] = [None] * len(chunks)
+    usage: dict[int, EvaluatorUsage] = {}  # per actor (pids may repeat across nodes)
     waiting = list(range(len(chunks)))
     pending = {}
     try:
@@ -194,7 +198,7 @@ def _run_ray(context: EvalContext, jobs: Sequence[Job], actors: int, address: st
             done, _ = ray.wait(list(pending), num_returns=1)
             for obj in done:
                 index, actor = pending.pop(obj)
-                results[index] = ray.get(obj)
+                results[index], usage[pool.index(actor)] = ray.get(obj)
                 advance(len(chunks[index]))
                 if waiting:
                     following = waiting.pop(0)
@@ -202,4 +206,4 @@ def _run_ray(context: EvalContext, jobs: Sequence[Job], actors: int, address: st
     finally:
         for actor in pool:
             ray.kill(actor)
-    return [loss for chunk in results for loss in (chunk or [])]
+    return [loss for chunk in results for loss in (chunk or [])], EvaluatorUsage.combined(list(usage.values()))
