@@ -543,6 +543,10 @@ class SearchPass(Pass):
         if not target_met:
             search["shortfall"] = (f"no plan met --max-drop {options.max_drop}: the best measured drop is "
                                    f"{drop:.4f}, {drop - options.max_drop:.4f} over the range")
+            if spec.integer_only:  # no fp32 to fall back on: only better ranges or a wider range help
+                others = [m for m in ("mse", "percentile") if m != options.calibration]
+                search["shortfall"] += (f" ({spec.name} has no float fallback; try --calibration {' or '.join(others)}"
+                                        f", or a wider --max-drop)")
             logger.warning("target not met: %s", search["shortfall"])
         logger.info("search: %d plans on the predicted front, %d real evaluations, chose #%d (drop %.4f)",
                     len(front), evaluator.evaluations, chosen, drop)

@@ -361,3 +361,14 @@ def test_exclude_from_the_cli_and_its_errors(tmp_path: Path) -> None:
     assert _quantized_layers(onnx.load(tmp_path / "q.onnx")) == {"body/conv"}
     for bad in ("nope", "re:(", "op:"):
         assert main([*base, "--exclude", bad]) == 2
+
+
+def test_an_integer_target_that_misses_the_range_says_what_can_help() -> None:
+    """Without fp32 the search cannot fall back; the shortfall names what can still help."""
+    model, calib = _two_matmuls()
+    options = QuantizeOptions(progress=False, cache_dir="", max_drop=1e-6, metric="cosine")
+    result = quantize(model, calib, "edge-int-only", options=options)
+    assert result.target_met is False
+    shortfall = result.report["shortfall"]
+    assert "no float fallback" in shortfall and "--calibration mse or percentile" in shortfall, shortfall
+    assert np.isfinite(result.report["metric"]["drop"])
