@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,17 @@ def test_lapq_beats_minmax_at_4_bits(model, feeds):
         return output_loss([sim.run(f, q) for f in feeds], ref)
 
     assert loss(la) < 0.7 * loss(mm)
+
+
+def test_lapq_reports_its_progress_off_a_terminal(model, feeds, monkeypatch, caplog):
+    """A per-plan LAPQ fit can take minutes: off a terminal it logs evaluations done and time left."""
+    monkeypatch.setenv("ONNXQ_PROGRESS_SECONDS", "0")
+    prec = {t: Precision.UINT4 for t in ("h", "r")}
+    with caplog.at_level(logging.INFO, logger="onnxq.progress"):
+        collect_ranges(model, feeds, ["h", "r"], method="lapq", precision_for=prec, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LAPQ ranges (2 tensors): ")]
+    assert len(lines) > 5, lines
+    assert lines[-1].split(": ")[1].split()[0] == f"{len(lines)}/100", lines[-1]  # 50 per tensor
 
 
 def test_histogram_regrowth_is_exact():

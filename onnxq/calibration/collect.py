@@ -198,7 +198,8 @@ def collect_ranges(
     )
     ranges = ranges_from_stats(stats, m, precisions, symmetric, percentile)
     if m is CalibrationMethod.LAPQ:
-        ranges = lapq_ranges(model, feed_list, stats, precisions, symmetric, seed=seed, weights=weights)
+        ranges = lapq_ranges(model, feed_list, stats, precisions, symmetric, seed=seed, weights=weights,
+                             progress=progress)
     logger.info(
         "calibrated %d tensors with %s on %d feeds in %.2fs",
         len(tensors), m.value, len(feed_list), time.perf_counter() - start,

@@ -25,6 +25,7 @@ from onnxq.calibration.types import TensorRange
 from onnxq.errors import UsageError
 from onnxq.numerics import QParams, qparams_from_range
 from onnxq.precision import Precision, is_integer
+from onnxq.progress import Progress
 from onnxq.simulate import FakeQuantModel
 
 __all__ = ["BOUNDS", "MAXFEV_CAP", "MAXFEV_PER_TENSOR", "P_VALUES", "lapq_ranges", "output_loss"]
@@ -83,6 +84,7 @@ def lapq_ranges(
     max_feeds: int = 4,
     loss: str = "mse",
     weights: Mapping[str, np.ndarray] | None = None,
+    progress: bool = False,
 ) -> dict[str, TensorRange]:
     """LAPQ ranges of the tensors in ``stats`` (which must carry histograms).
 
@@ -98,6 +100,8 @@ def lapq_ranges(
         loss: ``"mse"`` or ``"kl"`` (see :func:`output_loss`).
         weights: quantized weight values fed in place of the fp32 ones during the search (the
             reference outputs stay fp32).
+        progress: show the loss evaluations done and the time left (a bar on a terminal, a log
+            line off one).
     """
     if loss not in ("mse", "kl"):
         raise UsageError(f"unknown LAPQ loss {loss!r}", "use 'mse' or 'kl'")
@@ -143,26 +147,31 @@ def lapq_ranges(
         return fallback
 
     cache: dict[bytes, float] = {}
+    n = len(names)
+    budget = int(maxfev) if maxfev is not None else min(MAXFEV_PER_TENSOR * n, MAXFEV_CAP)
+    # Powell stops at its tolerances or a little past the budget: the bar's total is the budget
+    bar = Progress(budget, f"LAPQ ranges ({n} tensors)", "evaluation", progress)
 
     def objective(alpha: np.ndarray) -> float:
         alpha = np.clip(np.asarray(alpha, dtype=np.float64), *BOUNDS)
         key = np.round(alpha, 6).tobytes()
         if key not in cache:
             cache[key] = evaluate(alpha * lo0, alpha * hi0)
+            if bar.done < bar.total:
+                bar.update(1)
         return cache[key]
 
-    n = len(names)
-    budget = int(maxfev) if maxfev is not None else min(MAXFEV_PER_TENSOR * n, MAXFEV_CAP)
     x0 = np.ones(n)
     from scipy import optimize  # a second of import time that only LAPQ runs need
 
-    result = optimize.minimize(
-        objective,
-        x0,
-        method="Powell",
-        bounds=[BOUNDS] * n,
-        options={"maxfev": budget, "xtol": 1e-2, "ftol": 1e-3},
-    )
+    with bar:
+        result = optimize.minimize(
+            objective,
+            x0,
+            method="Powell",
+            bounds=[BOUNDS] * n,
+            options={"maxfev": budget, "xtol": 1e-2, "ftol": 1e-3},
+        )
     alpha = np.clip(np.asarray(result.x, dtype=np.float64), *BOUNDS)
     final = objective(alpha)
     if final > best_loss:
