@@ -134,9 +134,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _SaidAtTheEnd(logging.Filter):
+    """A missed target ends the run with one line naming the shortfall and the file written; the
+    passes' warning of the same shortfall (for API users) would say it twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("onnxq.passes") and record.getMessage().startswith("target not met:"))
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="onnxq: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_SaidAtTheEnd())
     for noisy in ("onnxq.calibration", "onnxq.passes", "onnxq.rewrite", "onnxq.graph", "onnxq.model"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
 
