@@ -63,7 +63,7 @@ import numpy as np
 
 from onnxq.layout import SHARED_SCALE_DEFAULT, plan_layout
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
-from onnxq.rewrite import weight_axis
+from onnxq.rewrite import per_channel_shape, weight_axis
 from onnxq.spec.model import Granularity, HardwareSpec
 
 if TYPE_CHECKING:
@@ -400,7 +400,7 @@ def layer_costs(view: GraphView) -> list[LayerCost]:
     for layer in view.layers.values():
         channels = 1
         weight_elements = layer.weight.elements if layer.weight is not None else 0
-        if layer.weight is not None and len(layer.weight.shape) >= 2:
+        if layer.weight is not None and per_channel_shape(layer.op_type, len(layer.weight.shape)):
             axis = weight_axis(layer.op_type, view.nodes[layer.name], len(layer.weight.shape))
             channels = max(1, layer.weight.shape[axis])
         rows.append(LayerCost(layer.name, layer.op_type, layer.macs, weight_elements, layer.input_elements,

@@ -44,6 +44,7 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_activation_qparams",
     "dynamic_weight_layout",
+    "weight_form_problem",
     "emit_blockwise_weight",
     "emit_dynamic_layer",
     "fake_quantize_blockwise",
@@ -141,6 +142,25 @@ def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     if pad:
         w = np.concatenate([w, np.zeros((pad, *w.shape[1:]), dtype=w.dtype)], axis=0)
     return w.reshape(-1, block_size, *w.shape[1:])
+
+
+def weight_form_problem(node: onnx.NodeProto, weight_shape: tuple[int, ...], candidate: Candidate) -> str | None:
+    """Why these patterns cannot write ``node``'s weight at ``candidate``, or None.
+
+    Dynamic int8 and block-wise weights each have one pattern, a 2-D ``W`` in ``x @ W``: MatMul,
+    or Gemm for dynamic int8 unless it transposes ``x``. A batched MatMul weight or a
+    ``transA=1`` Gemm has no such form. The search, the uniform and explicit plans ask this
+    before planning a layer so; the writers below raise it."""
+    if not (candidate.dynamic or candidate.block_size):
+        return None
+    form = "dynamic int8" if candidate.dynamic else "block-wise"
+    if len(weight_shape) != 2:
+        return f"{form} needs a 2-D weight, got shape {tuple(weight_shape)}"
+    if candidate.dynamic and node.op_type not in ("MatMul", "Gemm"):
+        return f"no dynamic int8 pattern for {node.op_type}"
+    if candidate.dynamic and node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+        return "Gemm with transA=1 has no dynamic int8 pattern"
+    return None
 
 
 def blockwise_qparams(w: np.ndarray, precision: Precision, block_size: int, symmetric: bool,
@@ -248,18 +268,12 @@ class DynamicWeight:
 
 def dynamic_weight_layout(node: onnx.NodeProto, w: np.ndarray, bias: np.ndarray | None) -> DynamicWeight:
     """What ``x @ W (+ b)`` a MatMul or Gemm computes, or PassError when the pattern cannot express it."""
-    if w.ndim != 2:
-        raise PassError(f"layer {node.name}: dynamic int8 needs a 2-D weight, got shape {w.shape}",
-                        "plan this layer with a static or float candidate")
+    problem = weight_form_problem(node, tuple(w.shape), Candidate.parse("int8/dyn-uint8"))
+    if problem:
+        raise PassError(f"layer {node.name}: {problem}", "plan this layer with a static or float candidate")
     if node.op_type == "MatMul":
         return DynamicWeight(w)
-    if node.op_type != "Gemm":
-        raise PassError(f"layer {node.name}: no dynamic int8 pattern for {node.op_type}",
-                        "dynamic int8 is declared for MatMul and Gemm")
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("transA", 0):
-        raise PassError(f"layer {node.name}: Gemm with transA=1 has no dynamic int8 pattern",
-                        "plan this layer with a static or float candidate")
     matrix = (w.T if attrs.get("transB", 0) else w) * np.float32(attrs.get("alpha", 1.0))
     beta = float(attrs.get("beta", 1.0))
     c = node.input[2] if len(node.input) > 2 else ""

@@ -37,7 +37,7 @@ from onnxq.qdq_patterns import (
 from onnxq.spec.model import Granularity, HardwareSpec
 from onnxq.subgraphs import outer_references
 
-__all__ = ["RangeLike", "RewriteResult", "weight_axis", "weight_qparams", "apply_layout", "toposort_nodes"]
+__all__ = ["RangeLike", "RewriteResult", "per_channel_shape", "weight_axis", "weight_qparams", "apply_layout", "toposort_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,13 @@ class RewriteResult:
     model: onnx.ModelProto
     quantized_layers: dict[str, str]
     weight_bytes: int
+
+
+def per_channel_shape(op_type: str, rank: int) -> bool:
+    """Whether a weight of this rank can carry per-channel scales. A MatMul's must be 2-D:
+    onnxruntime fuses the per-axis DQ of a batched weight into MatMulInteger kernels that take
+    per-column parameters only for a 2-D B, and fail at run time."""
+    return rank == 2 if op_type == "MatMul" else rank >= 2
 
 
 def weight_axis(op_type: str, node: onnx.NodeProto, rank: int) -> int:
@@ -85,7 +92,7 @@ def weight_qparams(
     symmetric = True if rule is None else rule.symmetric
     narrow = False if rule is None else rule.narrow_range
     reduce_range = False if rule is None else rule.reduce_range
-    per_channel = (per_channel_ok and w.ndim >= 2
+    per_channel = (per_channel_ok and per_channel_shape(node.op_type, w.ndim)
                    and spec.weight_granularity(node.op_type, candidate) == Granularity.PER_CHANNEL)
     axis = weight_axis(node.op_type, node, w.ndim) if per_channel else None
     if weight_ranges is not None:

@@ -7,11 +7,14 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+import onnx
+
 from onnxq.errors import PlanError
 from onnxq.graph import GraphView, Layer
 from onnxq.layout import effective_candidate
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import FP32, Candidate
+from onnxq.qdq_patterns import weight_form_problem
 from onnxq.spec.model import HardwareSpec
 
 __all__ = ["closest_candidate", "UniformPlanPass", "ExplicitPlanPass", "PLAN_FORMAT", "read_plan", "plan_to_json", "check_plan", "all_layers"]
@@ -50,9 +53,29 @@ def all_layers(ctx: PassContext) -> dict[str, Layer]:
     return layers
 
 
-def check_plan(plan: Mapping[str, Candidate], view: GraphView | Mapping[str, Layer], spec: HardwareSpec) -> None:
-    """Reject layers the model lacks and candidates the spec does not allow, naming them all."""
+def all_nodes(ctx: PassContext) -> dict[str, onnx.NodeProto]:
+    """The nodes of the main graph and of every control-flow subgraph, by name."""
+    nodes = dict(ctx.analysis("graph_view").nodes)
+    for scoped in ctx.analysis("scope_views"):
+        nodes.update(scoped.view.nodes)
+    return nodes
+
+
+def form_problem(layer: Layer, node: onnx.NodeProto | None, candidate: Candidate) -> str | None:
+    """Why the rewrite has no pattern for ``layer`` at ``candidate`` (see
+    :func:`onnxq.qdq_patterns.weight_form_problem`), or None."""
+    if layer.weight is None or node is None:
+        return None
+    return weight_form_problem(node, tuple(layer.weight.shape), candidate)
+
+
+def check_plan(plan: Mapping[str, Candidate], view: GraphView | Mapping[str, Layer], spec: HardwareSpec,
+               nodes: Mapping[str, onnx.NodeProto] | None = None) -> None:
+    """Reject layers the model lacks, candidates the spec does not allow and weight forms the
+    rewrite has no pattern for, naming them all."""
     layers: Mapping[str, Layer] = view.layers if isinstance(view, GraphView) else view
+    if nodes is None and isinstance(view, GraphView):
+        nodes = view.nodes
     unknown = sorted(name for name in plan if name not in layers)
     if unknown:
         raise PlanError(f"plan names layers the model does not have: {', '.join(unknown[:8])}" + (" …" if len(unknown) > 8 else ""),
@@ -66,6 +89,11 @@ def check_plan(plan: Mapping[str, Candidate], view: GraphView | Mapping[str, Lay
     if bad:
         raise PlanError(f"spec {spec.name} does not allow: {', '.join(bad[:8])}" + (" …" if len(bad) > 8 else ""),
                         f"choose candidates the spec lists (onnxq spec-check / the spec file of {spec.name})")
+    unwritable = [f"{name} ({problem})" for name, candidate in sorted(plan.items())
+                  if (problem := form_problem(layers[name], (nodes or {}).get(name), candidate))]
+    if unwritable:
+        raise PlanError(f"no Q/DQ form for: {', '.join(unwritable[:8])}" + (" …" if len(unwritable) > 8 else ""),
+                        "give these layers a static (per-channel) or float candidate")
     if spec.integer_only:
         floats = sorted(name for name in layers if plan.get(name, FP32).is_float)
         if floats:
@@ -73,16 +101,19 @@ def check_plan(plan: Mapping[str, Candidate], view: GraphView | Mapping[str, Lay
                             "give every layer an integer candidate")
 
 
-def closest_candidate(layer: Layer, candidate: Candidate, spec: HardwareSpec) -> Candidate | None:
-    """``candidate`` for ``layer`` if the spec allows it, else the closest allowed one (same
-    weight format, e.g. weight-only int8 for an embedding Gather; any integer one on an
-    integer-only target), else None (the layer stays float)."""
+def closest_candidate(layer: Layer, candidate: Candidate, spec: HardwareSpec,
+                      node: onnx.NodeProto | None = None) -> Candidate | None:
+    """``candidate`` for ``layer`` if the spec allows it and the rewrite can write it, else the
+    closest allowed one (same weight format, e.g. weight-only int8 for an embedding Gather, or
+    static int8 for a layer with no dynamic form; any integer one on an integer-only target),
+    else None (the layer stays float)."""
     wanted = effective_candidate(layer.weight is not None, candidate)
-    if spec.allows(layer.op_type, wanted):
-        return wanted
-    if spec.allows(layer.op_type, candidate):
-        return candidate
-    allowed = [c for c in spec.candidates_for(layer.op_type) if not c.is_float]
+    if form_problem(layer, node, wanted) is None:
+        if spec.allows(layer.op_type, wanted):
+            return wanted
+        if spec.allows(layer.op_type, candidate):
+            return candidate
+    allowed = [c for c in spec.candidates_for(layer.op_type) if not c.is_float and form_problem(layer, node, c) is None]
     same_weights = [c for c in allowed if c.weights == wanted.weights]
     if same_weights:
         return same_weights[0]
@@ -105,8 +136,9 @@ class UniformPlanPass(Pass):
         spec: HardwareSpec = ctx.artifacts["spec"]
         plan: dict[str, Candidate] = {}
         kept: list[str] = []
+        nodes = all_nodes(ctx)
         for name, layer in all_layers(ctx).items():
-            chosen = closest_candidate(layer, self.candidate, spec)
+            chosen = closest_candidate(layer, self.candidate, spec, nodes.get(name))
             if chosen is None:
                 kept.append(name)
             else:
@@ -135,6 +167,6 @@ class ExplicitPlanPass(Pass):
     def run(self, ctx: PassContext) -> bool:
         spec: HardwareSpec = ctx.artifacts["spec"]
         layers = all_layers(ctx)
-        check_plan(self.plan, layers, spec)
+        check_plan(self.plan, layers, spec, all_nodes(ctx))
         ctx.artifacts["plan"] = {name: effective_candidate(layers[name].weight is not None, c) for name, c in self.plan.items()}
         return False

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnx.shape_inference
 from onnxq.passes.evaluate import PlanEvaluator
-from onnxq.passes.plan import all_layers, closest_candidate
+from onnxq.passes.plan import all_layers, all_nodes, closest_candidate
 
 from onnxq.cost import boundary_edges, estimate, layer_costs, weight_bytes
 from onnxq.data import feed_samples
@@ -596,13 +596,13 @@ class SearchPass(Pass):
         """The uniform plans of :data:`ANCHOR_CANDIDATES` the spec runs that the front lacks."""
         spec: HardwareSpec = ctx.artifacts["spec"]
         keep_float = ctx.artifacts.get("keep_float", frozenset())
-        layers = all_layers(ctx)
+        layers, nodes = all_layers(ctx), all_nodes(ctx)
         known = {tuple(sorted((k, str(v)) for k, v in p.items() if v != FP32)) for p, _, _ in front}
         plans = []
         for word in ANCHOR_CANDIDATES:
             candidate = Candidate.parse(word)
             plan = {name: chosen for name, layer in layers.items() if name not in keep_float
-                    and (chosen := closest_candidate(layer, candidate, spec)) is not None}
+                    and (chosen := closest_candidate(layer, candidate, spec, nodes.get(name))) is not None}
             key = tuple(sorted((k, str(v)) for k, v in plan.items()))
             if plan and key not in known:
                 known.add(key)

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxq.api import quantize
 from onnxq.cost import LayerCost, boundary, estimate
 from onnxq.errors import PlanError
+from onnxq.options import QuantizeOptions
 from onnxq.precision import Candidate, Precision
 from onnxq.qdq_patterns import dynamic_activation_qparams, fake_quantize_blockwise
 from onnxq.spec import load_spec
@@ -412,3 +413,58 @@ def test_sensitivity_perturbs_blockwise_weights_block_wise() -> None:
                    pairs=False, loss="mse")
     (layer,) = sens["layers"]
     assert layer["candidates"]["int8b32/fp32"]["weight"] < layer["candidates"]["int8/fp32"]["weight"] / 4
+
+
+# ------------------------------------------------------------------ layers with no dynamic or block-wise form
+
+def _transposed_gemm() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A Gemm that transposes its activation (transA=1): no dynamic int8 pattern exists for it."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((8, 16)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["y"], name="fc", transA=1, transB=1, alpha=0.7)]
+    model = _model(nodes, [numpy_helper.from_array(w, "W")], [16, "m"], ["m", 8])
+    return model, {"x": rng.standard_normal((16, 96)).astype(np.float32)}
+
+
+def _batched_matmul() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A MatMul with a 3-D constant B (one matrix per head): no block-wise or dynamic form, and
+    onnxruntime's MatMulInteger kernels refuse per-column parameters for it."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((4, 16, 8)) * 0.3).astype(np.float32)
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["y"], name="heads")], [numpy_helper.from_array(w, "W")],
+                   [4, "m", 16], [4, "m", 8])
+    return model, {"x": rng.standard_normal((4, 96, 16)).astype(np.float32)}
+
+
+def _cosine_to_fp32(model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0].ravel()
+    out = ort.InferenceSession(quantized.SerializeToString()).run(None, feeds)[0].ravel()
+    return float(ref @ out / (np.linalg.norm(ref) * np.linalg.norm(out)))
+
+
+@pytest.mark.parametrize("make", [_transposed_gemm, _batched_matmul], ids=["gemm-transA", "matmul-3d-weight"])
+def test_the_search_never_plans_a_form_the_layer_cannot_take(make) -> None:  # type: ignore[no-untyped-def]
+    # the search used to plan dynamic int8 / block-wise here and crash in the rewrite
+    model, calib = make()
+    options = QuantizeOptions(progress=False, cache_dir="", objective="size")
+    result = quantize(model, calib, "ort-cpu-x86", options=options)
+    assert result.target_met, result.report.get("shortfall")
+    assert _cosine_to_fp32(model, result.model, calib) > 0.99
+
+
+def test_a_batched_matmul_weight_is_quantized_per_tensor_and_runs() -> None:
+    # per-column scales on a 3-D B fused into MatMulIntegerToFloat, which failed at run time
+    model, calib = _batched_matmul()
+    result = quantize(model, calib, "ort-cpu-x86", precision="int8/uint8", options=QuantizeOptions(progress=False, cache_dir=""))
+    scales = [i for i in result.model.graph.initializer if i.name.startswith("W") and i.name.endswith("_scale")]
+    assert scales and all(len(s.dims) == 0 for s in scales)
+    assert _cosine_to_fp32(model, result.model, calib) > 0.999
+
+
+def test_uniform_dynamic_takes_static_int8_where_no_dynamic_form_exists() -> None:
+    model, calib = _transposed_gemm()
+    result = quantize(model, calib, "ort-cpu-x86", precision="int8/dyn-uint8", options=QuantizeOptions(progress=False, cache_dir=""))
+    assert result.report["plan"]["layers"]["fc"] == "int8/uint8"
+    assert _cosine_to_fp32(model, result.model, calib) > 0.99
+    with pytest.raises(PlanError, match="transA"):
+        quantize(model, calib, "ort-cpu-x86", plan={"fc": "int8/dyn-uint8"}, options=QuantizeOptions(progress=False, cache_dir=""))

@@ -97,7 +97,7 @@ from onnxq.layout import activation_symmetric, effective_candidate, plan_layout
 from onnxq.model import atomic_write_text, shape_skeleton
 from onnxq.numerics import qparams_from_range
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
-from onnxq.rewrite import weight_axis
+from onnxq.rewrite import per_channel_shape, weight_axis
 from onnxq.sensitivity.engine import (
     ActivationQuant,
     EvalContext,
@@ -128,7 +128,7 @@ METHODS = ("onesided", "central", "hutchinson")
 #: Rademacher directions per layer for ``method="hutchinson"``.
 HUTCHINSON_DIRECTIONS = 4
 #: Bumped whenever the numbers this module computes change (part of the cache key).
-ALGORITHM_VERSION = 7
+ALGORITHM_VERSION = 8
 #: Calibration samples the analysis uses by default (the first ones; ``max_samples``).
 DEFAULT_SAMPLES = 64
 #: Relative standard error at which an evaluation on more than SEQUENTIAL_MIN_SAMPLES samples
@@ -172,7 +172,7 @@ def _weight_quantizer(layer: Layer, node: onnx.NodeProto, fmt: WeightFormat, spe
     rule = spec.weight_rule(layer.op_type, precision)
     symmetric = True if rule is None else rule.symmetric
     narrow = False if rule is None else rule.narrow_range
-    per_channel = (is_integer(precision) and rank >= 2 and not fmt.block_size
+    per_channel = (is_integer(precision) and per_channel_shape(layer.op_type, rank) and not fmt.block_size
                    and spec.unblocked_weight_granularity(layer.op_type, precision) == Granularity.PER_CHANNEL)
     axis = weight_axis(layer.op_type, node, rank) if per_channel else None
     method = weight_range_method(precision) if is_integer(precision) else "minmax"
