@@ -58,12 +58,22 @@ def resolve_metric(metric: Metric | str, reference: Sequence[Sequence[np.ndarray
     return Metric.SOFT_AGREEMENT if reference and looks_like_logits(reference[0]) else Metric.COSINE
 
 
-def _distribution(rows: np.ndarray) -> np.ndarray:
-    """Class distributions: the rows themselves when they already are (a Softmax output), else
-    their softmax (non-finite logits count as impossible classes)."""
+def _are_distributions(rows: np.ndarray) -> bool:
+    """Whether the fp32 rows already are class distributions (a Softmax output)."""
+    return bool(np.all(np.isfinite(rows)) and np.all(rows >= 0) and np.allclose(rows.sum(axis=-1), 1.0, atol=1e-3))
+
+
+def _distribution(rows: np.ndarray, probabilities: bool) -> np.ndarray:
+    """Class distributions. ``probabilities`` (decided on the fp32 rows, so that both sides are
+    read alike): the rows themselves, renormalised; a quantized Softmax output sums to 1 only
+    within its grid's rounding (±2% at int8) and read as logits it would be softmaxed into a
+    near-uniform distribution. Otherwise their softmax (non-finite logits count as impossible
+    classes)."""
     finite = np.isfinite(rows)
-    if np.all(finite) and np.all(rows >= 0) and np.allclose(rows.sum(axis=-1), 1.0, atol=1e-3):
-        return rows
+    if probabilities:
+        mass = np.where(finite, np.maximum(rows, 0.0), 0.0)
+        total = mass.sum(axis=-1, keepdims=True)
+        return np.where(total > 0, mass / np.maximum(total, 1e-300), 0.0)
     logits = np.where(finite, rows, -np.inf)
     top = np.max(np.where(finite, rows, -np.inf), axis=-1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
@@ -103,7 +113,9 @@ def _soft_agreement_scores(reference: Sequence[Sequence[np.ndarray]],
         r = _rows(ref[0])
         c = _rows(cand[0]).reshape(r.shape)
         broken = np.any(_broken(r, c), axis=-1)
-        tv = 0.5 * np.sum(np.abs(_distribution(r) - _distribution(np.where(broken[:, None], 0.0, c))), axis=-1)
+        probabilities = _are_distributions(r)
+        tv = 0.5 * np.sum(np.abs(_distribution(r, probabilities)
+                                 - _distribution(np.where(broken[:, None], 0.0, c), probabilities)), axis=-1)
         scores.extend(np.where(broken | ~np.isfinite(tv), 0.0, np.clip(1.0 - tv, 0.0, 1.0)).tolist())
     return scores
 
