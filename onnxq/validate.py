@@ -38,7 +38,7 @@ from onnxq.spec.model import (
     QuantizerRule,
 )
 
-__all__ = ["Violation", "validate_model"]
+__all__ = ["NO_INTEGER_FORM", "Violation", "validate_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,10 @@ class Violation:
     def __str__(self) -> str:
         text = f"node {self.node} ({self.op_type}): found {self.found}; allowed {self.allowed}"
         return " ".join(text.split())
+
+
+#: How a violation begins its ``allowed`` when an integer-only target has no kernel for the op at all.
+NO_INTEGER_FORM = "integer ops only; this target has no integer "
 
 
 @dataclass(frozen=True)
@@ -450,7 +454,7 @@ class _Checker:
                 problem = f"output {out} is not quantized"
             if rule is None and not shared:
                 self.add(index, f"{op} in float" + (f" ({problem})" if problem else ""),
-                         "integer ops only; this target has no integer " + op)
+                         NO_INTEGER_FORM + op)
                 return
             if problem:
                 allowed = " ".join(str(c) for c in spec.candidates_for(op)) or (

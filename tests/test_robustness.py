@@ -536,3 +536,22 @@ def test_external_data_writer_round_trip(work: Path, cnn_path: Path) -> None:
     b = ort.InferenceSession(str(cnn_path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     np.testing.assert_array_equal(a, b)
     assert load_model(work / "w.onnx").sha256 == load_model(cnn_path).sha256
+
+
+@pytest.mark.parametrize("mode", [["--precision", "int8/int8"], []], ids=["uniform", "search"])
+def test_an_op_an_integer_target_cannot_run_is_named(work: Path, mode: list[str]) -> None:
+    """MatMul → Tanh → MatMul on edge-int-only: no integer Tanh and no float fallback. It was
+    reported as an onnxq fault ("the plan should never allow it"), or, in the search, as an
+    onnxruntime load failure of the written model."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "W1"),
+               numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"), helper.make_node("Tanh", ["h"], ["t"], name="tanh"),
+             helper.make_node("MatMul", ["t", "W2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "tanh", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), work / "m.onnx")
+    write_calib(work / "m.calib.npz", (64, 16))
+    assert_clean_failure(run_unchanged(work, "quantize", str(work / "m.onnx"), "-o", str(work / "q.onnx"), "--spec",
+                                       "edge-int-only", "--quiet", "--no-cache", *mode),
+                         contains=["Tanh (node tanh)", "cannot run", "float fallback"])
