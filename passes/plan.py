@@ -17,7 +17,7 @@ from onnxq.precision import FP32, Candidate
 from onnxq.qdq_patterns import weight_form_problem
 from onnxq.spec.model import HardwareSpec
 
-__all__ = ["closest_candidate", "UniformPlanPass", "ExplicitPlanPass", "PLAN_FORMAT", "read_plan", "plan_to_json", "check_plan", "all_layers"]
+__all__ = ["closest_candidate", "UniformPlanPass", "ExplicitPlanPass", "PLAN_FORMAT", "read_plan", "plan_to_json", "check_plan", "all_layers", "all_nodes", "form_problem"]
 
 logger = logging.getLogger(__name__)
 
