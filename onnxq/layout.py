@@ -16,16 +16,18 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
-from onnxq.graph import GraphView
+from onnxq.graph import GraphView, Layer
 from onnxq.numerics import QParams, dequantize, qparams_from_range, quantize
 from onnxq.placement import Grid, LayerForm, TensorWiring, activation_symmetric, layer_forms, operand_grids, wire_tensors
 from onnxq.precision import Candidate, Precision, bits, is_integer
+from onnxq.qdq_patterns import weight_form_problem
 from onnxq.spec.model import HardwareSpec
 
 __all__ = ["TensorQuant", "Layout", "plan_layout", "effective_candidate", "activation_symmetric",
            "gathers_on_integers", "LOOKUP_TABLE_PRECISIONS",
-           "compressible_constants", "constant_int8_qparams"]
+           "compressible_constants", "constant_int8_qparams", "layer_form_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,15 @@ def effective_candidate(layer_has_weight: bool, candidate: Candidate) -> Candida
     if candidate.dynamic or candidate.block_size:
         return Candidate(Precision.FP32, Precision.FP32)
     return Candidate(candidate.activations, candidate.activations)
+
+
+def layer_form_problem(layer: Layer, node: onnx.NodeProto | None, candidate: Candidate) -> str | None:
+    """Why the rewrite has no Q/DQ form for ``layer``'s weight at ``candidate`` (see
+    :func:`onnxq.qdq_patterns.weight_form_problem`), or None. The search space and the uniform
+    and explicit plans ask this before planning a layer so."""
+    if layer.weight is None or node is None:
+        return None
+    return weight_form_problem(node, tuple(layer.weight.shape), candidate)
 
 
 @dataclass

@@ -335,7 +335,6 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
-
 # -- sections --------------------------------------------------------------------------------------
 
 def _model_name(report: Mapping[str, Any]) -> str:

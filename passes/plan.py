@@ -11,13 +11,12 @@ import onnx
 
 from onnxq.errors import PlanError
 from onnxq.graph import GraphView, Layer
-from onnxq.layout import effective_candidate
+from onnxq.layout import effective_candidate, layer_form_problem
 from onnxq.pipeline import ALL, Pass, PassContext
 from onnxq.precision import FP32, Candidate
-from onnxq.qdq_patterns import weight_form_problem
 from onnxq.spec.model import HardwareSpec
 
-__all__ = ["closest_candidate", "UniformPlanPass", "ExplicitPlanPass", "PLAN_FORMAT", "read_plan", "plan_to_json", "check_plan", "all_layers", "all_nodes", "form_problem"]
+__all__ = ["closest_candidate", "UniformPlanPass", "ExplicitPlanPass", "PLAN_FORMAT", "read_plan", "plan_to_json", "check_plan", "all_layers", "all_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +60,6 @@ def all_nodes(ctx: PassContext) -> dict[str, onnx.NodeProto]:
     return nodes
 
 
-def form_problem(layer: Layer, node: onnx.NodeProto | None, candidate: Candidate) -> str | None:
-    """Why the rewrite has no pattern for ``layer`` at ``candidate`` (see
-    :func:`onnxq.qdq_patterns.weight_form_problem`), or None."""
-    if layer.weight is None or node is None:
-        return None
-    return weight_form_problem(node, tuple(layer.weight.shape), candidate)
-
-
 def check_plan(plan: Mapping[str, Candidate], view: GraphView | Mapping[str, Layer], spec: HardwareSpec,
                nodes: Mapping[str, onnx.NodeProto] | None = None) -> None:
     """Reject layers the model lacks, candidates the spec does not allow and weight forms the
@@ -90,7 +81,7 @@ def check_plan(plan: Mapping[str, Candidate], view: GraphView | Mapping[str, Lay
         raise PlanError(f"spec {spec.name} does not allow: {', '.join(bad[:8])}" + (" …" if len(bad) > 8 else ""),
                         f"choose candidates the spec lists (onnxq spec-check / the spec file of {spec.name})")
     unwritable = [f"{name} ({problem})" for name, candidate in sorted(plan.items())
-                  if (problem := form_problem(layers[name], (nodes or {}).get(name), candidate))]
+                  if (problem := layer_form_problem(layers[name], (nodes or {}).get(name), candidate))]
     if unwritable:
         raise PlanError(f"no Q/DQ form for: {', '.join(unwritable[:8])}" + (" …" if len(unwritable) > 8 else ""),
                         "give these layers a static (per-channel) or float candidate")
@@ -108,12 +99,12 @@ def closest_candidate(layer: Layer, candidate: Candidate, spec: HardwareSpec,
     static int8 for a layer with no dynamic form; any integer one on an integer-only target),
     else None (the layer stays float)."""
     wanted = effective_candidate(layer.weight is not None, candidate)
-    if form_problem(layer, node, wanted) is None:
+    if layer_form_problem(layer, node, wanted) is None:
         if spec.allows(layer.op_type, wanted):
             return wanted
         if spec.allows(layer.op_type, candidate):
             return candidate
-    allowed = [c for c in spec.candidates_for(layer.op_type) if not c.is_float and form_problem(layer, node, c) is None]
+    allowed = [c for c in spec.candidates_for(layer.op_type) if not c.is_float and layer_form_problem(layer, node, c) is None]
     same_weights = [c for c in allowed if c.weights == wanted.weights]
     if same_weights:
         return same_weights[0]

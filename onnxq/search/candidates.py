@@ -23,9 +23,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from onnxq.graph import GraphView
-from onnxq.layout import effective_candidate
+from onnxq.layout import effective_candidate, layer_form_problem
 from onnxq.precision import FP32, Candidate, Precision, bits, is_integer
-from onnxq.qdq_patterns import weight_form_problem
 from onnxq.spec.model import HardwareSpec
 
 __all__ = ["SearchSpace", "build_space", "precision_rank", "prune_dominated", "fusion_chains"]
@@ -145,7 +144,7 @@ def build_space(
                 continue  # the spec lists it only in a form this layer cannot take
             if spec.integer_only and candidate.is_float:
                 continue
-            if has_weight and weight_form_problem(view.nodes[name], tuple(layer.weight.shape), candidate):
+            if layer_form_problem(layer, view.nodes[name], candidate):
                 continue  # no Q/DQ form for it (a batched weight at dynamic int8 or block-wise)
             options.append(candidate)
         if not spec.integer_only and FP32 not in options:

@@ -384,7 +384,6 @@ def _resolve_loss(loss: str, reference: Sequence[Sequence[np.ndarray]]) -> str:
     return "kl" if first.dtype.kind == "f" and first.ndim == 2 and first.shape[-1] >= 2 else "mse"
 
 
-
 def _random_plans(layers: Sequence[str], candidates: Mapping[str, Sequence[Candidate]], count: int,
                   seed: int) -> list[dict[str, Candidate]]:
     """Seeded random mixed plans: each plan quantizes a random fraction of the layers, each
