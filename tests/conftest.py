@@ -22,8 +22,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from onnxq.sensitivity import analyze, engine
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -144,6 +147,16 @@ def run_cli(*args: str, cwd: Path | None = None) -> CliResult:
     proc = subprocess.run([sys.executable, "-m", "onnxq", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=CLI_TIMEOUT)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def analyze_on_the_fake_quant_session(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``analyze`` with every evaluation in the one whole-model fake-quant session: the slow
+    reference path the cut sessions are checked against."""
+    engine.USE_CUT_SESSIONS = False
+    try:
+        return analyze(*args, **kwargs)
+    finally:
+        engine.USE_CUT_SESSIONS = True
 
 
 @pytest.fixture(scope="session")

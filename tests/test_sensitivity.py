@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import analyze_on_the_fake_quant_session
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.api import layer_ops_for
 from onnxq.cli import main
@@ -138,18 +141,11 @@ def test_cross_terms_cover_every_candidate_combination(cnn_run) -> None:  # type
 
 
 def test_cut_sessions_match_the_fake_quant_session(cnn, spec) -> None:  # type: ignore[no-untyped-def]
-    import importlib
-
-    module = importlib.import_module("onnxq.sensitivity.engine")
     feeds = _feeds(CNN, 16, 16)
     only = ["/blocks/blocks.0/dw/dw.0/Conv", "/blocks/blocks.0/pw/pw.0/Conv", "/blocks/blocks.0/Add"]
     kwargs = dict(candidates={n: [W4, A8] if "Add" not in n else [A8] for n in only}, seed=1)
     fast = analyze(cnn, feeds, spec, **kwargs)
-    module.USE_CUT_SESSIONS = False  # everything through the one fake-quant session
-    try:
-        slow = analyze(cnn, feeds, spec, **kwargs)
-    finally:
-        module.USE_CUT_SESSIONS = True
+    slow = analyze_on_the_fake_quant_session(cnn, feeds, spec, **kwargs)
     for a, b in zip(fast["layers"], slow["layers"], strict=True):
         for c, entry in a["candidates"].items():
             assert entry["delta"] == pytest.approx(b["candidates"][c]["delta"], rel=0.05, abs=1e-8)
@@ -167,10 +163,6 @@ def test_sibling_pairs_run_in_one_cut_session_like_the_fake_quant_session(spec, 
     # q and k project the same input: each one's cut session recomputes the other, so no chain
     # of their own sessions serves the pair; one session for both must give the same cross term
     # as the whole-model fake-quant session, without falling back to it
-    import importlib
-    import logging
-
-    module = importlib.import_module("onnxq.sensitivity.engine")
     model = load_model(TRANSFORMER).proto
     feeds = _feeds(TRANSFORMER, 16, 16)
     pair = ["/layers.0/attn/q/MatMul", "/layers.0/attn/k/MatMul"]
@@ -178,11 +170,7 @@ def test_sibling_pairs_run_in_one_cut_session_like_the_fake_quant_session(spec, 
     with caplog.at_level(logging.WARNING, logger="onnxq.sensitivity.engine"):
         fast = analyze(model, feeds, spec, **kwargs)
     assert not [r for r in caplog.records if "whole-model" in r.getMessage()]
-    module.USE_CUT_SESSIONS = False
-    try:
-        slow = analyze(model, feeds, spec, **kwargs)
-    finally:
-        module.USE_CUT_SESSIONS = True
+    slow = analyze_on_the_fake_quant_session(model, feeds, spec, **kwargs)
     (measured,) = [p for p in fast["pairs"] if p["scaling"] == "measured"]
     (reference,) = [p for p in slow["pairs"] if p["scaling"] == "measured"]
     assert (measured["a"], measured["b"]) == (reference["a"], reference["b"])
@@ -328,12 +316,6 @@ def test_a_quantized_graph_output_runs_on_the_cut_path_like_the_fake_quant_sessi
     # on an integer-only target the graph output itself is quantized: nothing downstream reads
     # it, so no cut session serves it; the final value is fake-quantized instead, and the terms
     # must equal those of the whole-model fake-quant session without falling back to it
-    import importlib
-    import logging
-
-    from onnx import TensorProto, helper, numpy_helper
-
-    module = importlib.import_module("onnxq.sensitivity.engine")
     rng = np.random.default_rng(0)
     nodes, inits, previous = [], [], "x"
     for i in range(3):
@@ -350,11 +332,7 @@ def test_a_quantized_graph_output_runs_on_the_cut_path_like_the_fake_quant_sessi
     with caplog.at_level(logging.WARNING, logger="onnxq.sensitivity.engine"):
         fast = analyze(model, feeds, spec, **kwargs)
     assert not [r for r in caplog.records if "fake-quant session" in r.getMessage()]
-    module.USE_CUT_SESSIONS = False
-    try:
-        slow = analyze(model, feeds, spec, **kwargs)
-    finally:
-        module.USE_CUT_SESSIONS = True
+    slow = analyze_on_the_fake_quant_session(model, feeds, spec, **kwargs)
     terms = {(row["name"], c): e for row in slow["layers"] for c, e in row["candidates"].items()}
     assert any("y" in e.get("activation_terms", {}) for e in terms.values())
     for row in fast["layers"]:

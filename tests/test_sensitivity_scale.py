@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import analyze_on_the_fake_quant_session
 
 from onnxq.graph import GraphView
 from onnxq.model import load_model
 from onnxq.numerics import qparams_from_range
 from onnxq.precision import Candidate, Precision
-from onnxq.sensitivity import analyze, engine
+from onnxq.sensitivity import analyze
 from onnxq.sensitivity.engine import (
     ActivationQuant,
     EvalContext,
@@ -59,20 +60,12 @@ def _deltas(sens: dict) -> dict[tuple[str, str], float]:
     return {(row["name"], c): e["delta"] for row in sens["layers"] for c, e in row["candidates"].items()}
 
 
-def _slow(resnet, feeds, spec, **kwargs):  # type: ignore[no-untyped-def]
-    engine.USE_CUT_SESSIONS = False  # the one whole-model fake-quant session, weights of its own
-    try:
-        return analyze(resnet, feeds, spec, **kwargs)
-    finally:
-        engine.USE_CUT_SESSIONS = True
-
-
 @pytest.mark.slow  # 3-16 s on the shared machine
 def test_shared_weight_sessions_give_the_deltas_of_the_fake_quant_session(resnet, spec) -> None:  # type: ignore[no-untyped-def]
     feeds = _feeds(RESNET, 8, 8)
     kwargs = dict(candidates=_block_candidates(), seed=0, pairs=False, method="central")
     fast = analyze(resnet, feeds, spec, **kwargs)
-    slow = _slow(resnet, feeds, spec, **kwargs)
+    slow = analyze_on_the_fake_quant_session(resnet, feeds, spec, **kwargs)
     expected = _deltas(slow)
     for key, value in _deltas(fast).items():
         assert value == pytest.approx(expected[key], rel=0.02, abs=1e-8), key
@@ -149,7 +142,7 @@ def test_pair_terms_run_on_cut_sessions_and_match_the_slow_path(resnet, spec) ->
     feeds = _feeds(RESNET, 8, 8)
     kwargs = dict(candidates=_block_candidates(), seed=0, pairs=True)
     fast = analyze(resnet, feeds, spec, **kwargs)
-    slow = _slow(resnet, feeds, spec, **kwargs)
+    slow = analyze_on_the_fake_quant_session(resnet, feeds, spec, **kwargs)
     assert fast["pairs"]
     for a, b in zip(fast["pairs"], slow["pairs"], strict=True):
         assert (a["a"], a["b"], a["candidates"]) == (b["a"], b["b"], b["candidates"])
