@@ -750,6 +750,9 @@ class SuffixRunner:
             acts: Mapping[str, object]) -> list[tuple[np.ndarray, ...]]:
         """The graph outputs per cached feed with ``weights`` replaced and ``acts``
         fake-quantized, running the sessions ``keys`` (from :meth:`plan`) in order."""
+        inside = {t for key in keys for t in self.internal[key]}
+        requantized = [(k, acts[o]) for k, o in enumerate(self.output_names)
+                       if o in self.terminal and o in acts and o not in inside]
         out = []
         for f, cache in enumerate(self.cache):
             values: dict[str, np.ndarray] = {}
@@ -774,10 +777,8 @@ class SuffixRunner:
                         feed[w] = weights[w]
                 values.update(zip(names, session.run(names, feed), strict=True))  # type: ignore[attr-defined]
             final = [values.get(o, self.reference[f][k]) for k, o in enumerate(self.output_names)]
-            inside = {t for key in keys for t in self.internal[key]}
-            for k, o in enumerate(self.output_names):
-                if o in self.terminal and o in acts and o not in inside:
-                    final[k] = fake_quantize_array(final[k], acts[o])  # type: ignore[arg-type]
+            for k, q in requantized:
+                final[k] = fake_quantize_array(final[k], q)  # type: ignore[arg-type]
             out.append(tuple(final))
         return out
 
